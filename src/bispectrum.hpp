@@ -1,0 +1,117 @@
+// SNAP bispectrum components of the neighbour density around one centre, and the
+// adjoint of sum_k beta_k B_k with respect to the neighbour displacements.
+//
+// Math: Bartok et al., PRL 104, 136403 (2010); Thompson et al., J. Comput. Phys. 285,
+// 316 (2015); Wigner U functions and Clebsch-Gordan coefficients from Varshalovich,
+// Moskalev, Khersonskii, "Quantum Theory of Angular Momentum" (1988), 4.8.2 and 8.2.1.
+// Conventions (index order of components, bzero, self weight, chem channels, bnorm,
+// quadratic terms) are those of LAMMPS compute sna/grid, so values agree to round-off.
+//
+// Angular momenta are stored doubled: j = 2J, and m = J + M runs over 0..j.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+namespace mlsurrogate {
+
+// Keywords of LAMMPS compute sna/grid. Per-type vectors are indexed by 0-based atom type.
+struct BispectrumSettings {
+  double rcutfac = 4.67637;
+  double rfac0 = 0.99363;
+  int twojmax = 10;
+  std::vector<double> radius;  // per type
+  std::vector<double> weight;  // per type
+  double rmin0 = 0.0;
+  bool switchflag = true;
+  bool bzeroflag = false;
+  bool quadraticflag = false;
+  bool bnormflag = false;
+  bool wselfallflag = false;
+  std::vector<int> chem_map;  // empty: one density channel; else channel of each type
+
+  int num_types() const { return static_cast<int>(radius.size()); }
+  int num_elements() const;
+  // Neighbour cutoff of an atom of this type: 2 * radius * rcutfac (the grid point
+  // has no radius of its own in compute sna/grid).
+  double cutoff(int type) const { return 2.0 * radius[type] * rcutfac; }
+  double max_cutoff() const;
+  // Throws std::invalid_argument naming the offending keyword and value.
+  void validate() const;
+};
+
+// Scratch space of one centre; one per thread.
+struct BispectrumWorkspace {
+  std::vector<double> utot_re, utot_im;  // [element][u index]: U of the density
+  std::vector<double> y_re, y_im;        // [element][u index]: adjoint weights
+  std::vector<double> z_re, z_im;        // one Z block, half plane
+  std::vector<double> u_re, u_im;        // one neighbour's u
+  std::vector<double> du_re, du_im;      // one neighbour's du/dd, [3][u index]
+  std::vector<double> linear;            // linear components of the current centre
+  std::vector<double> beta_linear;       // dE/dB for the linear components
+};
+
+class Bispectrum {
+ public:
+  explicit Bispectrum(const BispectrumSettings& settings);
+
+  const BispectrumSettings& settings() const { return s_; }
+  int num_linear() const { return num_linear_; }
+  int num_descriptors() const { return num_descriptors_; }
+  BispectrumWorkspace make_workspace() const;
+
+  // Start a new centre: U = self term only.
+  void begin_center(BispectrumWorkspace& ws) const;
+  // Add neighbour of the given type at displacement d = x_centre - x_atom (the
+  // sign convention of compute sna/grid). Caller ensures 1e-20 < |d|^2 < cutoff^2.
+  void add_neighbor(BispectrumWorkspace& ws, const double d[3], int type) const;
+  // All components (linear, then quadratic if enabled) of the current centre.
+  void components(BispectrumWorkspace& ws, double* out) const;
+  // Prepare the adjoint for beta = dE/dB (length num_descriptors()).
+  void begin_adjoint(BispectrumWorkspace& ws, const double* beta) const;
+  // dE/dd for one neighbour, after begin_adjoint.
+  void neighbor_gradient(BispectrumWorkspace& ws, const double d[3], int type,
+                         double grad[3]) const;
+
+ private:
+  struct Block {  // Z block (j1, j2, j), j1 >= j2, |j1-j2| <= j <= min(twojmax, j1+j2)
+    int j1, j2, j;
+    std::size_t cg;  // offset of its (j1+1) x (j2+1) Clebsch-Gordan table
+  };
+  struct Triple {  // a unique bispectrum component (j1 >= j2, j >= j1)
+    int j1, j2, j;
+    int block;
+  };
+  struct AdjointTerm {  // dE/dY contribution: factor * beta[component]
+    int component;
+    double factor;
+  };
+
+  int u_index(int j, int mb, int ma) const { return u_offset_[j] + mb * (j + 1) + ma; }
+  int block_id(int j1, int j2, int j) const;
+  int element_of(int type) const { return s_.chem_map.empty() ? 0 : s_.chem_map[type]; }
+  void wigner_u(const double d[3], double rcut, bool with_derivative, BispectrumWorkspace& ws) const;
+  void z_block(const Block& blk, int e1, int e2, BispectrumWorkspace& ws) const;
+  double half_plane_dot(int j, const double* a_re, const double* a_im, const double* b_re,
+                        const double* b_im) const;
+  void linear_components(BispectrumWorkspace& ws) const;
+
+  BispectrumSettings s_;
+  int nelem_ = 1;
+  int center_elem_ = 0;
+  int num_u_ = 0;
+  int num_linear_ = 0;
+  int num_descriptors_ = 0;
+  std::vector<int> u_offset_;
+  std::vector<double> root_;  // root_[p * (twojmax+1) + q] = sqrt(p / q)
+  std::vector<double> cg_;
+  std::vector<Block> blocks_;
+  std::vector<int> block_lookup_;
+  std::vector<Triple> triples_;
+  std::vector<double> bzero_;
+  // adjoint plan: terms of (block, e1, e2, e3) in adj_terms_[adj_start_[i] .. adj_start_[i+1])
+  std::vector<std::size_t> adj_start_;
+  std::vector<AdjointTerm> adj_terms_;
+};
+
+}  // namespace mlsurrogate

@@ -1,0 +1,310 @@
+#include "grid_descriptors.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+namespace mlsurrogate {
+
+namespace {
+
+// compute sna/grid skips neighbours that sit on the grid point itself
+constexpr double kCoincidentSq = 1e-20;
+constexpr int kMaxBinsPerDim = 128;
+
+struct Neighbor {
+  std::size_t atom;
+  double d[3];  // x_point - x_atom
+};
+
+// Cartesian bins of width >= cutoff/2 over the atoms' bounding box; every atom within
+// `cutoff` of a point lies within two bins of the point's bin in each direction.
+class CellList {
+ public:
+  CellList(AtomsView atoms, double cutoff) : atoms_(atoms) {
+    for (int k = 0; k < 3; ++k) {
+      lo_[k] = atoms.n ? atoms.pos[k] : 0.0;
+      double hi = lo_[k];
+      for (std::size_t i = 0; i < atoms.n; ++i) {
+        lo_[k] = std::min(lo_[k], atoms.pos[3 * i + k]);
+        hi = std::max(hi, atoms.pos[3 * i + k]);
+      }
+      const double extent = hi - lo_[k];
+      nbin_[k] = static_cast<int>(std::clamp(std::floor(extent / (0.5 * cutoff)), 1.0,
+                                             static_cast<double>(kMaxBinsPerDim)));
+      inv_width_[k] = extent > 0.0 ? nbin_[k] / extent : 0.0;
+    }
+    const std::size_t nb = static_cast<std::size_t>(nbin_[0]) * nbin_[1] * nbin_[2];
+    start_.assign(nb + 1, 0);
+    std::vector<std::size_t> bin_of(atoms.n);
+    for (std::size_t i = 0; i < atoms.n; ++i) {
+      int b[3];
+      for (int k = 0; k < 3; ++k)
+        b[k] = std::min(nbin_[k] - 1, static_cast<int>((atoms.pos[3 * i + k] - lo_[k]) * inv_width_[k]));
+      bin_of[i] = flat(b[0], b[1], b[2]);
+      ++start_[bin_of[i] + 1];
+    }
+    for (std::size_t b = 0; b < nb; ++b) start_[b + 1] += start_[b];
+    atom_.resize(atoms.n);
+    std::vector<std::size_t> fill(start_.begin(), start_.end() - 1);
+    for (std::size_t i = 0; i < atoms.n; ++i) atom_[fill[bin_of[i]]++] = i;
+  }
+
+  template <class Fn>
+  void for_each_candidate(const double p[3], Fn&& fn) const {
+    int lo[3], hi[3];
+    for (int k = 0; k < 3; ++k) {
+      const double t = std::floor((p[k] - lo_[k]) * inv_width_[k]);
+      // clamp in double first: a point far outside must not overflow the int conversion
+      const int c = static_cast<int>(std::clamp(t, -4.0, nbin_[k] + 4.0));
+      lo[k] = std::max(0, c - 2);
+      hi[k] = std::min(nbin_[k] - 1, c + 2);
+    }
+    for (int bx = lo[0]; bx <= hi[0]; ++bx)
+      for (int by = lo[1]; by <= hi[1]; ++by)
+        for (int bz = lo[2]; bz <= hi[2]; ++bz) {
+          const std::size_t b = flat(bx, by, bz);
+          for (std::size_t i = start_[b]; i < start_[b + 1]; ++i) fn(atom_[i]);
+        }
+  }
+
+ private:
+  std::size_t flat(int bx, int by, int bz) const {
+    return (static_cast<std::size_t>(bx) * nbin_[1] + by) * nbin_[2] + bz;
+  }
+  AtomsView atoms_;
+  double lo_[3]{}, inv_width_[3]{};
+  int nbin_[3]{};
+  std::vector<std::size_t> start_, atom_;
+};
+
+void invert3(const std::array<double, 9>& m, double inv[9]) {
+  const double det = m[0] * (m[4] * m[8] - m[5] * m[7]) - m[1] * (m[3] * m[8] - m[5] * m[6]) +
+                     m[2] * (m[3] * m[7] - m[4] * m[6]);
+  inv[0] = (m[4] * m[8] - m[5] * m[7]) / det;
+  inv[1] = (m[2] * m[7] - m[1] * m[8]) / det;
+  inv[2] = (m[1] * m[5] - m[2] * m[4]) / det;
+  inv[3] = (m[5] * m[6] - m[3] * m[8]) / det;
+  inv[4] = (m[0] * m[8] - m[2] * m[6]) / det;
+  inv[5] = (m[2] * m[3] - m[0] * m[5]) / det;
+  inv[6] = (m[3] * m[7] - m[4] * m[6]) / det;
+  inv[7] = (m[1] * m[6] - m[0] * m[7]) / det;
+  inv[8] = (m[0] * m[4] - m[1] * m[3]) / det;
+}
+
+void check_cell(const Cell& cell) {
+  const double v = cell.volume();
+  double scale = 0.0;
+  for (double x : cell.h) scale = std::max(scale, std::fabs(x));
+  if (!std::isfinite(v) || std::fabs(v) <= 1e-10 * scale * scale * scale || scale == 0.0)
+    throw std::invalid_argument("cell has zero volume (lattice vectors are linearly dependent)");
+}
+
+}  // namespace
+
+double Cell::volume() const {
+  return h[0] * (h[4] * h[8] - h[5] * h[7]) - h[1] * (h[3] * h[8] - h[5] * h[6]) +
+         h[2] * (h[3] * h[7] - h[4] * h[6]);
+}
+
+void Cell::to_cartesian(const double f[3], double x[3]) const {
+  for (int k = 0; k < 3; ++k) x[k] = f[0] * h[k] + f[1] * h[3 + k] + f[2] * h[6 + k];
+}
+
+void Cell::to_fractional(const double x[3], double f[3]) const {
+  double inv[9];
+  invert3(h, inv);
+  for (int k = 0; k < 3; ++k) f[k] = x[0] * inv[k] + x[1] * inv[3 + k] + x[2] * inv[6 + k];
+}
+
+std::size_t GridBlock::num_points() const {
+  std::size_t n = 1;
+  for (int k = 0; k < 3; ++k) n *= static_cast<std::size_t>(std::max(0, hi[k] - lo[k]));
+  return n;
+}
+
+void GridBlock::validate() const {
+  static const char* axis = "xyz";
+  for (int k = 0; k < 3; ++k) {
+    if (shape[k] <= 0)
+      throw std::invalid_argument(std::string("grid size along ") + axis[k] +
+                                  " must be positive, got " + std::to_string(shape[k]));
+    if (lo[k] < 0 || hi[k] > shape[k] || lo[k] > hi[k])
+      throw std::invalid_argument(std::string("grid index range along ") + axis[k] + " [" +
+                                  std::to_string(lo[k]) + ", " + std::to_string(hi[k]) +
+                                  ") does not lie in [0, " + std::to_string(shape[k]) + "]");
+  }
+}
+
+PeriodicImages periodic_images(const Cell& cell, AtomsView atoms, double cutoff) {
+  check_cell(cell);
+  // reach along each lattice direction in fractional units: cutoff / plane spacing
+  double reach[3];
+  const double vol = std::fabs(cell.volume());
+  for (int k = 0; k < 3; ++k) {
+    const double* u = &cell.h[3 * ((k + 1) % 3)];
+    const double* w = &cell.h[3 * ((k + 2) % 3)];
+    const double cx = u[1] * w[2] - u[2] * w[1];
+    const double cy = u[2] * w[0] - u[0] * w[2];
+    const double cz = u[0] * w[1] - u[1] * w[0];
+    reach[k] = cutoff * std::sqrt(cx * cx + cy * cy + cz * cz) / vol;
+  }
+  PeriodicImages img;
+  for (std::size_t i = 0; i < atoms.n; ++i) {
+    double f[3];
+    cell.to_fractional(&atoms.pos[3 * i], f);
+    for (double& x : f) {
+      x -= std::floor(x);
+      if (x >= 1.0) x = 0.0;  // -1e-17 wraps to 1.0 in floating point
+    }
+    int smin[3], smax[3];
+    for (int k = 0; k < 3; ++k) {
+      smin[k] = static_cast<int>(std::floor(-reach[k] - f[k]));
+      smax[k] = static_cast<int>(std::ceil(1.0 + reach[k] - f[k]));
+    }
+    for (int a = smin[0]; a <= smax[0]; ++a)
+      for (int b = smin[1]; b <= smax[1]; ++b)
+        for (int c = smin[2]; c <= smax[2]; ++c) {
+          const double g[3] = {f[0] + a, f[1] + b, f[2] + c};
+          bool inside = true;
+          for (int k = 0; k < 3; ++k) inside = inside && g[k] > -reach[k] && g[k] < 1.0 + reach[k];
+          if (!inside) continue;
+          double x[3];
+          cell.to_cartesian(g, x);
+          img.pos.insert(img.pos.end(), x, x + 3);
+          img.type.push_back(atoms.type[i]);
+          img.owner.push_back(i);
+        }
+  }
+  return img;
+}
+
+std::pair<int, int> owned_grid_range(int n, double frac_lo, double frac_hi) {
+  int lo = static_cast<int>(frac_lo * n);
+  if (1.0 * lo != frac_lo * n) ++lo;
+  int hi = static_cast<int>(frac_hi * n);
+  if (1.0 * hi == frac_hi * n) --hi;
+  return {lo, hi + 1};
+}
+
+GridDescriptors::GridDescriptors(const BispectrumSettings& settings, int num_threads)
+    : sna_(settings), threads_(num_threads) {
+  if (num_threads < 1)
+    throw std::invalid_argument("number of threads must be >= 1, got " +
+                                std::to_string(num_threads));
+}
+
+// Calls fn(thread, point_index, neighbours, workspace) for every point of the block,
+// points split into contiguous ranges, one per thread: results do not depend on
+// scheduling. fn gets the neighbours within each atom type's cutoff.
+template <class PointFn>
+void GridDescriptors::for_each_point(const Cell& cell, const GridBlock& block, AtomsView atoms,
+                                     PointFn&& fn) const {
+  block.validate();
+  check_cell(cell);
+  for (std::size_t i = 0; i < atoms.n; ++i)
+    if (atoms.type[i] < 0 || atoms.type[i] >= sna_.settings().num_types())
+      throw std::invalid_argument("atom " + std::to_string(i) + " has type " +
+                                  std::to_string(atoms.type[i] + 1) + " but only " +
+                                  std::to_string(sna_.settings().num_types()) +
+                                  " element radii and weights are given");
+  const std::size_t npoints = block.num_points();
+  if (npoints == 0) return;
+  const CellList bins(atoms, sna_.settings().max_cutoff());
+  std::vector<double> cutsq(sna_.settings().num_types());
+  for (std::size_t t = 0; t < cutsq.size(); ++t) {
+    const double c = sna_.settings().cutoff(static_cast<int>(t));
+    cutsq[t] = c * c;
+  }
+  const int ny = block.hi[1] - block.lo[1];
+  const int nz = block.hi[2] - block.lo[2];
+  const int nthreads = static_cast<int>(std::min<std::size_t>(threads_, npoints));
+
+  auto work = [&](int t) {
+    BispectrumWorkspace ws = sna_.make_workspace();
+    std::vector<Neighbor> nbrs;
+    const std::size_t begin = npoints * t / nthreads;
+    const std::size_t end = npoints * (t + 1) / nthreads;
+    for (std::size_t p = begin; p < end; ++p) {
+      const int ix = block.lo[0] + static_cast<int>(p / (static_cast<std::size_t>(ny) * nz));
+      const int iy = block.lo[1] + static_cast<int>((p / nz) % ny);
+      const int iz = block.lo[2] + static_cast<int>(p % nz);
+      const double f[3] = {static_cast<double>(ix) / block.shape[0],
+                           static_cast<double>(iy) / block.shape[1],
+                           static_cast<double>(iz) / block.shape[2]};
+      double x[3];
+      cell.to_cartesian(f, x);
+      nbrs.clear();
+      bins.for_each_candidate(x, [&](std::size_t a) {
+        const double* xa = &atoms.pos[3 * a];
+        const Neighbor nb{a, {x[0] - xa[0], x[1] - xa[1], x[2] - xa[2]}};
+        const double rsq = nb.d[0] * nb.d[0] + nb.d[1] * nb.d[1] + nb.d[2] * nb.d[2];
+        if (rsq < cutsq[atoms.type[a]] && rsq > kCoincidentSq) nbrs.push_back(nb);
+      });
+      sna_.begin_center(ws);
+      for (const Neighbor& nb : nbrs) sna_.add_neighbor(ws, nb.d, atoms.type[nb.atom]);
+      fn(t, p, nbrs, ws);
+    }
+  };
+
+  std::vector<std::exception_ptr> errors(nthreads);
+  std::vector<std::thread> pool;
+  for (int t = 1; t < nthreads; ++t)
+    pool.emplace_back([&, t] {
+      try {
+        work(t);
+      } catch (...) {
+        errors[t] = std::current_exception();
+      }
+    });
+  try {
+    work(0);
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (std::thread& th : pool) th.join();
+  for (const std::exception_ptr& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+void GridDescriptors::compute(const Cell& cell, const GridBlock& block, AtomsView atoms,
+                              double* out) const {
+  const std::size_t K = num_descriptors();
+  for_each_point(cell, block, atoms,
+                 [&](int, std::size_t p, const std::vector<Neighbor>&, BispectrumWorkspace& ws) {
+                   sna_.components(ws, out + p * K);
+                 });
+}
+
+void GridDescriptors::gradient(const Cell& cell, const GridBlock& block, AtomsView atoms,
+                               const double* beta, double* dE_dR, double* dE_dstrain) const {
+  const std::size_t K = num_descriptors();
+  const int nthreads = std::max(1, static_cast<int>(std::min<std::size_t>(threads_, block.num_points())));
+  // one accumulator per thread, summed in thread order: deterministic for a thread count
+  std::vector<std::vector<double>> grad(nthreads, std::vector<double>(3 * atoms.n, 0.0));
+  std::vector<std::array<double, 9>> strain(nthreads, std::array<double, 9>{});
+  for_each_point(cell, block, atoms,
+                 [&](int t, std::size_t p, const std::vector<Neighbor>& nbrs,
+                     BispectrumWorkspace& ws) {
+                   sna_.begin_adjoint(ws, beta + p * K);
+                   for (const Neighbor& nb : nbrs) {
+                     double g[3];  // dE/dd with d = x_point - x_atom
+                     sna_.neighbor_gradient(ws, nb.d, atoms.type[nb.atom], g);
+                     for (int a = 0; a < 3; ++a) {
+                       grad[t][3 * nb.atom + a] -= g[a];
+                       for (int b = 0; b < 3; ++b) strain[t][3 * a + b] += g[a] * nb.d[b];
+                     }
+                   }
+                 });
+  std::fill(dE_dR, dE_dR + 3 * atoms.n, 0.0);
+  std::fill(dE_dstrain, dE_dstrain + 9, 0.0);
+  for (int t = 0; t < nthreads; ++t) {
+    for (std::size_t i = 0; i < 3 * atoms.n; ++i) dE_dR[i] += grad[t][i];
+    for (int i = 0; i < 9; ++i) dE_dstrain[i] += strain[t][i];
+  }
+}
+
+}  // namespace mlsurrogate

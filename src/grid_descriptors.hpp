@@ -1,0 +1,81 @@
+// Bispectrum descriptors with the points of a real-space grid as centres, and the
+// adjoint force contraction, over a block of a periodic cell's grid. Used by the Python
+// package (through pybind11) and by the LAMMPS pair style (one block per MPI rank).
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <utility>
+#include <vector>
+
+#include "bispectrum.hpp"
+
+namespace mlsurrogate {
+
+// Cell whose rows are the lattice vectors a, b, c (Angstrom). A grid point of
+// fractional coordinates f sits at f0 a + f1 b + f2 c.
+struct Cell {
+  std::array<double, 9> h{};
+  double volume() const;  // signed
+  void to_cartesian(const double f[3], double x[3]) const;
+  void to_fractional(const double x[3], double f[3]) const;
+};
+
+// Points lo <= i < hi (per dimension) of a global shape[0] x shape[1] x shape[2] grid.
+struct GridBlock {
+  std::array<int, 3> shape{};
+  std::array<int, 3> lo{};
+  std::array<int, 3> hi{};
+  std::size_t num_points() const;
+  void validate() const;  // throws std::invalid_argument
+};
+
+// Cartesian positions (n x 3, row-major) and 0-based types of every atom that may be a
+// neighbour of a grid point: periodic images or LAMMPS ghosts included.
+struct AtomsView {
+  const double* pos = nullptr;
+  const int* type = nullptr;
+  std::size_t n = 0;
+};
+
+// Images of the atoms of a periodic cell within `cutoff` of the cell; owner[i] is the
+// index of the original atom of image i.
+struct PeriodicImages {
+  std::vector<double> pos;
+  std::vector<int> type;
+  std::vector<std::size_t> owner;
+  AtomsView view() const { return {pos.data(), type.data(), type.size()}; }
+};
+PeriodicImages periodic_images(const Cell& cell, AtomsView atoms, double cutoff);
+
+// Grid points [lo, hi) of one dimension owned by a subdomain spanning fractions
+// [frac_lo, frac_hi) of the box: the rule of LAMMPS compute grid/local (points on the
+// lower boundary belong to the subdomain, points on the upper one do not).
+std::pair<int, int> owned_grid_range(int n, double frac_lo, double frac_hi);
+
+class GridDescriptors {
+ public:
+  GridDescriptors(const BispectrumSettings& settings, int num_threads);
+
+  int num_descriptors() const { return sna_.num_descriptors(); }
+  const BispectrumSettings& settings() const { return sna_.settings(); }
+
+  // out[p * K + k], p running over the block with the last index fastest.
+  void compute(const Cell& cell, const GridBlock& block, AtomsView atoms, double* out) const;
+
+  // For E = sum_p sum_k beta[p * K + k] B_k(p): dE/dR of every atom (n x 3) and
+  // dE/d(strain) (3 x 3, row-major) for a homogeneous deformation x -> (1 + eps) x that
+  // moves grid points and atoms together. Both are overwritten.
+  void gradient(const Cell& cell, const GridBlock& block, AtomsView atoms, const double* beta,
+                double* dE_dR, double* dE_dstrain) const;
+
+ private:
+  template <class PointFn>
+  void for_each_point(const Cell& cell, const GridBlock& block, AtomsView atoms,
+                      PointFn&& fn) const;
+
+  Bispectrum sna_;
+  int threads_;
+};
+
+}  // namespace mlsurrogate
