@@ -27,6 +27,108 @@ void switching(const BispectrumSettings& s, double r, double rcut, double& f, do
   df = -0.5 * std::sin((r - s.rmin0) * k) * k;
 }
 
+// Hot loops get an AVX+FMA clone picked at run time by CPU feature (not model, as an
+// arch= clone would be), so binaries stay portable without -march=native.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define MLS_MULTIVERSION __attribute__((target_clones("fma", "default")))
+#else
+#define MLS_MULTIVERSION
+#endif
+
+// kLanes doubles as one value (GCC/Clang vector extension): one AVX register in the fma
+// clone. LanesRef views unaligned memory.
+typedef double Lanes __attribute__((vector_size(kLanes * sizeof(double))));
+typedef double LanesRef
+    __attribute__((vector_size(kLanes * sizeof(double)), aligned(sizeof(double)), may_alias));
+static_assert(sizeof(Lanes) == kLanes * sizeof(double), "one Lanes value per U entry");
+#define MLS_LOAD(p) (*reinterpret_cast<const LanesRef*>(p))
+#define MLS_STORE(p, v) (*reinterpret_cast<LanesRef*>(p) = (v))
+
+// Z^j_{j1 j2}(ma, mb) = sum C(j1 ma1 j2 ma2 | j ma) C(j1 mb1 j2 mb2 | j mb) U1(ma1,mb1) U2(ma2,mb2)
+// (Thompson 2015, eq. 9) for mb <= j/2 (the other half follows by symmetry and is never
+// needed), for kLanes centres at once; arrays are [mb][ma][lane], cg is [m1][m2].
+MLS_MULTIVERSION
+void z_lanes(int j1, int j2, int j, const double* cg, const double* u1r, const double* u1i,
+             const double* u2r, const double* u2i, double* zr, double* zi) {
+  const int c = (j1 + j2 - j) / 2;  // m1 + m2 = m + c
+  for (int mb = 0; 2 * mb <= j; ++mb) {
+    const int mb1_lo = std::max(0, mb + c - j2), mb1_hi = std::min(j1, mb + c);
+    for (int ma = 0; ma <= j; ++ma) {
+      const int ma1_lo = std::max(0, ma + c - j2), ma1_hi = std::min(j1, ma + c);
+      Lanes acc_r = {}, acc_i = {};
+      for (int mb1 = mb1_lo; mb1 <= mb1_hi; ++mb1) {
+        const int mb2 = mb + c - mb1;
+        const double* row1r = u1r + mb1 * (j1 + 1) * kLanes;
+        const double* row1i = u1i + mb1 * (j1 + 1) * kLanes;
+        const double* row2r = u2r + mb2 * (j2 + 1) * kLanes;
+        const double* row2i = u2i + mb2 * (j2 + 1) * kLanes;
+        Lanes sr = {}, si = {};
+        for (int ma1 = ma1_lo; ma1 <= ma1_hi; ++ma1) {
+          const int ma2 = ma + c - ma1;
+          const double g = cg[ma1 * (j2 + 1) + ma2];
+          const Lanes ar = g * MLS_LOAD(row1r + ma1 * kLanes), ai = g * MLS_LOAD(row1i + ma1 * kLanes);
+          const Lanes br = MLS_LOAD(row2r + ma2 * kLanes), bi = MLS_LOAD(row2i + ma2 * kLanes);
+          sr += ar * br - ai * bi;
+          si += ar * bi + ai * br;
+        }
+        const double gb = cg[mb1 * (j2 + 1) + mb2];
+        acc_r += gb * sr;
+        acc_i += gb * si;
+      }
+      const int out = (mb * (j + 1) + ma) * kLanes;
+      MLS_STORE(zr + out, acc_r);
+      MLS_STORE(zi + out, acc_i);
+    }
+  }
+}
+
+// Weight of entry (mb, ma) of layer j in the half-plane sums below: columns mb < j/2
+// count once, and for even j the middle column up to its centre, the centre by half.
+// Twice such a sum is the full-plane sum for arrays with the symmetry of U.
+inline double half_plane_weight(int j, int mb, int ma) {
+  if (2 * mb < j) return 1.0;
+  if (2 * mb > j || 2 * ma > j) return 0.0;
+  return 2 * ma == j ? 0.5 : 1.0;
+}
+
+// sum over the half plane of layer j of Re(conj(a) b), arrays [mb][ma]
+double half_plane_dot(int j, const double* a_re, const double* a_im, const double* b_re,
+                      const double* b_im) {
+  double sum = 0.0;
+  const int full = ((j + 1) / 2) * (j + 1);  // columns mb < j/2
+  for (int i = 0; i < full; ++i) sum += a_re[i] * b_re[i] + a_im[i] * b_im[i];
+  if (j % 2 == 0)
+    for (int ma = 0; 2 * ma <= j; ++ma) {
+      const int i = full + ma;
+      sum += half_plane_weight(j, j / 2, ma) * (a_re[i] * b_re[i] + a_im[i] * b_im[i]);
+    }
+  return sum;
+}
+
+// the same for kLanes centres, arrays [mb][ma][lane]
+MLS_MULTIVERSION
+void half_plane_dot_lanes(int j, const double* a_re, const double* a_im, const double* b_re,
+                          const double* b_im, double out[kLanes]) {
+  Lanes sum = {};
+  const int full = ((j + 1) / 2) * (j + 1) * kLanes;
+  for (int i = 0; i < full; i += kLanes)
+    sum += MLS_LOAD(a_re + i) * MLS_LOAD(b_re + i) + MLS_LOAD(a_im + i) * MLS_LOAD(b_im + i);
+  if (j % 2 == 0)
+    for (int ma = 0; 2 * ma <= j; ++ma) {
+      const int i = full + ma * kLanes;
+      sum += half_plane_weight(j, j / 2, ma) *
+             (MLS_LOAD(a_re + i) * MLS_LOAD(b_re + i) + MLS_LOAD(a_im + i) * MLS_LOAD(b_im + i));
+    }
+  MLS_STORE(out, sum);
+}
+
+// y[i][lane] += coef[lane] * x[i][lane] for n = entries * kLanes values
+MLS_MULTIVERSION
+void axpy_lanes(int n, const double* coef, const double* x, double* y) {
+  const Lanes c = MLS_LOAD(coef);
+  for (int i = 0; i < n; i += kLanes) MLS_STORE(y + i, MLS_LOAD(y + i) + c * MLS_LOAD(x + i));
+}
+
 }  // namespace
 
 int BispectrumSettings::num_elements() const {
@@ -184,29 +286,34 @@ BispectrumWorkspace Bispectrum::make_workspace() const {
   const std::size_t nu = static_cast<std::size_t>(num_u_) * nelem_;
   const int J = s_.twojmax;
   const std::size_t nz = static_cast<std::size_t>(J / 2 + 1) * (J + 1);
-  ws.utot_re.assign(nu, 0.0);
-  ws.utot_im.assign(nu, 0.0);
-  ws.y_re.assign(nu, 0.0);
-  ws.y_im.assign(nu, 0.0);
-  ws.z_re.assign(nz, 0.0);
-  ws.z_im.assign(nz, 0.0);
+  ws.utot_re.assign(nu * kLanes, 0.0);
+  ws.utot_im.assign(nu * kLanes, 0.0);
+  ws.y_re.assign(nu * kLanes, 0.0);
+  ws.y_im.assign(nu * kLanes, 0.0);
+  ws.z_re.assign(nz * kLanes, 0.0);
+  ws.z_im.assign(nz * kLanes, 0.0);
+  ws.ylane_re.assign(nu, 0.0);
+  ws.ylane_im.assign(nu, 0.0);
   ws.u_re.assign(num_u_, 0.0);
   ws.u_im.assign(num_u_, 0.0);
   ws.du_re.assign(3 * static_cast<std::size_t>(num_u_), 0.0);
   ws.du_im.assign(3 * static_cast<std::size_t>(num_u_), 0.0);
-  ws.linear.assign(num_linear_, 0.0);
-  ws.beta_linear.assign(num_linear_, 0.0);
+  ws.linear.assign(static_cast<std::size_t>(num_linear_) * kLanes, 0.0);
+  ws.beta_linear.assign(static_cast<std::size_t>(num_linear_) * kLanes, 0.0);
   return ws;
 }
 
-void Bispectrum::begin_center(BispectrumWorkspace& ws) const {
+void Bispectrum::begin_centers(BispectrumWorkspace& ws) const {
   std::fill(ws.utot_re.begin(), ws.utot_re.end(), 0.0);
   std::fill(ws.utot_im.begin(), ws.utot_im.end(), 0.0);
   // self contribution w_self = 1 on the diagonal of the centre's channel (or of all)
   for (int e = 0; e < nelem_; ++e) {
     if (e != center_elem_ && !s_.wselfallflag) continue;
     for (int j = 0; j <= s_.twojmax; ++j)
-      for (int m = 0; m <= j; ++m) ws.utot_re[static_cast<std::size_t>(e) * num_u_ + u_index(j, m, m)] = 1.0;
+      for (int m = 0; m <= j; ++m) {
+        const std::size_t i = static_cast<std::size_t>(e) * num_u_ + u_index(j, m, m);
+        for (int l = 0; l < kLanes; ++l) ws.utot_re[i * kLanes + l] = 1.0;
+      }
   }
 }
 
@@ -214,8 +321,8 @@ void Bispectrum::begin_center(BispectrumWorkspace& ws) const {
 // that d maps to, by the recursion of VMK 4.8.2 in terms of the Cayley-Klein parameters
 // a = (z0 - i z)/r0, b = (y - i x)/r0 (Thompson 2015, eqs. 3-4); columns mb > j/2 follow
 // from u^j_{j-ma,j-mb} = (-1)^(ma-mb) conj(u^j_{ma,mb}) (VMK 4.4 eq. 2).
-void Bispectrum::wigner_u(const double d[3], double rcut, bool with_derivative,
-                          BispectrumWorkspace& ws) const {
+template <bool with_derivative>
+void Bispectrum::wigner_u(const double d[3], double rcut, BispectrumWorkspace& ws) const {
   const double x = d[0], y = d[1], z = d[2];
   const double r = std::sqrt(x * x + y * y + z * z);
   const double rscale = s_.rfac0 * kPi / (rcut - s_.rmin0);
@@ -225,7 +332,7 @@ void Bispectrum::wigner_u(const double d[3], double rcut, bool with_derivative,
   const double ar = z0 * r0inv, ai = -z * r0inv, br = y * r0inv, bi = -x * r0inv;
 
   double dar[3] = {0, 0, 0}, dai[3] = {0, 0, 0}, dbr[3] = {0, 0, 0}, dbi[3] = {0, 0, 0};
-  if (with_derivative) {
+  if constexpr (with_derivative) {
     const double dz0dr = z0 / r - r * rscale * (r * r + z0 * z0) / (r * r);
     const double dr0invdr = -r0inv * r0inv * r0inv * (r + z0 * dz0dr);
     for (int k = 0; k < 3; ++k) {
@@ -246,7 +353,7 @@ void Bispectrum::wigner_u(const double d[3], double rcut, bool with_derivative,
   const std::size_t stride = num_u_;
   ur[0] = 1.0;
   ui[0] = 0.0;
-  if (with_derivative)
+  if constexpr (with_derivative)
     for (int k = 0; k < 3; ++k) ws.du_re[k * stride] = ws.du_im[k * stride] = 0.0;
 
   const int J = s_.twojmax;
@@ -261,7 +368,7 @@ void Bispectrum::wigner_u(const double d[3], double rcut, bool with_derivative,
           const double c = root_[(j - ma) * (J + 1) + (j - mb)];
           vr += c * (ar * ur[in] + ai * ui[in]);
           vi += c * (ar * ui[in] - ai * ur[in]);
-          if (with_derivative)
+          if constexpr (with_derivative)
             for (int k = 0; k < 3; ++k) {
               const double dur = ws.du_re[k * stride + in], dui = ws.du_im[k * stride + in];
               dvr[k] += c * (dar[k] * ur[in] + dai[k] * ui[in] + ar * dur + ai * dui);
@@ -273,7 +380,7 @@ void Bispectrum::wigner_u(const double d[3], double rcut, bool with_derivative,
           const double c = root_[ma * (J + 1) + (j - mb)];
           vr -= c * (br * ur[in] + bi * ui[in]);
           vi -= c * (br * ui[in] - bi * ur[in]);
-          if (with_derivative)
+          if constexpr (with_derivative)
             for (int k = 0; k < 3; ++k) {
               const double dur = ws.du_re[k * stride + in], dui = ws.du_im[k * stride + in];
               dvr[k] -= c * (dbr[k] * ur[in] + dbi[k] * ui[in] + br * dur + bi * dui);
@@ -282,7 +389,7 @@ void Bispectrum::wigner_u(const double d[3], double rcut, bool with_derivative,
         }
         ur[out] = vr;
         ui[out] = vi;
-        if (with_derivative)
+        if constexpr (with_derivative)
           for (int k = 0; k < 3; ++k) {
             ws.du_re[k * stride + out] = dvr[k];
             ws.du_im[k * stride + out] = dvi[k];
@@ -296,7 +403,7 @@ void Bispectrum::wigner_u(const double d[3], double rcut, bool with_derivative,
         const double sign = ((ma - mb) % 2 == 0) ? 1.0 : -1.0;
         ur[out] = sign * ur[in];
         ui[out] = -sign * ui[in];
-        if (with_derivative)
+        if constexpr (with_derivative)
           for (int k = 0; k < 3; ++k) {
             ws.du_re[k * stride + out] = sign * ws.du_re[k * stride + in];
             ws.du_im[k * stride + out] = -sign * ws.du_im[k * stride + in];
@@ -305,88 +412,35 @@ void Bispectrum::wigner_u(const double d[3], double rcut, bool with_derivative,
   }
 }
 
-void Bispectrum::add_neighbor(BispectrumWorkspace& ws, const double d[3], int type) const {
+void Bispectrum::add_neighbor(BispectrumWorkspace& ws, int lane, const double d[3],
+                              int type) const {
   const double rcut = s_.cutoff(type);
-  wigner_u(d, rcut, false, ws);
+  wigner_u<false>(d, rcut, ws);
   double f, df;
   switching(s_, std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), rcut, f, df);
   const double scale = f * s_.weight[type];
-  const std::size_t base = static_cast<std::size_t>(element_of(type)) * num_u_;
+  double* tr = ws.utot_re.data() + static_cast<std::size_t>(element_of(type)) * num_u_ * kLanes + lane;
+  double* ti = ws.utot_im.data() + static_cast<std::size_t>(element_of(type)) * num_u_ * kLanes + lane;
   for (int i = 0; i < num_u_; ++i) {
-    ws.utot_re[base + i] += scale * ws.u_re[i];
-    ws.utot_im[base + i] += scale * ws.u_im[i];
+    tr[i * kLanes] += scale * ws.u_re[i];
+    ti[i * kLanes] += scale * ws.u_im[i];
   }
 }
 
-// Z^j_{j1 j2}(ma, mb) = sum C(j1 ma1 j2 ma2 | j ma) C(j1 mb1 j2 mb2 | j mb) U1(ma1,mb1) U2(ma2,mb2)
-// for mb <= j/2 (the other half follows by symmetry and is never needed).
-// Loops run over (mb1, mb2) and (ma1, ma2) pairs so the innermost loop is contiguous.
 void Bispectrum::z_block(const Block& blk, int e1, int e2, BispectrumWorkspace& ws) const {
-  const int j1 = blk.j1, j2 = blk.j2, j = blk.j;
-  const int c = (j1 + j2 - j) / 2;
-  const int half = j / 2;
-  const double* cg = cg_.data() + blk.cg;
-  double* zr = ws.z_re.data();
-  double* zi = ws.z_im.data();
-  std::fill(zr, zr + (half + 1) * (j + 1), 0.0);
-  std::fill(zi, zi + (half + 1) * (j + 1), 0.0);
-  const double* u1r = ws.utot_re.data() + static_cast<std::size_t>(e1) * num_u_ + u_offset_[j1];
-  const double* u1i = ws.utot_im.data() + static_cast<std::size_t>(e1) * num_u_ + u_offset_[j1];
-  const double* u2r = ws.utot_re.data() + static_cast<std::size_t>(e2) * num_u_ + u_offset_[j2];
-  const double* u2i = ws.utot_im.data() + static_cast<std::size_t>(e2) * num_u_ + u_offset_[j2];
-
-  for (int mb1 = 0; mb1 <= j1; ++mb1) {
-    const int mb2_lo = std::max(0, c - mb1);
-    const int mb2_hi = std::min(j2, c + half - mb1);
-    for (int mb2 = mb2_lo; mb2 <= mb2_hi; ++mb2) {
-      const double wb = cg[mb1 * (j2 + 1) + mb2];
-      if (wb == 0.0) continue;
-      const int mb = mb1 + mb2 - c;
-      const double* c1r = u1r + mb1 * (j1 + 1);
-      const double* c1i = u1i + mb1 * (j1 + 1);
-      const double* c2r = u2r + mb2 * (j2 + 1);
-      const double* c2i = u2i + mb2 * (j2 + 1);
-      double* rowr = zr + mb * (j + 1);
-      double* rowi = zi + mb * (j + 1);
-      for (int ma1 = 0; ma1 <= j1; ++ma1) {
-        const double tr = wb * c1r[ma1];
-        const double ti = wb * c1i[ma1];
-        const double* cgrow = cg + ma1 * (j2 + 1);
-        const int shift = ma1 - c;  // ma = ma2 + shift
-        const int lo = std::max(0, -shift);
-        const int hi = std::min(j2, j - shift);
-        for (int ma2 = lo; ma2 <= hi; ++ma2) {
-          const double g = cgrow[ma2];
-          rowr[ma2 + shift] += g * (tr * c2r[ma2] - ti * c2i[ma2]);
-          rowi[ma2 + shift] += g * (tr * c2i[ma2] + ti * c2r[ma2]);
-        }
-      }
-    }
-  }
+  const std::size_t o1 = (static_cast<std::size_t>(e1) * num_u_ + u_offset_[blk.j1]) * kLanes;
+  const std::size_t o2 = (static_cast<std::size_t>(e2) * num_u_ + u_offset_[blk.j2]) * kLanes;
+  z_lanes(blk.j1, blk.j2, blk.j, cg_.data() + blk.cg, ws.utot_re.data() + o1,
+          ws.utot_im.data() + o1, ws.utot_re.data() + o2, ws.utot_im.data() + o2,
+          ws.z_re.data(), ws.z_im.data());
   if (s_.bnormflag) {
-    const double inv = 1.0 / (j + 1);
-    for (int i = 0; i < (half + 1) * (j + 1); ++i) {
-      zr[i] *= inv;
-      zi[i] *= inv;
+    const double inv = 1.0 / (blk.j + 1);
+    const int n = (blk.j / 2 + 1) * (blk.j + 1) * kLanes;
+    for (int i = 0; i < n; ++i) {
+      ws.z_re[i] *= inv;
+      ws.z_im[i] *= inv;
     }
   }
-}
-
-// sum over the half plane (mb < j/2, and for even j the middle column up to its centre,
-// the centre with weight 1/2) of Re(conj(a) b); twice this is the full-plane sum for
-// arrays with the symmetry of U.
-double Bispectrum::half_plane_dot(int j, const double* a_re, const double* a_im,
-                                  const double* b_re, const double* b_im) const {
-  double sum = 0.0;
-  const int full = ((j + 1) / 2) * (j + 1);  // columns mb < j/2
-  for (int i = 0; i < full; ++i) sum += a_re[i] * b_re[i] + a_im[i] * b_im[i];
-  if (j % 2 == 0) {
-    const int mid = full;  // start of column mb = j/2
-    const int m = j / 2;
-    for (int ma = 0; ma < m; ++ma) sum += a_re[mid + ma] * b_re[mid + ma] + a_im[mid + ma] * b_im[mid + ma];
-    sum += 0.5 * (a_re[mid + m] * b_re[mid + m] + a_im[mid + m] * b_im[mid + m]);
-  }
-  return sum;
 }
 
 void Bispectrum::linear_components(BispectrumWorkspace& ws) const {
@@ -394,47 +448,59 @@ void Bispectrum::linear_components(BispectrumWorkspace& ws) const {
   const int ntrip = static_cast<int>(triples_.size());
   for (int t = 0; t < ntrip; ++t) {
     const Triple& tr = triples_[t];
-    const Block& blk = blocks_[tr.block];
     for (int e1 = 0; e1 < n; ++e1)
       for (int e2 = 0; e2 < n; ++e2) {
-        z_block(blk, e1, e2, ws);
+        z_block(blocks_[tr.block], e1, e2, ws);
         for (int e3 = 0; e3 < n; ++e3) {
-          const std::size_t off = static_cast<std::size_t>(e3) * num_u_ + u_offset_[tr.j];
-          double b = 2.0 * half_plane_dot(tr.j, ws.utot_re.data() + off, ws.utot_im.data() + off,
-                                          ws.z_re.data(), ws.z_im.data());
+          const std::size_t off = (static_cast<std::size_t>(e3) * num_u_ + u_offset_[tr.j]) * kLanes;
+          double b[kLanes];
+          half_plane_dot_lanes(tr.j, ws.utot_re.data() + off, ws.utot_im.data() + off,
+                               ws.z_re.data(), ws.z_im.data(), b);
           const bool self = (e1 == center_elem_ && e2 == center_elem_ && e3 == center_elem_);
-          if (s_.bzeroflag && (self || s_.wselfallflag)) b -= bzero_[tr.j];
-          ws.linear[((e1 * n + e2) * n + e3) * ntrip + t] = b;
+          const double shift = (s_.bzeroflag && (self || s_.wselfallflag)) ? bzero_[tr.j] : 0.0;
+          const std::size_t k = static_cast<std::size_t>((e1 * n + e2) * n + e3) * ntrip + t;
+          for (int l = 0; l < kLanes; ++l) ws.linear[l * num_linear_ + k] = 2.0 * b[l] - shift;
         }
       }
   }
 }
 
-void Bispectrum::components(BispectrumWorkspace& ws, double* out) const {
+void Bispectrum::components(BispectrumWorkspace& ws, double* const out[kLanes]) const {
   linear_components(ws);
   const int nl = num_linear_;
-  std::copy(ws.linear.begin(), ws.linear.end(), out);
-  if (!s_.quadraticflag) return;
-  // quadratic terms as in compute sna/grid: 0.5 B_i^2, then B_i B_k for k > i
-  int q = nl;
-  for (int i = 0; i < nl; ++i) {
-    const double bi = ws.linear[i];
-    out[q++] = 0.5 * bi * bi;
-    for (int k = i + 1; k < nl; ++k) out[q++] = bi * ws.linear[k];
+  for (int l = 0; l < kLanes; ++l) {
+    if (out[l] == nullptr) continue;
+    const double* b = ws.linear.data() + static_cast<std::size_t>(l) * nl;
+    std::copy(b, b + nl, out[l]);
+    if (!s_.quadraticflag) continue;
+    // quadratic terms as in compute sna/grid: 0.5 B_i^2, then B_i B_k for k > i
+    double* q = out[l] + nl;
+    for (int i = 0; i < nl; ++i) {
+      *q++ = 0.5 * b[i] * b[i];
+      for (int k = i + 1; k < nl; ++k) *q++ = b[i] * b[k];
+    }
   }
 }
 
-void Bispectrum::begin_adjoint(BispectrumWorkspace& ws, const double* beta) const {
+void Bispectrum::begin_adjoint(BispectrumWorkspace& ws, const double* const beta[kLanes]) const {
   const int nl = num_linear_;
-  std::copy(beta, beta + nl, ws.beta_linear.begin());
-  if (s_.quadraticflag) {  // chain rule through the quadratic terms
-    linear_components(ws);
-    int q = nl;
+  if (s_.quadraticflag) linear_components(ws);
+  for (int l = 0; l < kLanes; ++l) {
+    double* bl = ws.beta_linear.data() + static_cast<std::size_t>(l) * nl;
+    if (beta[l] == nullptr) {
+      std::fill(bl, bl + nl, 0.0);
+      continue;
+    }
+    std::copy(beta[l], beta[l] + nl, bl);
+    if (!s_.quadraticflag) continue;
+    // chain rule through the quadratic terms
+    const double* b = ws.linear.data() + static_cast<std::size_t>(l) * nl;
+    const double* q = beta[l] + nl;
     for (int i = 0; i < nl; ++i) {
-      ws.beta_linear[i] += beta[q++] * ws.linear[i];
+      bl[i] += *q++ * b[i];
       for (int k = i + 1; k < nl; ++k) {
-        ws.beta_linear[i] += beta[q] * ws.linear[k];
-        ws.beta_linear[k] += beta[q] * ws.linear[i];
+        bl[i] += *q * b[k];
+        bl[k] += *q * b[i];
         ++q;
       }
     }
@@ -442,45 +508,53 @@ void Bispectrum::begin_adjoint(BispectrumWorkspace& ws, const double* beta) cons
   std::fill(ws.y_re.begin(), ws.y_re.end(), 0.0);
   std::fill(ws.y_im.begin(), ws.y_im.end(), 0.0);
   const int n = nelem_;
-  std::vector<double> coef(n);
+  std::vector<double> coef(static_cast<std::size_t>(n) * kLanes);
   for (std::size_t b = 0; b < blocks_.size(); ++b) {
     const Block& blk = blocks_[b];
-    const int size = (blk.j / 2 + 1) * (blk.j + 1);
+    const int size = (blk.j / 2 + 1) * (blk.j + 1) * kLanes;
     for (int e1 = 0; e1 < n; ++e1)
       for (int e2 = 0; e2 < n; ++e2) {
         bool any = false;
         for (int e3 = 0; e3 < n; ++e3) {
           const std::size_t p = ((b * n + e1) * n + e2) * n + e3;
-          double sum = 0.0;
-          for (std::size_t i = adj_start_[p]; i < adj_start_[p + 1]; ++i)
-            sum += adj_terms_[i].factor * ws.beta_linear[adj_terms_[i].component];
-          coef[e3] = sum;
-          any = any || sum != 0.0;
+          for (int l = 0; l < kLanes; ++l) {
+            const double* bl = ws.beta_linear.data() + static_cast<std::size_t>(l) * nl;
+            double sum = 0.0;
+            for (std::size_t i = adj_start_[p]; i < adj_start_[p + 1]; ++i)
+              sum += adj_terms_[i].factor * bl[adj_terms_[i].component];
+            coef[e3 * kLanes + l] = sum;
+            any = any || sum != 0.0;
+          }
         }
         if (!any) continue;
         z_block(blk, e1, e2, ws);
         for (int e3 = 0; e3 < n; ++e3) {
-          if (coef[e3] == 0.0) continue;
-          const std::size_t off = static_cast<std::size_t>(e3) * num_u_ + u_offset_[blk.j];
-          for (int i = 0; i < size; ++i) {
-            ws.y_re[off + i] += coef[e3] * ws.z_re[i];
-            ws.y_im[off + i] += coef[e3] * ws.z_im[i];
-          }
+          const std::size_t off = (static_cast<std::size_t>(e3) * num_u_ + u_offset_[blk.j]) * kLanes;
+          axpy_lanes(size, &coef[e3 * kLanes], ws.z_re.data(), ws.y_re.data() + off);
+          axpy_lanes(size, &coef[e3 * kLanes], ws.z_im.data(), ws.y_im.data() + off);
         }
       }
+  }
+}
+
+void Bispectrum::select_lane(BispectrumWorkspace& ws, int lane) const {
+  const std::size_t n = ws.ylane_re.size();
+  for (std::size_t i = 0; i < n; ++i) {
+    ws.ylane_re[i] = ws.y_re[i * kLanes + lane];
+    ws.ylane_im[i] = ws.y_im[i * kLanes + lane];
   }
 }
 
 void Bispectrum::neighbor_gradient(BispectrumWorkspace& ws, const double d[3], int type,
                                    double grad[3]) const {
   const double rcut = s_.cutoff(type);
-  wigner_u(d, rcut, true, ws);
+  wigner_u<true>(d, rcut, ws);
   const double r = std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]);
   double f, df;
   switching(s_, r, rcut, f, df);
   const std::size_t base = static_cast<std::size_t>(element_of(type)) * num_u_;
-  const double* yr = ws.y_re.data() + base;
-  const double* yi = ws.y_im.data() + base;
+  const double* yr = ws.ylane_re.data() + base;
+  const double* yi = ws.ylane_im.data() + base;
   double g_u = 0.0;
   double g_du[3] = {0, 0, 0};
   for (int j = 0; j <= s_.twojmax; ++j) {

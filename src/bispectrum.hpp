@@ -40,15 +40,20 @@ struct BispectrumSettings {
   void validate() const;
 };
 
-// Scratch space of one centre; one per thread.
+// Centres are processed kLanes at a time: the U, Z and Y arrays hold kLanes values per
+// entry (lane fastest), so every inner loop of the contractions is a short vector loop.
+constexpr int kLanes = 4;
+
+// Scratch space of kLanes centres; one per thread.
 struct BispectrumWorkspace {
-  std::vector<double> utot_re, utot_im;  // [element][u index]: U of the density
-  std::vector<double> y_re, y_im;        // [element][u index]: adjoint weights
-  std::vector<double> z_re, z_im;        // one Z block, half plane
+  std::vector<double> utot_re, utot_im;  // [element][u index][lane]: U of the densities
+  std::vector<double> y_re, y_im;        // [element][u index][lane]: adjoint weights
+  std::vector<double> z_re, z_im;        // one Z block, half plane, [entry][lane]
+  std::vector<double> ylane_re, ylane_im;  // [element][u index]: Y of the selected lane
   std::vector<double> u_re, u_im;        // one neighbour's u
   std::vector<double> du_re, du_im;      // one neighbour's du/dd, [3][u index]
-  std::vector<double> linear;            // linear components of the current centre
-  std::vector<double> beta_linear;       // dE/dB for the linear components
+  std::vector<double> linear;            // [lane][component]: linear components
+  std::vector<double> beta_linear;       // [lane][component]: dE/dB of linear components
 };
 
 class Bispectrum {
@@ -60,16 +65,20 @@ class Bispectrum {
   int num_descriptors() const { return num_descriptors_; }
   BispectrumWorkspace make_workspace() const;
 
-  // Start a new centre: U = self term only.
-  void begin_center(BispectrumWorkspace& ws) const;
-  // Add neighbour of the given type at displacement d = x_centre - x_atom (the
-  // sign convention of compute sna/grid). Caller ensures 1e-20 < |d|^2 < cutoff^2.
-  void add_neighbor(BispectrumWorkspace& ws, const double d[3], int type) const;
-  // All components (linear, then quadratic if enabled) of the current centre.
-  void components(BispectrumWorkspace& ws, double* out) const;
-  // Prepare the adjoint for beta = dE/dB (length num_descriptors()).
-  void begin_adjoint(BispectrumWorkspace& ws, const double* beta) const;
-  // dE/dd for one neighbour, after begin_adjoint.
+  // Start kLanes new centres: U = self term only.
+  void begin_centers(BispectrumWorkspace& ws) const;
+  // Add to centre `lane` a neighbour of the given type at displacement
+  // d = x_centre - x_atom (the sign convention of compute sna/grid). Caller ensures
+  // 1e-20 < |d|^2 < cutoff^2.
+  void add_neighbor(BispectrumWorkspace& ws, int lane, const double d[3], int type) const;
+  // All components (linear, then quadratic if enabled) of each centre; out[lane] may be
+  // null for unused lanes.
+  void components(BispectrumWorkspace& ws, double* const out[kLanes]) const;
+  // Prepare the adjoint for beta[lane] = dE/dB (length num_descriptors(); null: zero).
+  void begin_adjoint(BispectrumWorkspace& ws, const double* const beta[kLanes]) const;
+  // Make neighbor_gradient act on centre `lane`, after begin_adjoint.
+  void select_lane(BispectrumWorkspace& ws, int lane) const;
+  // dE/dd for one neighbour of the selected centre.
   void neighbor_gradient(BispectrumWorkspace& ws, const double d[3], int type,
                          double grad[3]) const;
 
@@ -90,10 +99,9 @@ class Bispectrum {
   int u_index(int j, int mb, int ma) const { return u_offset_[j] + mb * (j + 1) + ma; }
   int block_id(int j1, int j2, int j) const;
   int element_of(int type) const { return s_.chem_map.empty() ? 0 : s_.chem_map[type]; }
-  void wigner_u(const double d[3], double rcut, bool with_derivative, BispectrumWorkspace& ws) const;
+  template <bool with_derivative>
+  void wigner_u(const double d[3], double rcut, BispectrumWorkspace& ws) const;
   void z_block(const Block& blk, int e1, int e2, BispectrumWorkspace& ws) const;
-  double half_plane_dot(int j, const double* a_re, const double* a_im, const double* b_re,
-                        const double* b_im) const;
   void linear_components(BispectrumWorkspace& ws) const;
 
   BispectrumSettings s_;

@@ -19,6 +19,7 @@ struct Neighbor {
   std::size_t atom;
   double d[3];  // x_point - x_atom
 };
+using NeighborLists = std::array<std::vector<Neighbor>, kLanes>;
 
 // Cartesian bins of width >= cutoff/2 over the atoms' bounding box; every atom within
 // `cutoff` of a point lies within two bins of the point's bin in each direction.
@@ -197,12 +198,13 @@ GridDescriptors::GridDescriptors(const BispectrumSettings& settings, int num_thr
                                 std::to_string(num_threads));
 }
 
-// Calls fn(thread, point_index, neighbours, workspace) for every point of the block,
-// points split into contiguous ranges, one per thread: results do not depend on
-// scheduling. fn gets the neighbours within each atom type's cutoff.
-template <class PointFn>
-void GridDescriptors::for_each_point(const Cell& cell, const GridBlock& block, AtomsView atoms,
-                                     PointFn&& fn) const {
+// Calls fn(thread, first, count, neighbours, workspace) for batches of up to kLanes
+// consecutive points, with U of point first + l accumulated in lane l and its neighbours
+// (within each atom type's cutoff) in neighbours[l]. Points are split into contiguous
+// ranges, one per thread, so results do not depend on scheduling.
+template <class BatchFn>
+void GridDescriptors::for_each_batch(const Cell& cell, const GridBlock& block, AtomsView atoms,
+                                     BatchFn&& fn) const {
   block.validate();
   check_cell(cell);
   for (std::size_t i = 0; i < atoms.n; ++i)
@@ -221,32 +223,37 @@ void GridDescriptors::for_each_point(const Cell& cell, const GridBlock& block, A
   }
   const int ny = block.hi[1] - block.lo[1];
   const int nz = block.hi[2] - block.lo[2];
-  const int nthreads = static_cast<int>(std::min<std::size_t>(threads_, npoints));
+  const int nthreads = num_threads_for(npoints);
 
   auto work = [&](int t) {
     BispectrumWorkspace ws = sna_.make_workspace();
-    std::vector<Neighbor> nbrs;
+    NeighborLists nbrs;
     const std::size_t begin = npoints * t / nthreads;
     const std::size_t end = npoints * (t + 1) / nthreads;
-    for (std::size_t p = begin; p < end; ++p) {
-      const int ix = block.lo[0] + static_cast<int>(p / (static_cast<std::size_t>(ny) * nz));
-      const int iy = block.lo[1] + static_cast<int>((p / nz) % ny);
-      const int iz = block.lo[2] + static_cast<int>(p % nz);
-      const double f[3] = {static_cast<double>(ix) / block.shape[0],
-                           static_cast<double>(iy) / block.shape[1],
-                           static_cast<double>(iz) / block.shape[2]};
-      double x[3];
-      cell.to_cartesian(f, x);
-      nbrs.clear();
-      bins.for_each_candidate(x, [&](std::size_t a) {
-        const double* xa = &atoms.pos[3 * a];
-        const Neighbor nb{a, {x[0] - xa[0], x[1] - xa[1], x[2] - xa[2]}};
-        const double rsq = nb.d[0] * nb.d[0] + nb.d[1] * nb.d[1] + nb.d[2] * nb.d[2];
-        if (rsq < cutsq[atoms.type[a]] && rsq > kCoincidentSq) nbrs.push_back(nb);
-      });
-      sna_.begin_center(ws);
-      for (const Neighbor& nb : nbrs) sna_.add_neighbor(ws, nb.d, atoms.type[nb.atom]);
-      fn(t, p, nbrs, ws);
+    for (std::size_t first = begin; first < end; first += kLanes) {
+      const int count = static_cast<int>(std::min<std::size_t>(kLanes, end - first));
+      sna_.begin_centers(ws);
+      for (int l = 0; l < kLanes; ++l) {
+        nbrs[l].clear();
+        if (l >= count) continue;
+        const std::size_t p = first + l;
+        const int ix = block.lo[0] + static_cast<int>(p / (static_cast<std::size_t>(ny) * nz));
+        const int iy = block.lo[1] + static_cast<int>((p / nz) % ny);
+        const int iz = block.lo[2] + static_cast<int>(p % nz);
+        const double f[3] = {static_cast<double>(ix) / block.shape[0],
+                             static_cast<double>(iy) / block.shape[1],
+                             static_cast<double>(iz) / block.shape[2]};
+        double x[3];
+        cell.to_cartesian(f, x);
+        bins.for_each_candidate(x, [&](std::size_t a) {
+          const double* xa = &atoms.pos[3 * a];
+          const Neighbor nb{a, {x[0] - xa[0], x[1] - xa[1], x[2] - xa[2]}};
+          const double rsq = nb.d[0] * nb.d[0] + nb.d[1] * nb.d[1] + nb.d[2] * nb.d[2];
+          if (rsq < cutsq[atoms.type[a]] && rsq > kCoincidentSq) nbrs[l].push_back(nb);
+        });
+        for (const Neighbor& nb : nbrs[l]) sna_.add_neighbor(ws, l, nb.d, atoms.type[nb.atom]);
+      }
+      fn(t, first, count, nbrs, ws);
     }
   };
 
@@ -270,32 +277,44 @@ void GridDescriptors::for_each_point(const Cell& cell, const GridBlock& block, A
     if (e) std::rethrow_exception(e);
 }
 
+int GridDescriptors::num_threads_for(std::size_t npoints) const {
+  return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(threads_, npoints)));
+}
+
 void GridDescriptors::compute(const Cell& cell, const GridBlock& block, AtomsView atoms,
                               double* out) const {
   const std::size_t K = num_descriptors();
-  for_each_point(cell, block, atoms,
-                 [&](int, std::size_t p, const std::vector<Neighbor>&, BispectrumWorkspace& ws) {
-                   sna_.components(ws, out + p * K);
+  for_each_batch(cell, block, atoms,
+                 [&](int, std::size_t first, int count, const NeighborLists&,
+                     BispectrumWorkspace& ws) {
+                   double* dst[kLanes] = {};
+                   for (int l = 0; l < count; ++l) dst[l] = out + (first + l) * K;
+                   sna_.components(ws, dst);
                  });
 }
 
 void GridDescriptors::gradient(const Cell& cell, const GridBlock& block, AtomsView atoms,
                                const double* beta, double* dE_dR, double* dE_dstrain) const {
   const std::size_t K = num_descriptors();
-  const int nthreads = std::max(1, static_cast<int>(std::min<std::size_t>(threads_, block.num_points())));
+  const int nthreads = num_threads_for(block.num_points());
   // one accumulator per thread, summed in thread order: deterministic for a thread count
   std::vector<std::vector<double>> grad(nthreads, std::vector<double>(3 * atoms.n, 0.0));
   std::vector<std::array<double, 9>> strain(nthreads, std::array<double, 9>{});
-  for_each_point(cell, block, atoms,
-                 [&](int t, std::size_t p, const std::vector<Neighbor>& nbrs,
+  for_each_batch(cell, block, atoms,
+                 [&](int t, std::size_t first, int count, const NeighborLists& nbrs,
                      BispectrumWorkspace& ws) {
-                   sna_.begin_adjoint(ws, beta + p * K);
-                   for (const Neighbor& nb : nbrs) {
-                     double g[3];  // dE/dd with d = x_point - x_atom
-                     sna_.neighbor_gradient(ws, nb.d, atoms.type[nb.atom], g);
-                     for (int a = 0; a < 3; ++a) {
-                       grad[t][3 * nb.atom + a] -= g[a];
-                       for (int b = 0; b < 3; ++b) strain[t][3 * a + b] += g[a] * nb.d[b];
+                   const double* b[kLanes] = {};
+                   for (int l = 0; l < count; ++l) b[l] = beta + (first + l) * K;
+                   sna_.begin_adjoint(ws, b);
+                   for (int l = 0; l < count; ++l) {
+                     sna_.select_lane(ws, l);
+                     for (const Neighbor& nb : nbrs[l]) {
+                       double g[3];  // dE/dd with d = x_point - x_atom
+                       sna_.neighbor_gradient(ws, nb.d, atoms.type[nb.atom], g);
+                       for (int a = 0; a < 3; ++a) {
+                         grad[t][3 * nb.atom + a] -= g[a];
+                         for (int c = 0; c < 3; ++c) strain[t][3 * a + c] += g[a] * nb.d[c];
+                       }
                      }
                    }
                  });

@@ -70,9 +70,10 @@ class GridDescriptors {
                 double* dE_dR, double* dE_dstrain) const;
 
  private:
-  template <class PointFn>
-  void for_each_point(const Cell& cell, const GridBlock& block, AtomsView atoms,
-                      PointFn&& fn) const;
+  template <class BatchFn>
+  void for_each_batch(const Cell& cell, const GridBlock& block, AtomsView atoms,
+                      BatchFn&& fn) const;
+  int num_threads_for(std::size_t npoints) const;
 
   Bispectrum sna_;
   int threads_;

@@ -73,7 +73,9 @@ class DescriptorGradients(NamedTuple):
 def resolve_species(atoms: ase.Atoms, params: BispectrumParams) -> ResolvedSpecies:
     """Element order (LAMMPS types 1..n), atom types and per-element radius and weight."""
     symbols = atoms.get_chemical_symbols()
-    elements = tuple(params.elements) if params.elements is not None else tuple(sorted(set(symbols)))
+    elements = (
+        tuple(params.elements) if params.elements is not None else tuple(sorted(set(symbols)))
+    )
     if not elements:
         raise ValueError("no elements: the structure is empty and params.elements is None")
     if len(set(elements)) != len(elements):
@@ -92,8 +94,9 @@ def resolve_species(atoms: ase.Atoms, params: BispectrumParams) -> ResolvedSpeci
 
     index = {e: i for i, e in enumerate(elements)}
     types = np.array([index[s] for s in symbols], dtype=np.int32)
-    return ResolvedSpecies(elements, types, per_element(params.radius, "radius"),
-                           per_element(params.weight, "weight"))
+    return ResolvedSpecies(
+        elements, types, per_element(params.radius, "radius"), per_element(params.weight, "weight")
+    )
 
 
 def core_settings(params: BispectrumParams, species: ResolvedSpecies) -> _core.BispectrumSettings:
@@ -117,8 +120,12 @@ def core_settings(params: BispectrumParams, species: ResolvedSpecies) -> _core.B
 
 def num_descriptors(params: BispectrumParams, num_elements: int = 1) -> int:
     """Number K of descriptor components per grid point."""
-    species = ResolvedSpecies(tuple(f"X{i}" for i in range(num_elements)), np.zeros(0, np.int32),
-                              (1.0,) * num_elements, (1.0,) * num_elements)
+    species = ResolvedSpecies(
+        tuple(f"X{i}" for i in range(num_elements)),
+        np.zeros(0, np.int32),
+        (1.0,) * num_elements,
+        (1.0,) * num_elements,
+    )
     return core_settings(params, species).num_descriptors()
 
 
@@ -129,7 +136,9 @@ def _grid_shape(grid: tuple[int, int, int]) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def _block(grid: tuple[int, int, int], index_range: IndexRange | None) -> tuple[list[int], list[int]]:
+def _block(
+    grid: tuple[int, int, int], index_range: IndexRange | None
+) -> tuple[list[int], list[int]]:
     if index_range is None:
         return [0, 0, 0], list(grid)
     if len(index_range) != 3:
@@ -141,7 +150,9 @@ def _block(grid: tuple[int, int, int], index_range: IndexRange | None) -> tuple[
 
 def _periodic_cell(atoms: ase.Atoms) -> np.ndarray:
     if not all(atoms.pbc):
-        raise ValueError(f"grid descriptors need a periodic cell in all directions, got pbc={atoms.pbc}")
+        raise ValueError(
+            f"grid descriptors need a periodic cell in all directions, got pbc={atoms.pbc}"
+        )
     return np.ascontiguousarray(atoms.cell.array, dtype=np.float64)
 
 
@@ -169,8 +180,16 @@ def compute_grid_descriptors(
     settings = core_settings(params, species)
     shape = _grid_shape(grid)
     lo, hi = _block(shape, index_range)
-    return _core.grid_descriptors(settings, _periodic_cell(atoms), atoms.positions,
-                                  species.types, shape, lo, hi, threads or default_threads())
+    return _core.grid_descriptors(
+        settings,
+        _periodic_cell(atoms),
+        atoms.positions,
+        species.types,
+        shape,
+        lo,
+        hi,
+        threads or default_threads(),
+    )
 
 
 def descriptor_gradients(
@@ -194,9 +213,17 @@ def descriptor_gradients(
     beta = np.asarray(beta)
     if beta.dtype.kind not in "fiu":
         raise ValueError(f"beta must be a real array, got dtype {beta.dtype}")
-    grad, strain = _core.grid_descriptor_gradient(settings, _periodic_cell(atoms), atoms.positions,
-                                                  species.types, shape, lo, hi, beta,
-                                                  threads or default_threads())
+    grad, strain = _core.grid_descriptor_gradient(
+        settings,
+        _periodic_cell(atoms),
+        atoms.positions,
+        species.types,
+        shape,
+        lo,
+        hi,
+        beta,
+        threads or default_threads(),
+    )
     return DescriptorGradients(forces=-grad, strain_derivative=strain)
 
 

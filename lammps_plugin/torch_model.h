@@ -1,0 +1,49 @@
+/* Thin wrapper around a TorchScript module.
+ *
+ * This header includes no torch header, and torch_model.cpp includes no LAMMPS
+ * header: both projects ship their own {fmt} and macros, and keeping them in
+ * separate translation units avoids any clash. Errors are reported as
+ * std::runtime_error with a message meant for the user.
+ */
+#ifndef MLSURROGATE_TORCH_MODEL_H
+#define MLSURROGATE_TORCH_MODEL_H
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace mlsurrogate {
+
+class TorchModel {
+ public:
+  // Loads the TorchScript file `path` onto `device` ("cpu", "cuda", "cuda:N").
+  // Throws std::runtime_error with torch's message if that fails.
+  TorchModel(const std::string &path, const std::string &device);
+  ~TorchModel();
+  TorchModel(const TorchModel &) = delete;
+  TorchModel &operator=(const TorchModel &) = delete;
+
+  const std::string &path() const { return path_; }
+  const std::string &device() const { return device_; }
+
+  // Value of a numeric attribute of the module, or `fallback` if it has none.
+  double number_attr(const std::string &name, double fallback) const;
+  // Value of a list-of-strings attribute; empty if the module has none.
+  std::vector<std::string> string_list_attr(const std::string &name) const;
+
+  // Empty if `device` can be used by this libtorch on this machine, otherwise
+  // the reason why not.
+  static std::string check_device(const std::string &device);
+  // Sets the number of intra-op threads of libtorch.
+  static void set_num_threads(int n);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::string path_;
+  std::string device_;
+};
+
+}  // namespace mlsurrogate
+
+#endif

@@ -1,0 +1,14 @@
+"""mlsurrogate: a machine-learned surrogate of Kohn-Sham DFT that runs inside LAMMPS.
+
+Importing the package is cheap on purpose: it does not import torch. It does
+make MPICH's ``libmpi.so.12`` (from the ``mpich`` wheel) globally visible, so
+that ``lammps.lammps()`` can be created in this process afterwards.
+"""
+
+from mlsurrogate._preload import preload_libmpi as _preload_libmpi
+
+__version__ = "0.1.0"
+
+_preload_libmpi()
+
+__all__ = ["__version__"]

@@ -1,0 +1,281 @@
+"""The build: pybind11 module, LAMMPS plugin, its automatic registration, MPI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+import mlsurrogate
+from mlsurrogate._lammps_entry import plugin_dir
+
+PLUGIN_NAME = "mlsurrogateplugin.so"
+LMP_ARGS = ["-screen", "none", "-log", "none", "-nocite"]
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without the variables the lammps package sets itself."""
+    drop = {"LAMMPS_PLUGIN_PATH", "LD_LIBRARY_PATH"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def venv_tool(name: str) -> str:
+    """A console tool of this interpreter's environment (lmp, mpiexec)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} not found")
+    return found
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A trivial TorchScript model with the attributes the pair style reads."""
+    torch = pytest.importorskip("torch")
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cutoff = 4.5
+            self.elements = ["Al"]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2.0 * x
+
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.jit.script(Tiny()).save(str(path))
+    return path
+
+
+@pytest.fixture
+def lmp():
+    from lammps import lammps
+
+    instance = lammps(cmdargs=LMP_ARGS)
+    yield instance
+    instance.close()
+
+
+def fcc_box(lmp_instance) -> None:
+    for line in (
+        "units metal",
+        "lattice fcc 4.05",
+        "region box block 0 1 0 1 0 1",
+        "create_box 1 box",
+        "create_atoms 1 box",
+        "mass 1 26.98",
+    ):
+        lmp_instance.command(line)
+
+
+def input_script(model: Path) -> str:
+    return textwrap.dedent(
+        f"""\
+        units metal
+        lattice fcc 4.05
+        region box block 0 2 0 2 0 2
+        create_box 1 box
+        create_atoms 1 box
+        mass 1 26.98
+        pair_style mlsurrogate {model} grid 8 8 8
+        pair_coeff * * Al
+        run 0
+        """
+    )
+
+
+# ---------------------------------------------------------------- packaging
+
+
+def test_core_module_imports():
+    from mlsurrogate import _core
+
+    assert _core.core_version() == mlsurrogate.__version__
+    assert metadata.version("mlsurrogate") == mlsurrogate.__version__
+
+
+def test_plugin_is_installed():
+    directory = plugin_dir()
+    assert isinstance(directory, str)
+    assert os.path.isfile(os.path.join(directory, PLUGIN_NAME))
+
+
+def test_entry_point_returns_plugin_dir():
+    eps = metadata.entry_points(group="lammps.plugins")
+    ours = [ep for ep in eps if ep.name == "mlsurrogate"]
+    assert len(ours) == 1
+    assert ours[0].load()() == plugin_dir()
+
+
+def test_entry_point_never_raises(monkeypatch):
+    import mlsurrogate._preload as preload
+
+    def broken() -> bool:
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(preload, "preload_libmpi", broken)
+    assert plugin_dir().endswith("lammps_plugin")
+
+
+def test_import_lammps_sets_plugin_path():
+    import lammps  # noqa: F401  (runs the entry points)
+
+    assert plugin_dir() in os.environ.get("LAMMPS_PLUGIN_PATH", "").split(":")
+
+
+def test_cli_info(capsys):
+    from mlsurrogate.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert mlsurrogate.__version__ in out
+    assert "present" in out
+
+
+# ------------------------------------------------------ in-process LAMMPS
+
+
+def test_pair_style_is_registered(lmp):
+    assert lmp.has_style("pair", "mlsurrogate")
+    assert ["pair", "mlsurrogate"] in lmp.available_plugins()
+
+
+def test_pair_style_without_arguments(lmp):
+    with pytest.raises(Exception, match="missing model file name"):
+        lmp.command("pair_style mlsurrogate")
+
+
+def test_pair_style_missing_model_file(lmp):
+    with pytest.raises(Exception, match=r"cannot open model file 'missing\.pt'"):
+        lmp.command("pair_style mlsurrogate missing.pt")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("bogus 3", "unknown keyword 'bogus'"),
+        ("grid 8 0 8", "grid needs three positive integers"),
+        ("grid 8 8", "keyword 'grid' needs 3 values"),
+        ("grid 8 8 x", "grid needs three positive integers"),
+        ("spacing -0.2", "spacing needs a positive length"),
+        ("grid 8 8 8 spacing 0.2", "either 'grid nx ny nz' or 'spacing h', not both"),
+        ("grid 8 8 8 grid 4 4 4", "keyword 'grid' is given twice"),
+        ("device gpu", "device must be cpu, cuda or cuda:N, got 'gpu'"),
+        ("threads 0", "threads needs a positive integer"),
+        ("batch 1.5", "batch needs a positive integer"),
+    ],
+)
+def test_pair_style_bad_arguments(lmp, model_file, args, message):
+    with pytest.raises(Exception, match=message):
+        lmp.command(f"pair_style mlsurrogate {model_file} {args}")
+
+
+def test_pair_style_keyword_instead_of_model(lmp):
+    with pytest.raises(Exception, match="missing model file name.*keyword 'grid'"):
+        lmp.command("pair_style mlsurrogate grid 8 8 8")
+
+
+def test_pair_style_rejects_non_torchscript_file(lmp, tmp_path):
+    bad = tmp_path / "not_a_model.pt"
+    bad.write_text("this is not a TorchScript archive\n")
+    with pytest.raises(Exception, match=r"cannot load TorchScript model '.*not_a_model\.pt'"):
+        lmp.command(f"pair_style mlsurrogate {bad}")
+
+
+def test_cuda_device_without_cuda(lmp, model_file):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(Exception, match="CUDA is not available"):
+        lmp.command(f"pair_style mlsurrogate {model_file} device cuda")
+
+
+def test_valid_model_and_coeff(lmp, model_file):
+    fcc_box(lmp)
+    lmp.command(f"pair_style mlsurrogate {model_file} grid 8 8 8 device cpu threads 1 batch 64")
+    with pytest.raises(Exception, match="'\\* \\* Elem_1"):
+        lmp.command("pair_coeff * * Al Al")
+    with pytest.raises(Exception, match="element 'Cu' .* not in model"):
+        lmp.command("pair_coeff * * Cu")
+    lmp.command("pair_coeff * * Al")
+    with pytest.raises(Exception, match="compute not implemented yet"):
+        lmp.command("run 0")
+
+
+# ---------------------------------------------------------- lmp executable
+
+
+def test_lmp_executable_knows_pair_style(tmp_path, model_file):
+    (tmp_path / "in.test").write_text(input_script(model_file))
+    proc = subprocess.run(
+        [venv_tool("lmp"), "-in", "in.test", "-log", "none", "-nocite"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert f"plugins from {plugin_dir()}" in out, out
+    assert "compute not implemented yet" in out, out
+
+
+# ----------------------------------------------------------------- MPI
+
+
+@pytest.mark.mpi
+def test_mpiexec_lmp(tmp_path, model_file):
+    (tmp_path / "in.test").write_text(input_script(model_file))
+    proc = subprocess.run(
+        [venv_tool("mpiexec"), "-n", "2", venv_tool("lmp"), "-in", "in.test", "-log", "none"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert "2 MPI processor grid" in out, out
+    assert "compute not implemented yet" in out, out
+
+
+@pytest.mark.mpi
+def test_mpiexec_python_in_process(tmp_path, model_file):
+    script = tmp_path / "inproc.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""\
+            from lammps import lammps
+
+            lmp = lammps(cmdargs={LMP_ARGS!r})
+            lmp.command("units metal")
+            lmp.command("region box block 0 8 0 8 0 8")
+            lmp.command("create_box 1 box")
+            lmp.command("pair_style mlsurrogate {model_file}")
+            lmp.command("pair_coeff * * Al")
+            rank = lmp.extract_setting("world_rank")
+            size = lmp.extract_setting("world_size")
+            print(f"rank {{rank}} of {{size}} ok", flush=True)
+            lmp.close()
+            """
+        )
+    )
+    proc = subprocess.run(
+        [venv_tool("mpiexec"), "-n", "2", sys.executable, str(script)],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "rank 0 of 2 ok" in out and "rank 1 of 2 ok" in out, out

@@ -1,0 +1,242 @@
+"""The grid descriptor kernel against LAMMPS compute sna/grid, and its adjoint forces
+against finite differences."""
+
+from __future__ import annotations
+
+import ase
+import ase.build
+import numpy as np
+import pytest
+
+from mlsurrogate import _core
+from mlsurrogate.descriptors import (
+    BispectrumParams,
+    compute_grid_descriptors,
+    descriptor_forces,
+    descriptor_gradients,
+    lammps_sna_grid,
+    num_descriptors,
+)
+
+TWO_ELEMENTS = {"radius": {"Al": 0.5, "Cu": 0.42}, "weight": {"Al": 1.0, "Cu": 0.73}}
+
+
+def al4(displacement: float = 0.1, seed: int = 0) -> ase.Atoms:
+    """The bundled data's cell: 4-atom fcc Al (a = 4.05), smaller than the cutoff."""
+    atoms = ase.build.bulk("Al", "fcc", a=4.05, cubic=True)
+    rng = np.random.default_rng(seed)
+    atoms.positions += rng.normal(scale=displacement, size=atoms.positions.shape)
+    return atoms
+
+
+def triclinic_alcu(seed: int = 1) -> ase.Atoms:
+    rng = np.random.default_rng(seed)
+    cell = np.array([[5.1, 0.0, 0.0], [1.3, 4.7, 0.0], [0.8, -0.9, 5.4]])
+    return ase.Atoms("Al3Cu2", cell=cell, pbc=True, scaled_positions=rng.random((5, 3)))
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+CASES = {
+    "al4-mala-twojmax10": (al4(), (6, 5, 4), BispectrumParams()),
+    "al4-twojmax4-bzero": (
+        al4(0.2, seed=3),
+        (5, 5, 5),
+        BispectrumParams(twojmax=4, bzeroflag=True),
+    ),
+    "al-supercell-twojmax8-rmin0": (
+        al4(0.05, seed=4).repeat((2, 1, 1)),
+        (8, 4, 4),
+        BispectrumParams(twojmax=8, rmin0=0.3, rfac0=0.98),
+    ),
+    "triclinic-two-elements": (
+        triclinic_alcu(),
+        (4, 3, 5),
+        BispectrumParams(twojmax=6, rcutfac=4.2, bzeroflag=True, **TWO_ELEMENTS),
+    ),
+    "triclinic-chem-bnorm": (
+        triclinic_alcu(2),
+        (3, 4, 3),
+        BispectrumParams(twojmax=4, rcutfac=4.2, chemflag=True, bnormflag=True, **TWO_ELEMENTS),
+    ),
+    "triclinic-chem-wselfall-bzero": (
+        triclinic_alcu(3),
+        (3, 3, 4),
+        BispectrumParams(
+            twojmax=5,
+            rcutfac=4.2,
+            chemflag=True,
+            wselfallflag=True,
+            bzeroflag=True,
+            elements=("Cu", "Al"),
+            **TWO_ELEMENTS,
+        ),
+    ),
+    "al4-quadratic-noswitch": (
+        al4(0.1, seed=5),
+        (3, 3, 3),
+        BispectrumParams(twojmax=4, quadraticflag=True, switchflag=False),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_equals_lammps_sna_grid(case: str) -> None:
+    atoms, grid, params = CASES[case]
+    ours = compute_grid_descriptors(atoms, grid, params, threads=2)
+    reference = lammps_sna_grid(atoms, grid, params)
+    assert ours.shape == reference.shape == (*grid, ours.shape[-1])
+    assert ours.dtype == np.float64
+    assert relative_error(ours, reference) <= 1e-10
+
+
+def test_component_counts() -> None:
+    assert num_descriptors(BispectrumParams()) == 91  # MALA's set
+    assert num_descriptors(BispectrumParams(twojmax=4, chemflag=True), 2) == 14 * 8
+    assert num_descriptors(BispectrumParams(twojmax=2, quadraticflag=True)) == 5 + 15
+
+
+def test_block_and_threads_agree_with_full_grid() -> None:
+    atoms, grid, params = CASES["triclinic-two-elements"]
+    full = compute_grid_descriptors(atoms, grid, params, threads=1)
+    np.testing.assert_array_equal(compute_grid_descriptors(atoms, grid, params, threads=2), full)
+    block = compute_grid_descriptors(atoms, grid, params, index_range=((1, 3), (0, 2), (2, 5)))
+    np.testing.assert_array_equal(block, full[1:3, 0:2, 2:5])
+
+
+def test_periodic_images_and_wrapping() -> None:
+    atoms = al4()
+    params = BispectrumParams(twojmax=6)
+    small = compute_grid_descriptors(atoms, (3, 3, 3), params)
+    shifted = atoms.copy()
+    shifted.positions += atoms.cell[0] - 2 * atoms.cell[2]  # whole lattice vectors
+    np.testing.assert_allclose(
+        compute_grid_descriptors(shifted, (3, 3, 3), params), small, rtol=0, atol=1e-12
+    )
+    big = compute_grid_descriptors(atoms.repeat((2, 1, 1)), (6, 3, 3), params)
+    np.testing.assert_allclose(big[:3], small, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(big[3:], small, rtol=0, atol=1e-12)
+
+
+def energy(
+    atoms: ase.Atoms, grid: tuple[int, int, int], params: BispectrumParams, beta: np.ndarray
+) -> float:
+    return float((beta * compute_grid_descriptors(atoms, grid, params)).sum())
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        BispectrumParams(twojmax=6, rcutfac=4.2, bzeroflag=True, **TWO_ELEMENTS),
+        BispectrumParams(twojmax=4, rcutfac=4.2, chemflag=True, rmin0=0.2, **TWO_ELEMENTS),
+        BispectrumParams(
+            twojmax=3,
+            rcutfac=4.2,
+            chemflag=True,
+            quadraticflag=True,
+            bnormflag=True,
+            wselfallflag=True,
+            **TWO_ELEMENTS,
+        ),
+    ],
+    ids=["two-elements", "chem", "chem-quadratic-bnorm"],
+)
+def test_forces_and_strain_match_finite_differences(params: BispectrumParams) -> None:
+    atoms = triclinic_alcu(4)
+    grid = (4, 3, 5)
+    beta = np.random.default_rng(7).normal(size=(*grid, num_descriptors(params, 2)))
+    grads = descriptor_gradients(atoms, grid, params, beta)
+    np.testing.assert_array_equal(descriptor_forces(atoms, grid, params, beta), grads.forces)
+
+    h = 1e-5
+    fd_forces = np.zeros((len(atoms), 3))
+    for i in range(len(atoms)):
+        for k in range(3):
+            plus, minus = atoms.copy(), atoms.copy()
+            plus.positions[i, k] += h
+            minus.positions[i, k] -= h
+            fd_forces[i, k] = -(
+                energy(plus, grid, params, beta) - energy(minus, grid, params, beta)
+            ) / (2 * h)
+    assert relative_error(grads.forces, fd_forces) <= 1e-6
+
+    cell = atoms.cell.array
+    fd_strain = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            eps = np.zeros((3, 3))
+            eps[a, b] = h
+            plus, minus = atoms.copy(), atoms.copy()
+            plus.set_cell(cell @ (np.eye(3) + eps).T, scale_atoms=True)
+            minus.set_cell(cell @ (np.eye(3) - eps).T, scale_atoms=True)
+            fd_strain[a, b] = (
+                energy(plus, grid, params, beta) - energy(minus, grid, params, beta)
+            ) / (2 * h)
+    assert relative_error(grads.strain_derivative, fd_strain) <= 1e-6
+
+
+def test_force_sum_matches_rigid_shift() -> None:
+    atoms, grid, params = CASES["al4-mala-twojmax10"]
+    beta = np.random.default_rng(2).normal(size=(*grid, 91))
+    forces = descriptor_forces(atoms, grid, params, beta)
+    # moving every atom moves the density past a fixed grid: not translation invariant,
+    # but the total must match the derivative with respect to a rigid shift of the atoms
+    shift = np.array([1e-5, 0.0, 0.0])
+    plus, minus = atoms.copy(), atoms.copy()
+    plus.positions += shift
+    minus.positions -= shift
+    fd = -(energy(plus, grid, params, beta) - energy(minus, grid, params, beta)) / 2e-5
+    assert forces[:, 0].sum() == pytest.approx(fd, rel=1e-6)
+
+
+def test_owned_grid_range_rule() -> None:
+    # lower boundary belongs to the subdomain, upper does not (compute grid/local)
+    assert _core.owned_grid_range(10, 0.0, 0.5) == (0, 5)
+    assert _core.owned_grid_range(10, 0.5, 1.0) == (5, 10)
+    assert _core.owned_grid_range(9, 0.0, 0.5) == (0, 5)
+    assert _core.owned_grid_range(9, 0.5, 1.0) == (5, 9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"grid": (4, 0, 4)}, "grid"),
+        ({"grid": (4, -2, 4)}, "grid"),
+        ({"grid": (4, 4)}, "grid"),
+        ({"params": BispectrumParams(twojmax=-1)}, "twojmax"),
+        ({"params": BispectrumParams(rcutfac=0.0)}, "rcutfac"),
+        ({"params": BispectrumParams(rcutfac=-1.0)}, "rcutfac"),
+        ({"params": BispectrumParams(rfac0=1.5)}, "rfac0"),
+        ({"params": BispectrumParams(radius={"Cu": 0.5})}, "radius.*Al"),
+        ({"params": BispectrumParams(radius=-0.5)}, "radius"),
+        ({"params": BispectrumParams(elements=("Cu",))}, "not in params.elements"),
+        ({"index_range": ((0, 5), (0, 4), (0, 4))}, "index range"),
+    ],
+)
+def test_bad_input_raises_value_error(kwargs: dict, message: str) -> None:
+    args = {"atoms": al4(), "grid": (4, 4, 4), "params": BispectrumParams(twojmax=2)}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        compute_grid_descriptors(
+            args["atoms"], args["grid"], args["params"], index_range=args.get("index_range")
+        )
+
+
+def test_bad_cells_and_beta_raise_value_error() -> None:
+    params = BispectrumParams(twojmax=2)
+    flat = al4()
+    flat.set_cell([[4.05, 0, 0], [0, 4.05, 0], [4.05, 4.05, 0]], scale_atoms=False)
+    with pytest.raises(ValueError, match="zero volume"):
+        compute_grid_descriptors(flat, (2, 2, 2), params)
+    open_box = al4()
+    open_box.pbc = (True, True, False)
+    with pytest.raises(ValueError, match="periodic"):
+        compute_grid_descriptors(open_box, (2, 2, 2), params)
+    with pytest.raises(ValueError, match="beta has shape"):
+        descriptor_forces(al4(), (2, 2, 2), params, np.zeros((2, 2, 2, 4)))
+    with pytest.raises(ValueError, match="beta has shape"):
+        descriptor_forces(al4(), (2, 2, 2), params, np.zeros((8, 5)))
+    with pytest.raises(ValueError, match="threads"):
+        compute_grid_descriptors(al4(), (2, 2, 2), params, threads=-1)
