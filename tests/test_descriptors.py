@@ -240,3 +240,49 @@ def test_bad_cells_and_beta_raise_value_error() -> None:
         descriptor_forces(al4(), (2, 2, 2), params, np.zeros((8, 5)))
     with pytest.raises(ValueError, match="threads"):
         compute_grid_descriptors(al4(), (2, 2, 2), params, threads=-1)
+
+
+def test_cli_descriptors_writes_npy(tmp_path) -> None:
+    from mlsurrogate.cli import main
+
+    structure = tmp_path / "al.xyz"
+    al4().write(structure)
+    out = tmp_path / "b.npy"
+    assert (
+        main(
+            [
+                "descriptors",
+                str(structure),
+                "--grid",
+                "3",
+                "2",
+                "2",
+                "--twojmax",
+                "4",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    expected = compute_grid_descriptors(al4(), (3, 2, 2), BispectrumParams(twojmax=4))
+    np.testing.assert_allclose(np.load(out), expected, rtol=0, atol=1e-14)
+
+
+def test_cli_descriptors_bad_input_leaves_no_file(tmp_path, capsys) -> None:
+    from mlsurrogate.cli import main
+
+    out = tmp_path / "b.npy"
+    assert (
+        main(
+            ["descriptors", str(tmp_path / "missing.xyz"), "--grid", "2", "2", "2", "-o", str(out)]
+        )
+        == 2
+    )
+    assert "missing.xyz" in capsys.readouterr().err
+    structure = tmp_path / "al.xyz"
+    al4().write(structure)
+    assert main(["descriptors", str(structure), "--grid", "0", "2", "2", "-o", str(out)]) == 2
+    assert "grid" in capsys.readouterr().err
+    assert not list(tmp_path.glob("b.npy*"))
