@@ -191,9 +191,16 @@ Bispectrum::Bispectrum(const BispectrumSettings& settings) : s_(settings) {
   for (int j = 0; j <= J; ++j) u_offset_[j + 1] = u_offset_[j] + (j + 1) * (j + 1);
   num_u_ = u_offset_[J + 1];
 
-  root_.assign((J + 1) * (J + 1), 0.0);
-  for (int p = 1; p <= J; ++p)
-    for (int q = 1; q <= J; ++q) root_[p * (J + 1) + q] = std::sqrt(static_cast<double>(p) / q);
+  // coefficients of the U recursion (see wigner_u), per layer j and column mb <= j/2
+  rec_offset_.assign(J + 2, 0);
+  for (int j = 1; j <= J; ++j) {
+    rec_offset_[j] = static_cast<int>(rec_a_.size());
+    for (int mb = 0; 2 * mb <= j; ++mb)
+      for (int ma = 0; ma < j; ++ma) {
+        rec_a_.push_back(std::sqrt(static_cast<double>(j - ma) / (j - mb)));
+        rec_b_.push_back(std::sqrt(static_cast<double>(ma + 1) / (j - mb)));
+      }
+  }
 
   std::vector<double> fact(3 * J / 2 + 3, 1.0);
   for (std::size_t n = 1; n < fact.size(); ++n) fact[n] = fact[n - 1] * static_cast<double>(n);
@@ -356,59 +363,60 @@ void Bispectrum::wigner_u(const double d[3], double rcut, BispectrumWorkspace& w
   if constexpr (with_derivative)
     for (int k = 0; k < 3; ++k) ws.du_re[k * stride] = ws.du_im[k * stride] = 0.0;
 
+  // Layer j, column mb <= j/2, from layer j-1, column mb (contiguous in ma):
+  //   u^j_{ma,mb} = sqrt((j-ma)/(j-mb)) conj(a) u^{j-1}_{ma,mb}
+  //               - sqrt(ma/(j-mb)) conj(b) u^{j-1}_{ma-1,mb}
+  // written as two sweeps over ma so that each is a plain vectorizable loop.
   const int J = s_.twojmax;
   for (int j = 1; j <= J; ++j) {
     for (int mb = 0; 2 * mb <= j; ++mb) {
-      for (int ma = 0; ma <= j; ++ma) {
-        const int out = u_index(j, mb, ma);
-        double vr = 0.0, vi = 0.0;
-        double dvr[3] = {0, 0, 0}, dvi[3] = {0, 0, 0};
-        if (ma < j) {  // + sqrt((j-ma)/(j-mb)) conj(a) u^{j-1}_{ma,mb}
-          const int in = u_index(j - 1, mb, ma);
-          const double c = root_[(j - ma) * (J + 1) + (j - mb)];
-          vr += c * (ar * ur[in] + ai * ui[in]);
-          vi += c * (ar * ui[in] - ai * ur[in]);
-          if constexpr (with_derivative)
-            for (int k = 0; k < 3; ++k) {
-              const double dur = ws.du_re[k * stride + in], dui = ws.du_im[k * stride + in];
-              dvr[k] += c * (dar[k] * ur[in] + dai[k] * ui[in] + ar * dur + ai * dui);
-              dvi[k] += c * (dar[k] * ui[in] - dai[k] * ur[in] + ar * dui - ai * dur);
-            }
+      const int in = u_index(j - 1, mb, 0), out = u_index(j, mb, 0);
+      const double* __restrict ca = rec_a_.data() + rec_offset_[j] + mb * j;
+      const double* __restrict cb = rec_b_.data() + rec_offset_[j] + mb * j;
+      const double* __restrict pr = ur + in;
+      const double* __restrict pi = ui + in;
+      double* __restrict cr = ur + out;
+      double* __restrict ci = ui + out;
+      cr[j] = ci[j] = 0.0;
+      for (int ma = 0; ma < j; ++ma) {
+        cr[ma] = ca[ma] * (ar * pr[ma] + ai * pi[ma]);
+        ci[ma] = ca[ma] * (ar * pi[ma] - ai * pr[ma]);
+      }
+      for (int ma = 0; ma < j; ++ma) {
+        cr[ma + 1] -= cb[ma] * (br * pr[ma] + bi * pi[ma]);
+        ci[ma + 1] -= cb[ma] * (br * pi[ma] - bi * pr[ma]);
+      }
+      if constexpr (with_derivative)
+        for (int k = 0; k < 3; ++k) {
+          const double* __restrict dpr = ws.du_re.data() + k * stride + in;
+          const double* __restrict dpi = ws.du_im.data() + k * stride + in;
+          double* __restrict dcr = ws.du_re.data() + k * stride + out;
+          double* __restrict dci = ws.du_im.data() + k * stride + out;
+          dcr[j] = dci[j] = 0.0;
+          for (int ma = 0; ma < j; ++ma) {
+            dcr[ma] = ca[ma] * (dar[k] * pr[ma] + dai[k] * pi[ma] + ar * dpr[ma] + ai * dpi[ma]);
+            dci[ma] = ca[ma] * (dar[k] * pi[ma] - dai[k] * pr[ma] + ar * dpi[ma] - ai * dpr[ma]);
+          }
+          for (int ma = 0; ma < j; ++ma) {
+            dcr[ma + 1] -= cb[ma] * (dbr[k] * pr[ma] + dbi[k] * pi[ma] + br * dpr[ma] + bi * dpi[ma]);
+            dci[ma + 1] -= cb[ma] * (dbr[k] * pi[ma] - dbi[k] * pr[ma] + br * dpi[ma] - bi * dpr[ma]);
+          }
         }
-        if (ma > 0) {  // - sqrt(ma/(j-mb)) conj(b) u^{j-1}_{ma-1,mb}
-          const int in = u_index(j - 1, mb, ma - 1);
-          const double c = root_[ma * (J + 1) + (j - mb)];
-          vr -= c * (br * ur[in] + bi * ui[in]);
-          vi -= c * (br * ui[in] - bi * ur[in]);
-          if constexpr (with_derivative)
-            for (int k = 0; k < 3; ++k) {
-              const double dur = ws.du_re[k * stride + in], dui = ws.du_im[k * stride + in];
-              dvr[k] -= c * (dbr[k] * ur[in] + dbi[k] * ui[in] + br * dur + bi * dui);
-              dvi[k] -= c * (dbr[k] * ui[in] - dbi[k] * ur[in] + br * dui - bi * dur);
-            }
-        }
-        ur[out] = vr;
-        ui[out] = vi;
+    }
+    // columns mb > j/2: u^j_{ma,mb} = (-1)^(ma-mb) conj(u^j_{j-ma,j-mb}), a reversed column
+    for (int mb = j / 2 + 1; mb <= j; ++mb) {
+      const int out = u_index(j, mb, 0), in = u_index(j, j - mb, 0);
+      double sign = (mb % 2 == 0) ? 1.0 : -1.0;
+      for (int ma = 0; ma <= j; ++ma, sign = -sign) {
+        ur[out + ma] = sign * ur[in + j - ma];
+        ui[out + ma] = -sign * ui[in + j - ma];
         if constexpr (with_derivative)
           for (int k = 0; k < 3; ++k) {
-            ws.du_re[k * stride + out] = dvr[k];
-            ws.du_im[k * stride + out] = dvi[k];
+            ws.du_re[k * stride + out + ma] = sign * ws.du_re[k * stride + in + j - ma];
+            ws.du_im[k * stride + out + ma] = -sign * ws.du_im[k * stride + in + j - ma];
           }
       }
     }
-    for (int mb = j / 2 + 1; mb <= j; ++mb)
-      for (int ma = 0; ma <= j; ++ma) {
-        const int out = u_index(j, mb, ma);
-        const int in = u_index(j, j - mb, j - ma);
-        const double sign = ((ma - mb) % 2 == 0) ? 1.0 : -1.0;
-        ur[out] = sign * ur[in];
-        ui[out] = -sign * ui[in];
-        if constexpr (with_derivative)
-          for (int k = 0; k < 3; ++k) {
-            ws.du_re[k * stride + out] = sign * ws.du_re[k * stride + in];
-            ws.du_im[k * stride + out] = -sign * ws.du_im[k * stride + in];
-          }
-      }
   }
 }
 

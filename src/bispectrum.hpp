@@ -111,7 +111,8 @@ class Bispectrum {
   int num_linear_ = 0;
   int num_descriptors_ = 0;
   std::vector<int> u_offset_;
-  std::vector<double> root_;  // root_[p * (twojmax+1) + q] = sqrt(p / q)
+  std::vector<int> rec_offset_;          // U recursion coefficients of layer j start here
+  std::vector<double> rec_a_, rec_b_;   // [j][mb <= j/2][ma < j], see wigner_u
   std::vector<double> cg_;
   std::vector<Block> blocks_;
   std::vector<int> block_lookup_;
