@@ -213,17 +213,17 @@ def test_valid_model_and_coeff(lmp, model_file):
 # ---------------------------------------------------------- lmp executable
 
 
+def run_clean(command: list[str], cwd) -> tuple[subprocess.CompletedProcess, str]:
+    """Run a command in a clean environment; return it and its stdout + stderr."""
+    proc = subprocess.run(
+        command, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=300
+    )
+    return proc, proc.stdout + proc.stderr
+
+
 def test_lmp_executable_knows_pair_style(tmp_path, model_file):
     (tmp_path / "in.test").write_text(input_script(model_file))
-    proc = subprocess.run(
-        [venv_tool("lmp"), "-in", "in.test", "-log", "none", "-nocite"],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    out = proc.stdout + proc.stderr
+    proc, out = run_clean([venv_tool("lmp"), "-in", "in.test", "-log", "none", "-nocite"], tmp_path)
     assert f"plugins from {plugin_dir()}" in out, out
     assert "compute not implemented yet" in out, out
 
@@ -234,15 +234,10 @@ def test_lmp_executable_knows_pair_style(tmp_path, model_file):
 @pytest.mark.mpi
 def test_mpiexec_lmp(tmp_path, model_file):
     (tmp_path / "in.test").write_text(input_script(model_file))
-    proc = subprocess.run(
+    proc, out = run_clean(
         [venv_tool("mpiexec"), "-n", "2", venv_tool("lmp"), "-in", "in.test", "-log", "none"],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        tmp_path,
     )
-    out = proc.stdout + proc.stderr
     assert "2 MPI processor grid" in out, out
     assert "compute not implemented yet" in out, out
 
@@ -268,14 +263,6 @@ def test_mpiexec_python_in_process(tmp_path, model_file):
             """
         )
     )
-    proc = subprocess.run(
-        [venv_tool("mpiexec"), "-n", "2", sys.executable, str(script)],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    out = proc.stdout + proc.stderr
+    proc, out = run_clean([venv_tool("mpiexec"), "-n", "2", sys.executable, str(script)], tmp_path)
     assert proc.returncode == 0, out
     assert "rank 0 of 2 ok" in out and "rank 1 of 2 ok" in out, out

@@ -156,6 +156,21 @@ def _periodic_cell(atoms: ase.Atoms) -> np.ndarray:
     return np.ascontiguousarray(atoms.cell.array, dtype=np.float64)
 
 
+def _kernel_inputs(
+    atoms: ase.Atoms,
+    grid: tuple[int, int, int],
+    params: BispectrumParams | None,
+    index_range: IndexRange | None,
+) -> tuple:
+    """Checked arguments of the kernel: settings, cell, positions, types, shape, lo, hi."""
+    params = params or BispectrumParams()
+    species = resolve_species(atoms, params)
+    settings = core_settings(params, species)
+    shape = _grid_shape(grid)
+    lo, hi = _block(shape, index_range)
+    return settings, _periodic_cell(atoms), atoms.positions, species.types, shape, lo, hi
+
+
 def default_threads() -> int:
     """Cores this process may run on."""
     return len(os.sched_getaffinity(0))
@@ -175,20 +190,8 @@ def compute_grid_descriptors(
     ``compute sna/grid`` with the same keywords. ``index_range`` ((xlo, xhi), (ylo, yhi),
     (zlo, zhi)), half-open, restricts the result to that block of the grid.
     """
-    params = params or BispectrumParams()
-    species = resolve_species(atoms, params)
-    settings = core_settings(params, species)
-    shape = _grid_shape(grid)
-    lo, hi = _block(shape, index_range)
     return _core.grid_descriptors(
-        settings,
-        _periodic_cell(atoms),
-        atoms.positions,
-        species.types,
-        shape,
-        lo,
-        hi,
-        threads or default_threads(),
+        *_kernel_inputs(atoms, grid, params, index_range), threads or default_threads()
     )
 
 
@@ -205,24 +208,11 @@ def descriptor_gradients(
 
     ``beta`` = dE/dB has the shape of :func:`compute_grid_descriptors`' result.
     """
-    params = params or BispectrumParams()
-    species = resolve_species(atoms, params)
-    settings = core_settings(params, species)
-    shape = _grid_shape(grid)
-    lo, hi = _block(shape, index_range)
     beta = np.asarray(beta)
     if beta.dtype.kind not in "fiu":
         raise ValueError(f"beta must be a real array, got dtype {beta.dtype}")
     grad, strain = _core.grid_descriptor_gradient(
-        settings,
-        _periodic_cell(atoms),
-        atoms.positions,
-        species.types,
-        shape,
-        lo,
-        hi,
-        beta,
-        threads or default_threads(),
+        *_kernel_inputs(atoms, grid, params, index_range), beta, threads or default_threads()
     )
     return DescriptorGradients(forces=-grad, strain_derivative=strain)
 
