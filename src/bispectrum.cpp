@@ -307,6 +307,7 @@ BispectrumWorkspace Bispectrum::make_workspace() const {
   ws.du_im.assign(3 * static_cast<std::size_t>(num_u_), 0.0);
   ws.linear.assign(static_cast<std::size_t>(num_linear_) * kLanes, 0.0);
   ws.beta_linear.assign(static_cast<std::size_t>(num_linear_) * kLanes, 0.0);
+  ws.coef.assign(static_cast<std::size_t>(nelem_) * kLanes, 0.0);
   return ws;
 }
 
@@ -516,7 +517,6 @@ void Bispectrum::begin_adjoint(BispectrumWorkspace& ws, const double* const beta
   std::fill(ws.y_re.begin(), ws.y_re.end(), 0.0);
   std::fill(ws.y_im.begin(), ws.y_im.end(), 0.0);
   const int n = nelem_;
-  std::vector<double> coef(static_cast<std::size_t>(n) * kLanes);
   for (std::size_t b = 0; b < blocks_.size(); ++b) {
     const Block& blk = blocks_[b];
     const int size = (blk.j / 2 + 1) * (blk.j + 1) * kLanes;
@@ -530,7 +530,7 @@ void Bispectrum::begin_adjoint(BispectrumWorkspace& ws, const double* const beta
             double sum = 0.0;
             for (std::size_t i = adj_start_[p]; i < adj_start_[p + 1]; ++i)
               sum += adj_terms_[i].factor * bl[adj_terms_[i].component];
-            coef[e3 * kLanes + l] = sum;
+            ws.coef[e3 * kLanes + l] = sum;
             any = any || sum != 0.0;
           }
         }
@@ -538,8 +538,8 @@ void Bispectrum::begin_adjoint(BispectrumWorkspace& ws, const double* const beta
         z_block(blk, e1, e2, ws);
         for (int e3 = 0; e3 < n; ++e3) {
           const std::size_t off = (static_cast<std::size_t>(e3) * num_u_ + u_offset_[blk.j]) * kLanes;
-          axpy_lanes(size, &coef[e3 * kLanes], ws.z_re.data(), ws.y_re.data() + off);
-          axpy_lanes(size, &coef[e3 * kLanes], ws.z_im.data(), ws.y_im.data() + off);
+          axpy_lanes(size, &ws.coef[e3 * kLanes], ws.z_re.data(), ws.y_re.data() + off);
+          axpy_lanes(size, &ws.coef[e3 * kLanes], ws.z_im.data(), ws.y_im.data() + off);
         }
       }
   }

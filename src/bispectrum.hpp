@@ -54,6 +54,7 @@ struct BispectrumWorkspace {
   std::vector<double> du_re, du_im;      // one neighbour's du/dd, [3][u index]
   std::vector<double> linear;            // [lane][component]: linear components
   std::vector<double> beta_linear;       // [lane][component]: dE/dB of linear components
+  std::vector<double> coef;              // [element][lane]: adjoint weights of one Z block
 };
 
 class Bispectrum {
@@ -61,7 +62,6 @@ class Bispectrum {
   explicit Bispectrum(const BispectrumSettings& settings);
 
   const BispectrumSettings& settings() const { return s_; }
-  int num_linear() const { return num_linear_; }
   int num_descriptors() const { return num_descriptors_; }
   BispectrumWorkspace make_workspace() const;
 

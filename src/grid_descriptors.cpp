@@ -115,12 +115,6 @@ void Cell::to_cartesian(const double f[3], double x[3]) const {
   for (int k = 0; k < 3; ++k) x[k] = f[0] * h[k] + f[1] * h[3 + k] + f[2] * h[6 + k];
 }
 
-void Cell::to_fractional(const double x[3], double f[3]) const {
-  double inv[9];
-  invert3(h, inv);
-  for (int k = 0; k < 3; ++k) f[k] = x[0] * inv[k] + x[1] * inv[3 + k] + x[2] * inv[6 + k];
-}
-
 std::size_t GridBlock::num_points() const {
   std::size_t n = 1;
   for (int k = 0; k < 3; ++k) n *= static_cast<std::size_t>(std::max(0, hi[k] - lo[k]));
@@ -153,10 +147,13 @@ PeriodicImages periodic_images(const Cell& cell, AtomsView atoms, double cutoff)
     const double cz = u[0] * w[1] - u[1] * w[0];
     reach[k] = cutoff * std::sqrt(cx * cx + cy * cy + cz * cz) / vol;
   }
+  double inv[9];  // fractional = cartesian . inv
+  invert3(cell.h, inv);
   PeriodicImages img;
   for (std::size_t i = 0; i < atoms.n; ++i) {
+    const double* xi = &atoms.pos[3 * i];
     double f[3];
-    cell.to_fractional(&atoms.pos[3 * i], f);
+    for (int k = 0; k < 3; ++k) f[k] = xi[0] * inv[k] + xi[1] * inv[3 + k] + xi[2] * inv[6 + k];
     for (double& x : f) {
       x -= std::floor(x);
       if (x >= 1.0) x = 0.0;  // -1e-17 wraps to 1.0 in floating point

@@ -18,7 +18,6 @@ struct Cell {
   std::array<double, 9> h{};
   double volume() const;  // signed
   void to_cartesian(const double f[3], double x[3]) const;
-  void to_fractional(const double x[3], double f[3]) const;
 };
 
 // Points lo <= i < hi (per dimension) of a global shape[0] x shape[1] x shape[2] grid.
@@ -58,7 +57,6 @@ class GridDescriptors {
   GridDescriptors(const BispectrumSettings& settings, int num_threads);
 
   int num_descriptors() const { return sna_.num_descriptors(); }
-  const BispectrumSettings& settings() const { return sna_.settings(); }
 
   // out[p * K + k], p running over the block with the last index fastest.
   void compute(const Cell& cell, const GridBlock& block, AtomsView atoms, double* out) const;

@@ -45,7 +45,6 @@ PeriodicInput periodic_input(const BispectrumSettings& s, const DoubleArray& cel
                              const DoubleArray& positions, const IntArray& types,
                              std::array<int, 3> shape, std::array<int, 3> lo,
                              std::array<int, 3> hi) {
-  s.validate();
   require_shape(cell, {3, 3}, "cell");
   require_shape(positions, {-1, 3}, "positions");
   require_shape(types, {positions.shape(0)}, "types");
