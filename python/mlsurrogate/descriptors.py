@@ -183,16 +183,37 @@ def compute_grid_descriptors(
     *,
     index_range: IndexRange | None = None,
     threads: int | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Bispectrum descriptors at every point of an nx x ny x nz grid of the cell.
 
     Returns float64 of shape (nx, ny, nz, K) indexed [ix, iy, iz, k], equal to LAMMPS
     ``compute sna/grid`` with the same keywords. ``index_range`` ((xlo, xhi), (ylo, yhi),
     (zlo, zhi)), half-open, restricts the result to that block of the grid.
+    ``progress`` shows a progress bar over x-planes.
     """
-    return _core.grid_descriptors(
-        *_kernel_inputs(atoms, grid, params, index_range), threads or default_threads()
+    settings, cell, positions, types, shape, lo, hi = _kernel_inputs(
+        atoms, grid, params, index_range
     )
+    threads = threads or default_threads()
+    if not progress:
+        return _core.grid_descriptors(settings, cell, positions, types, shape, lo, hi, threads)
+    from tqdm import tqdm
+
+    planes = [
+        _core.grid_descriptors(
+            settings,
+            cell,
+            positions,
+            types,
+            shape,
+            [ix, lo[1], lo[2]],
+            [ix + 1, hi[1], hi[2]],
+            threads,
+        )
+        for ix in tqdm(range(lo[0], hi[0]), desc="descriptors", unit="plane")
+    ]
+    return np.concatenate(planes, axis=0)
 
 
 def descriptor_gradients(

@@ -1,0 +1,399 @@
+"""Snapshot files: one HDF5 file (h5py) per DFT snapshot.
+
+Layout (format ``mlsurrogate-snapshot``, version 1). Units eV and Angstrom; grid arrays
+are indexed [ix, iy, iz, ...] with grid point (ix, iy, iz) at fractional coordinates
+(ix/nx, iy/ny, iz/nz) of the cell, as in the descriptor kernel and in QE's cubes.
+
+datasets
+  ldos          [nx, ny, nz, nE] float32  1/(eV A^3), spin included, broadened (attrs)
+  energies      [nE]             float64  eV, absolute (QE's zero)
+  descriptors   [nx, ny, nz, K]  float32  optional; attribute ``params`` (JSON)
+  density       [nx, ny, nz]     float64  optional; valence density 1/A^3 from QE
+  cell [3, 3] (rows = lattice vectors), positions [N, 3], species [N],
+  forces [N, 3] eV/A, stress [3, 3] eV/A^3 (QE's sign),
+  eigenvalues [nk, nbnd] eV, occupations [nk, nbnd] (0..1), kweights [nk] (sum 2:
+  spin included)
+file attributes
+  see ``REQUIRED_ATTRIBUTES``; energies as ``energy_<term>_eV`` per cell.
+
+The big arrays are chunked by x-planes and gzip-compressed, so training can read
+grid points plane by plane without loading whole files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ase
+import h5py
+import numpy as np
+
+from mlsurrogate.descriptors import BispectrumParams
+
+FORMAT_NAME = "mlsurrogate-snapshot"
+FORMAT_VERSION = 1
+GRID_DATASETS = ("ldos", "descriptors", "density")
+ENERGY_TERMS = (
+    "total",
+    "one_electron",
+    "hartree",
+    "xc",
+    "ewald",
+    "smearing",
+    "internal",
+    "band",
+)
+REQUIRED_ATTRIBUTES = (
+    "format",
+    "format_version",
+    "grid_shape",
+    "num_energies",
+    "energy_min_eV",
+    "energy_spacing_eV",
+    "ldos_units",
+    "ldos_broadening_kernel",
+    "ldos_broadening_eV",
+    "ldos_mantissa_bits",
+    "electronic_temperature_K",
+    "smearing",
+    "smearing_width_eV",
+    "fermi_energy_eV",
+    "num_valence_electrons",
+    "valence_charges",
+    "masses",
+    "pseudopotentials",
+    "core_correction",
+    "xc_functional",
+    "ecutwfc_eV",
+    "ecutrho_eV",
+    "kpoint_grid",
+    "qe_version",
+    "source",
+    *(f"energy_{term}_eV" for term in ENERGY_TERMS),
+)
+REQUIRED_DATASETS = (
+    "ldos",
+    "energies",
+    "cell",
+    "positions",
+    "species",
+    "forces",
+    "stress",
+    "eigenvalues",
+    "occupations",
+    "kweights",
+)
+
+
+class SnapshotError(ValueError):
+    """A snapshot file is missing, unreadable, or not in the expected format."""
+
+
+def round_mantissa(values: np.ndarray, bits: int) -> np.ndarray:
+    """float32 values rounded to nearest (ties to even) keeping ``bits`` mantissa bits.
+
+    Relative error <= 2**-(bits + 1). The zeroed low bits compress well under
+    shuffle + gzip (bit rounding: Kloewer et al., Nat. Comput. Sci. 1, 713 (2021)).
+    """
+    if not 1 <= bits <= 23:
+        raise ValueError(f"mantissa bits must be in 1..23, got {bits}")
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if bits == 23:
+        return values.copy()
+    drop = 23 - bits
+    raw = values.view(np.uint32).astype(np.uint64)
+    raw += (1 << (drop - 1)) - 1 + ((raw >> drop) & 1)
+    raw &= ~np.uint64((1 << drop) - 1)
+    return raw.astype(np.uint32).view(np.float32)
+
+
+def _plane_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One x-plane per chunk: a training batch reads whole planes."""
+    return (1, *shape[1:])
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` only on success."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_snapshot(
+    path: str | os.PathLike[str],
+    *,
+    atoms: ase.Atoms,
+    energies: np.ndarray,
+    ldos: np.ndarray,
+    reference: Mapping[str, np.ndarray],
+    attributes: Mapping[str, Any],
+    density: np.ndarray | None = None,
+    descriptors: np.ndarray | None = None,
+    descriptor_params: BispectrumParams | None = None,
+) -> Path:
+    """Write one snapshot file atomically (temporary name, then rename).
+
+    ``reference`` holds the DFT arrays forces, stress, eigenvalues, occupations, kweights.
+    ``attributes`` are stored as file attributes; dicts are stored as JSON strings.
+    """
+    grid = tuple(ldos.shape[:3])
+    if ldos.ndim != 4 or ldos.shape[3] != len(energies):
+        raise ValueError(f"ldos shape {ldos.shape} does not match {len(energies)} energies")
+    if density is not None and density.shape != grid:
+        raise ValueError(f"density shape {density.shape} differs from the LDOS grid {grid}")
+    if descriptors is not None and (descriptors.shape[:3] != grid or descriptor_params is None):
+        raise ValueError("descriptors need the LDOS grid shape and their parameters")
+    path = Path(path)
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as h5:
+        for key, value in attributes.items():
+            h5.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
+        h5.attrs["format"] = FORMAT_NAME
+        h5.attrs["format_version"] = FORMAT_VERSION
+        h5.attrs["grid_shape"] = np.array(grid, dtype=np.int64)
+        h5.attrs["num_energies"] = len(energies)
+        h5.create_dataset("energies", data=np.asarray(energies, dtype=np.float64))
+        h5.create_dataset("cell", data=np.asarray(atoms.cell, dtype=np.float64))
+        h5.create_dataset("positions", data=atoms.positions.astype(np.float64))
+        h5.create_dataset("species", data=np.array(atoms.get_chemical_symbols(), dtype="S3"))
+        for name in ("forces", "stress", "eigenvalues", "occupations", "kweights"):
+            h5.create_dataset(name, data=np.asarray(reference[name], dtype=np.float64))
+        _create_grid_dataset(h5, "ldos", np.asarray(ldos, dtype=np.float32))
+        if density is not None:
+            _create_grid_dataset(h5, "density", np.asarray(density, dtype=np.float64))
+        if descriptors is not None:
+            _write_descriptors(h5, descriptors, descriptor_params)  # type: ignore[arg-type]
+    return path
+
+
+def _create_grid_dataset(h5: h5py.File, name: str, data: np.ndarray) -> None:
+    h5.create_dataset(
+        name,
+        data=data,
+        chunks=_plane_chunks(data.shape),
+        compression="gzip",
+        compression_opts=6,
+        shuffle=True,
+    )
+
+
+def _write_descriptors(h5: h5py.File, descriptors: np.ndarray, params: BispectrumParams) -> None:
+    if "descriptors" in h5:
+        del h5["descriptors"]
+    _create_grid_dataset(h5, "descriptors", np.asarray(descriptors, dtype=np.float32))
+    h5["descriptors"].attrs["params"] = json.dumps(asdict(params))
+
+
+def params_from_json(text: str) -> BispectrumParams:
+    raw = json.loads(text)
+    if raw.get("elements") is not None:
+        raw["elements"] = tuple(raw["elements"])
+    return BispectrumParams(**raw)
+
+
+class Snapshot:
+    """Read access to one snapshot file; big arrays stay on disk until sliced.
+
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except FileNotFoundError as exc:
+            raise SnapshotError(f"{self.path}: no such file") from exc
+        except OSError as exc:
+            raise SnapshotError(f"{self.path}: not an HDF5 file ({exc})") from exc
+        try:
+            self._check()
+        except SnapshotError:
+            self._h5.close()
+            raise
+
+    def _check(self) -> None:
+        h5 = self._h5
+        if h5.attrs.get("format") != FORMAT_NAME:
+            raise SnapshotError(f"{self.path}: not an mlsurrogate snapshot (format attribute)")
+        version = int(h5.attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise SnapshotError(
+                f"{self.path}: snapshot format version {version}; this mlsurrogate reads "
+                f"version {FORMAT_VERSION}"
+            )
+        missing = [n for n in REQUIRED_DATASETS if n not in h5] + [
+            a for a in REQUIRED_ATTRIBUTES if a not in h5.attrs
+        ]
+        if missing:
+            raise SnapshotError(f"{self.path}: missing {', '.join(missing)}")
+        grid = self.grid_shape
+        for name in GRID_DATASETS:
+            if name in h5 and tuple(h5[name].shape[:3]) != grid:
+                raise SnapshotError(
+                    f"{self.path}: dataset {name} has grid {h5[name].shape[:3]}, expected {grid}"
+                )
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._h5.close()
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """File attributes; JSON-encoded mappings are decoded."""
+        out: dict[str, Any] = {}
+        for key, value in self._h5.attrs.items():
+            if isinstance(value, str) and value.startswith("{"):
+                value = json.loads(value)
+            out[key] = value
+        return out
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self._h5.attrs["grid_shape"])  # type: ignore[return-value]
+
+    @property
+    def energies(self) -> np.ndarray:
+        return self._h5["energies"][()]
+
+    @property
+    def atoms(self) -> ase.Atoms:
+        species = [s.decode() for s in self._h5["species"][()]]
+        return ase.Atoms(
+            species, positions=self._h5["positions"][()], cell=self._h5["cell"][()], pbc=True
+        )
+
+    @property
+    def ldos(self) -> h5py.Dataset:
+        return self._h5["ldos"]
+
+    @property
+    def density(self) -> h5py.Dataset | None:
+        return self._h5.get("density")
+
+    @property
+    def descriptors(self) -> h5py.Dataset | None:
+        return self._h5.get("descriptors")
+
+    @property
+    def descriptor_params(self) -> BispectrumParams | None:
+        data = self.descriptors
+        return None if data is None else params_from_json(data.attrs["params"])
+
+    def reference(self, name: str) -> np.ndarray:
+        """A DFT reference array (forces, stress, eigenvalues, occupations, kweights)."""
+        return self._h5[name][()]
+
+    def read_points(self, name: str, flat_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows of a grid dataset at flat grid indices (C order over [ix, iy, iz]).
+
+        Reads only the x-planes (chunks) the points lie in.
+        """
+        data = self._h5[name]
+        flat = np.asarray(flat_indices, dtype=np.int64)
+        nx, ny, nz = self.grid_shape
+        if flat.size and (flat.min() < 0 or flat.max() >= nx * ny * nz):
+            raise IndexError(f"{self.path}: grid index out of range 0..{nx * ny * nz - 1}")
+        out = np.empty((flat.size, *data.shape[3:]), dtype=data.dtype)
+        planes = flat // (ny * nz)
+        for ix in np.unique(planes):
+            mask = planes == ix
+            plane = data[int(ix)].reshape(ny * nz, *data.shape[3:])
+            out[mask] = plane[flat[mask] % (ny * nz)]
+        return out
+
+
+def add_descriptors(
+    path: str | os.PathLike[str],
+    params: BispectrumParams,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Compute descriptors on the snapshot's grid and store them (replacing any).
+
+    Written to ``output`` (default: in place) through a temporary copy and a rename.
+    """
+    import shutil
+
+    from mlsurrogate.descriptors import compute_grid_descriptors
+
+    source = Path(path)
+    with Snapshot(source) as snap:
+        atoms, grid = snap.atoms, snap.grid_shape
+    descriptors = compute_grid_descriptors(atoms, grid, params, threads=threads, progress=progress)
+    target = Path(output) if output is not None else source
+    with atomic_output(target) as tmp:
+        shutil.copyfile(source, tmp)
+        with h5py.File(tmp, "r+") as h5:
+            _write_descriptors(h5, descriptors, params)
+    return target
+
+
+def summary(path: str | os.PathLike[str]) -> str:
+    """A readable description of a snapshot file."""
+    with Snapshot(path) as snap:
+        a = snap.attrs
+        atoms = snap.atoms
+        natoms = len(atoms)
+        energies = snap.energies
+        lengths = atoms.cell.cellpar()
+        forces = snap.reference("forces")
+        lines = [
+            f"snapshot {snap.path} (format version {a['format_version']}, {a['qe_version']})",
+            f"  source        {a['source']}",
+            f"  structure     {atoms.get_chemical_formula()}, {natoms} atoms, cell "
+            f"a b c = {lengths[0]:.4f} {lengths[1]:.4f} {lengths[2]:.4f} A, "
+            f"angles {lengths[3]:.2f} {lengths[4]:.2f} {lengths[5]:.2f} deg, "
+            f"volume {atoms.get_volume():.4f} A^3",
+            f"  DFT           {a['xc_functional']}, ecutwfc {a['ecutwfc_eV']:.3f} eV, "
+            f"k-grid {' x '.join(str(k) for k in np.atleast_1d(a['kpoint_grid']))}, "
+            f"{a['smearing']} smearing {a['smearing_width_eV']:.6f} eV "
+            f"(T = {a['electronic_temperature_K']:.3f} K)",
+            f"  electrons     N_val = {a['num_valence_electrons']:g}, valence charges "
+            f"{a['valence_charges']}, E_F = {a['fermi_energy_eV']:.6f} eV",
+            f"  grid          {' x '.join(str(n) for n in snap.grid_shape)}",
+            f"  energy grid   {len(energies)} energies, {energies[0]:.4f} .. {energies[-1]:.4f} "
+            f"eV, spacing {a['energy_spacing_eV']:.4f} eV",
+            f"  LDOS          {a['ldos_units']}, broadened by {a['ldos_broadening_kernel']} of "
+            f"width {a['ldos_broadening_eV']:.6f} eV, "
+            + (
+                "full float32 precision"
+                if int(a["ldos_mantissa_bits"]) >= 23
+                else f"rounded to {int(a['ldos_mantissa_bits'])} mantissa bits"
+            ),
+            "  QE energies   (eV per cell, meV per atom)",
+        ]
+        for term in ENERGY_TERMS:
+            value = float(a[f"energy_{term}_eV"])
+            lines.append(f"    {term:<13} {value:18.8f} {1000 * value / natoms:16.3f}")
+        lines.append(f"  forces        max |F| = {np.linalg.norm(forces, axis=1).max():.6f} eV/A")
+        lines.append("  datasets")
+        for name in ("ldos", "descriptors", "density"):
+            data = snap._h5.get(name)
+            if data is None:
+                lines.append(f"    {name:<12} absent")
+                continue
+            lines.append(
+                f"    {name:<12} {data.shape} {data.dtype}, chunks {data.chunks}, "
+                f"{data.compression or 'uncompressed'}"
+            )
+        params = snap.descriptor_params
+        if params is not None:
+            lines.append(f"  descriptor parameters {asdict(params)}")
+    return "\n".join(lines)

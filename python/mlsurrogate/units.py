@@ -1,0 +1,14 @@
+"""Physical constants and unit conversions (CODATA 2018, the values QE 6.7 uses).
+
+Inside mlsurrogate everything is in eV, Angstrom and fs (LAMMPS ``metal``). Quantum
+ESPRESSO's Rydberg/Hartree atomic units are converted once, where its files are read.
+"""
+
+from __future__ import annotations
+
+HARTREE_EV = 27.211386245988
+RYDBERG_EV = HARTREE_EV / 2.0
+BOHR_ANGSTROM = 0.529177210903
+BOLTZMANN_EV_PER_K = 8.617333262e-5
+# e^2 / (4 pi eps0) in eV * Angstrom: Coulomb energy of two unit charges 1 A apart.
+COULOMB_EV_ANGSTROM = HARTREE_EV * BOHR_ANGSTROM

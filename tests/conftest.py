@@ -1,0 +1,47 @@
+"""Shared fixtures: one tiny real Quantum ESPRESSO run reused by the QE and data tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from ase.build import bulk
+
+from mlsurrogate.qe import QESettings, run_qe
+
+# One-atom fcc Al, low cutoff, coarse energy grid: pw.x + pp.x take a few seconds.
+# The broadening (0.3 eV) exceeds the energy spacing (0.25 eV), so sums over the
+# energy grid integrate the broadened DOS accurately.
+TINY_SETTINGS = QESettings(
+    ecutwfc_ry=12.0,
+    kpts=(4, 4, 4),
+    nbnd=10,
+    ldos_emin_ev=-8.0,
+    ldos_emax_ev=10.0,
+    ldos_spacing_ev=0.25,
+    ldos_broadening_ev=0.3,
+    conv_thr_ry=1e-9,
+)
+
+
+def tiny_atoms():
+    atoms = bulk("Al", "fcc", a=4.05)
+    atoms.positions[0] += (0.05, 0.0, 0.0)  # off the origin, so positions are checked
+    return atoms
+
+
+@pytest.fixture(scope="session")
+def tiny_qe_run(tmp_path_factory) -> Path:
+    """A finished run directory (pw.x + pp.x) of TINY_SETTINGS; treat it as read-only."""
+    if shutil.which("pw.x") is None or shutil.which("pp.x") is None:
+        pytest.fail("pw.x/pp.x not on PATH: `make test` installs Debian's quantum-espresso")
+    return run_qe(
+        tiny_atoms(), TINY_SETTINGS, tmp_path_factory.mktemp("qe") / "run", progress=False
+    )
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_qe_run, tmp_path) -> Path:
+    """A private copy of the tiny run that a test may damage."""
+    return Path(shutil.copytree(tiny_qe_run, tmp_path / "run"))

@@ -1,0 +1,125 @@
+"""Snapshot files: writing, lazy reading, descriptors, summaries and bad files."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from mlsurrogate import cli
+from mlsurrogate.data import (
+    REQUIRED_ATTRIBUTES,
+    Snapshot,
+    SnapshotError,
+    add_descriptors,
+    round_mantissa,
+    write_snapshot,
+)
+from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors, num_descriptors
+
+PARAMS = BispectrumParams(twojmax=2)
+
+
+def synthetic_snapshot(path, grid=(4, 5, 6), nenergies=7):
+    """A snapshot with made-up values: tests the format, not the physics."""
+    atoms = bulk("Al", "fcc", a=4.05, cubic=True)
+    atoms.positions[1] += (0.1, -0.05, 0.02)
+    rng = np.random.default_rng(7)
+    ldos = rng.random((*grid, nenergies)).astype(np.float32)
+    attributes = {name: 1.0 for name in REQUIRED_ATTRIBUTES}
+    attributes.update(valence_charges={"Al": 3.0}, qe_version="test", source="synthetic")
+    reference = {
+        "forces": np.zeros((4, 3)),
+        "stress": np.zeros((3, 3)),
+        "eigenvalues": np.zeros((2, 3)),
+        "occupations": np.zeros((2, 3)),
+        "kweights": np.ones(2),
+    }
+    write_snapshot(
+        path,
+        atoms=atoms,
+        energies=np.linspace(-1.0, 1.0, nenergies),
+        ldos=ldos,
+        reference=reference,
+        attributes=attributes,
+        density=rng.random(grid),
+    )
+    return atoms, ldos
+
+
+def test_round_trip_and_lazy_points(tmp_path):
+    path = tmp_path / "s.h5"
+    atoms, ldos = synthetic_snapshot(path)
+    with Snapshot(path) as snap:
+        assert snap.grid_shape == (4, 5, 6)
+        np.testing.assert_array_equal(snap.ldos[()], ldos)
+        np.testing.assert_allclose(snap.atoms.positions, atoms.positions)
+        assert snap.atoms.get_chemical_symbols() == ["Al"] * 4
+        assert snap.attrs["valence_charges"] == {"Al": 3.0}
+        assert snap.ldos.chunks == (1, 5, 6, 7) and snap.ldos.compression == "gzip"
+        flat = np.array([119, 0, 37, 36, 64])
+        np.testing.assert_array_equal(snap.read_points("ldos", flat), ldos.reshape(-1, 7)[flat])
+        with pytest.raises(IndexError, match="out of range"):
+            snap.read_points("ldos", [120])
+
+
+def test_add_descriptors_in_place_and_to_copy(tmp_path, capsys):
+    path = tmp_path / "s.h5"
+    atoms, _ = synthetic_snapshot(path)
+    expected = compute_grid_descriptors(atoms, (4, 5, 6), PARAMS)
+    copy = add_descriptors(path, PARAMS, output=tmp_path / "copy.h5", progress=False)
+    with Snapshot(path) as original:
+        assert original.descriptors is None
+    with Snapshot(copy) as snap:
+        np.testing.assert_allclose(snap.descriptors[()], expected, rtol=1e-6, atol=1e-7)
+        assert snap.descriptor_params == PARAMS
+    assert cli.main(["data", "descriptors", str(path), "--twojmax", "2", "-q"]) == 0
+    with Snapshot(path) as snap:
+        assert snap.descriptors.shape == (4, 5, 6, num_descriptors(PARAMS))
+    assert cli.main(["data", "info", str(path)]) == 0
+    assert "descriptor parameters" in capsys.readouterr().out
+
+
+def test_round_mantissa_bound_and_ties():
+    values = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.14159, -2.5e-7, 0.0], np.float32)
+    rounded = round_mantissa(values, 7)
+    # ties go to even: 1 + 2^-8 -> 1, 1 + 3*2^-8 -> 1 + 2^-6
+    assert rounded[1] == 1.0 and rounded[2] == np.float32(1.0 + 2**-6)
+    assert np.all(np.abs(rounded - values) <= 2.0**-8 * np.abs(values))
+    np.testing.assert_array_equal(round_mantissa(values, 23), values)
+    with pytest.raises(ValueError, match="mantissa bits"):
+        round_mantissa(values, 0)
+
+
+def test_bad_snapshot_files(tmp_path):
+    with pytest.raises(SnapshotError, match="no such file"):
+        Snapshot(tmp_path / "missing.h5")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(SnapshotError, match="text.h5: not an HDF5 file"):
+        Snapshot(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as h5:
+        h5["x"] = 1
+    with pytest.raises(SnapshotError, match="not an mlsurrogate snapshot"):
+        Snapshot(tmp_path / "other.h5")
+    path = tmp_path / "s.h5"
+    synthetic_snapshot(path)
+    with h5py.File(path, "r+") as h5:
+        del h5["ldos"]
+        del h5.attrs["fermi_energy_eV"]
+    with pytest.raises(SnapshotError, match="s.h5: missing ldos, fermi_energy_eV"):
+        Snapshot(path)
+
+
+def test_write_refuses_inconsistent_arrays(tmp_path):
+    atoms = bulk("Al", "fcc", a=4.05, cubic=True)
+    with pytest.raises(ValueError, match="does not match 3 energies"):
+        write_snapshot(
+            tmp_path / "x.h5",
+            atoms=atoms,
+            energies=np.zeros(3),
+            ldos=np.zeros((2, 2, 2, 4), np.float32),
+            reference={},
+            attributes={},
+        )
+    assert list(tmp_path.iterdir()) == []

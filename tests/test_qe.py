@@ -1,0 +1,296 @@
+"""Quantum ESPRESSO pipeline: real pw.x + pp.x runs, ingest, and bad input."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_SETTINGS, tiny_atoms
+from mlsurrogate import cli
+from mlsurrogate.data import REQUIRED_ATTRIBUTES, Snapshot, round_mantissa
+from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors
+from mlsurrogate.qe import (
+    QEError,
+    QESettings,
+    ingest,
+    read_cube,
+    read_pw_output,
+    read_pw_xml,
+    read_upf,
+    run_qe,
+    write_pw_input,
+)
+from mlsurrogate.units import BOHR_ANGSTROM, BOLTZMANN_EV_PER_K, RYDBERG_EV
+
+pytestmark = pytest.mark.qe
+SMALL_PARAMS = BispectrumParams(twojmax=2)
+
+
+def fermi_cdf(x: np.ndarray) -> np.ndarray:
+    """Integral of the Fermi-Dirac derivative kernel -f'(t) from -inf to x."""
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def no_leftovers(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if ".part" in p.name]
+
+
+@pytest.fixture(scope="module")
+def tiny_snapshot(tiny_qe_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("snap") / "tiny.h5"
+    return ingest(tiny_qe_run, out, descriptor_params=SMALL_PARAMS, progress=False)
+
+
+def test_run_writes_every_file(tiny_qe_run):
+    names = {p.name for p in tiny_qe_run.iterdir()}
+    assert {"pw.in", "pw.out", "pp_ldos.in", "pp_density.in", "density.cube"} <= names
+    assert len([n for n in names if re.fullmatch(r"ldos_\d{3}\.cube", n)]) == 73
+    assert not [n for n in names if re.fullmatch(r"ldos_\d{3}", n)], "pp.x raw files kept"
+
+
+def test_pw_input_has_exact_smearing_and_kgrid():
+    text = write_pw_input(tiny_atoms(), TINY_SETTINGS)
+    degauss = float(re.search(r"degauss = (\S+)", text).group(1))
+    assert degauss * RYDBERG_EV / BOLTZMANN_EV_PER_K == pytest.approx(933.0, rel=1e-14)
+    assert "4 4 4 0 0 0" in text
+    # k-point spacing rule: 8x8x8 for the 4-atom cubic cell, 4x4x4 for 32 atoms (DESIGN 7)
+    from ase.build import bulk
+
+    cubic = bulk("Al", "fcc", a=4.05, cubic=True)
+    assert "8 8 8 0 0 0" in write_pw_input(cubic, QESettings())
+    assert "4 4 4 0 0 0" in write_pw_input(cubic.repeat(2), QESettings())
+
+
+def test_readers_on_real_output(tiny_qe_run):
+    printed = read_pw_output(tiny_qe_run / "pw.out")
+    run = read_pw_xml(next(tiny_qe_run.glob("out/*.save/data-file-schema.xml")))
+    assert run.converged and run.symbols == ["Al"] and run.nelec == 3.0
+    # XML values equal the printout (8 decimals in Ry)
+    for term in ("total", "one_electron", "hartree", "xc", "ewald", "smearing", "internal"):
+        assert run.energies[term] == pytest.approx(printed[term], abs=1e-8 * RYDBERG_EV)
+    assert run.fermi_energy == pytest.approx(printed["fermi"], abs=1e-4)
+    total = sum(run.energies[t] for t in ("one_electron", "hartree", "xc", "ewald", "smearing"))
+    assert total == pytest.approx(run.energies["total"], abs=1e-9)
+    # temperature from degauss exactly, not from the rounded printout
+    assert run.degauss / BOLTZMANN_EV_PER_K == pytest.approx(933.0, rel=1e-9)
+    assert run.electron_count == pytest.approx(3.0, abs=1e-8)
+    assert run.kweights.sum() == pytest.approx(2.0)
+    np.testing.assert_allclose(run.positions, tiny_atoms().positions, atol=1e-8)
+    np.testing.assert_allclose(run.cell, np.asarray(tiny_atoms().cell), atol=1e-8)
+    assert np.abs(run.forces.sum(axis=0)).max() < 1e-6  # Newton's third law
+    upf = read_upf("/usr/share/espresso/pseudo/Al.pz-vbc.UPF")
+    assert (upf.element, upf.z_valence, upf.core_correction) == ("Al", 3.0, False)
+
+
+def test_snapshot_contents_and_units(tiny_qe_run, tiny_snapshot):
+    with Snapshot(tiny_snapshot) as snap:
+        attrs = snap.attrs
+        assert set(REQUIRED_ATTRIBUTES) <= set(attrs)
+        assert attrs["num_valence_electrons"] == 3.0
+        assert attrs["valence_charges"] == {"Al": 3.0}
+        assert attrs["ldos_broadening_kernel"] == "fermi-dirac-derivative"
+        assert attrs["ldos_broadening_eV"] == pytest.approx(0.3, rel=1e-12)
+        assert attrs["electronic_temperature_K"] == pytest.approx(933.0, rel=1e-9)
+        energies = snap.energies
+        np.testing.assert_allclose(energies, -8.0 + 0.25 * np.arange(73), atol=1e-12)
+        ldos, density = snap.ldos[()], snap.density[()]
+        assert ldos.dtype == np.float32 and ldos.shape[3] == 73
+        # units: LDOS = cube value / (Ry bohr^3) in 1/(eV A^3); density / bohr^3 in 1/A^3
+        cube = read_cube(tiny_qe_run / "ldos_040.cube")
+        np.testing.assert_allclose(
+            ldos[..., 39], cube.data / (RYDBERG_EV * BOHR_ANGSTROM**3), rtol=1e-6, atol=0
+        )
+        dcube = read_cube(tiny_qe_run / "density.cube")
+        np.testing.assert_allclose(density, dcube.data / BOHR_ANGSTROM**3, rtol=1e-12)
+        volume, npts = snap.atoms.get_volume(), ldos[..., 0].size
+        assert density.sum() * volume / npts == pytest.approx(3.0, rel=1e-4)
+        # integral of the DOS over the window = broadened count of the eigenvalues in it
+        dos = ldos.reshape(npts, -1).sum(axis=0) * volume / npts
+        eig, w = snap.reference("eigenvalues"), snap.reference("kweights")
+        width = attrs["ldos_broadening_eV"]
+        count = np.sum(
+            w[:, None]
+            * (fermi_cdf((energies[-1] - eig) / width) - fermi_cdf((energies[0] - eig) / width))
+        )
+        assert np.trapezoid(dos, energies) == pytest.approx(count, rel=1e-3)
+        # descriptors computed by our kernel on the same grid
+        expected = compute_grid_descriptors(snap.atoms, snap.grid_shape, SMALL_PARAMS)
+        np.testing.assert_allclose(snap.descriptors[()], expected, rtol=1e-6, atol=1e-7)
+        assert snap.descriptor_params == SMALL_PARAMS
+        assert np.isfinite(snap.reference("stress")).all()
+
+
+def test_cli_run_ingest_info(tiny_qe_run, tmp_path, capsys):
+    structure = tmp_path / "al.xyz"
+    tiny_atoms().write(structure)
+    rundir = tmp_path / "cli_run"
+    argv = [
+        "qe",
+        "run",
+        str(structure),
+        "-o",
+        str(rundir),
+        "--ecutwfc",
+        "12",
+        "--kpts",
+        "4",
+        "4",
+        "4",
+        "--nbnd",
+        "10",
+        "--emin",
+        "-8",
+        "--emax",
+        "-2",
+        "--de",
+        "0.5",
+        "--broadening",
+        "0.3",
+        "--conv-thr",
+        "1e-9",
+        "-q",
+    ]
+    assert cli.main(argv) == 0
+    out = tmp_path / "cli.h5"
+    assert cli.main(["qe", "ingest", str(rundir), "-o", str(out), "--twojmax", "2", "-q"]) == 0
+    capsys.readouterr()
+    assert cli.main(["data", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Al, 1 atoms" in text and "13 energies, -8.0000 .. -2.0000 eV" in text
+    assert "descriptors  (" in text and "T = 933.000 K" in text
+
+
+@pytest.mark.parametrize(
+    "verb",
+    [
+        [],
+        ["qe"],
+        ["qe", "run"],
+        ["qe", "ingest"],
+        ["data"],
+        ["data", "info"],
+        ["data", "descriptors"],
+    ],
+)
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*verb, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: mlsurrogate" in capsys.readouterr().out
+
+
+def test_unconverged_scf_is_an_error(tmp_path):
+    settings = QESettings(**{**TINY_SETTINGS.__dict__, "electron_maxstep": 2, "conv_thr_ry": 1e-12})
+    with pytest.raises(QEError, match="did not converge in 2 iterations"):
+        run_qe(tiny_atoms(), settings, tmp_path / "run", progress=False)
+    # and ingest of that directory refuses it, writing nothing
+    out = tmp_path / "bad.h5"
+    with pytest.raises(QEError, match=r"pw\.out: the SCF did not converge"):
+        ingest(tmp_path / "run", out, progress=False)
+    assert not out.exists()
+
+
+def test_missing_program_is_a_clear_error(tmp_path):
+    settings = QESettings(**{**TINY_SETTINGS.__dict__, "pw_command": "no-such-pw.x -nk 2"})
+    with pytest.raises(QEError, match="'no-such-pw.x' not found on PATH"):
+        run_qe(tiny_atoms(), settings, tmp_path / "run", progress=False)
+
+
+def _truncate(path: Path) -> None:
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+
+
+def _corrupt(path: Path) -> None:
+    lines = path.read_text().splitlines()
+    lines[20] = lines[20][:5] + "x.y*z" + lines[20][10:]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _other_grid(path: Path) -> None:
+    lines = path.read_text().splitlines()
+    n = int(lines[3].split()[0])
+    lines[3] = lines[3].replace(f"{n:5d}", f"{n // 2:5d}", 1)
+    values = " ".join(lines[6 + int(lines[2].split()[0]) :]).split()
+    keep = (n // 2) * n * n
+    path.write_text("\n".join(lines[:7] + [" ".join(values[:keep])]) + "\n")
+
+
+def _other_cell(path: Path) -> None:
+    lines = path.read_text().splitlines()
+    fields = lines[4].split()
+    fields[1] = f"{float(fields[1]) * 1.01:.6f}"
+    lines[4] = "   " + "   ".join(fields)
+    path.write_text("\n".join(lines) + "\n")
+
+
+BAD_INPUTS = {
+    "truncated cube": (lambda d: _truncate(d / "ldos_007.cube"), r"ldos_007\.cube: truncated"),
+    "corrupt cube": (lambda d: _corrupt(d / "ldos_010.cube"), r"ldos_010\.cube: corrupt cube"),
+    "different grid": (lambda d: _other_grid(d / "ldos_005.cube"), r"ldos_005\.cube: grid"),
+    "different cell": (lambda d: _other_cell(d / "ldos_003.cube"), r"ldos_003\.cube: cell differs"),
+    "density on another grid": (lambda d: _other_grid(d / "density.cube"), r"density\.cube: grid"),
+    "missing energy file": (
+        lambda d: (d / "ldos_012.cube").unlink(),
+        r"LDOS files are missing: ldos_012\.cube",
+    ),
+    "missing energy grid": (lambda d: (d / "pp_ldos.in").unlink(), r"missing energy-grid file"),
+    "non-QE output": (
+        lambda d: (d / "pw.out").write_text("hello\nworld\n"),
+        r"pw\.out: not a pw\.x output",
+    ),
+    "non-QE XML": (
+        lambda d: next(d.glob("out/*.save/data-file-schema.xml")).write_text("<a>"),
+        r"data-file-schema\.xml: not a readable XML",
+    ),
+    "not a cube": (
+        lambda d: (d / "ldos_001.cube").write_text("just text\n"),
+        r"ldos_001\.cube: not a cube",
+    ),
+    "extra cube": (
+        lambda d: shutil.copy(d / "ldos_001.cube", d / "ldos_099.cube"),
+        "extra LDOS files",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_names_file_and_leaves_nothing(case, tiny_run_copy, tmp_path):
+    damage, message = BAD_INPUTS[case]
+    damage(tiny_run_copy)
+    out = tmp_path / "out" / "snap.h5"
+    out.parent.mkdir()
+    with pytest.raises(QEError, match=message):
+        ingest(tiny_run_copy, out, progress=False)
+    assert not out.exists() and not no_leftovers(out.parent)
+
+
+def test_cli_reports_bad_input_without_traceback(tiny_run_copy, tmp_path, capsys):
+    (tiny_run_copy / "ldos_012.cube").unlink()
+    code = cli.main(["qe", "ingest", str(tiny_run_copy), "-o", str(tmp_path / "x.h5"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "mlsurrogate qe ingest:" in err and "ldos_012.cube" in err
+    assert "Traceback" not in err and not (tmp_path / "x.h5").exists()
+
+
+def test_window_must_cover_occupied_band(tiny_run_copy, tmp_path):
+    text = (tiny_run_copy / "pp_ldos.in").read_text()
+    (tiny_run_copy / "pp_ldos.in").write_text(text.replace("emin = -8.0", "emin = -3.0"))
+    with pytest.raises(QEError, match="occupied states are cut off"):
+        ingest(tiny_run_copy, tmp_path / "x.h5", progress=False)
+
+
+def test_mantissa_rounding_is_recorded_and_bounded(tiny_qe_run, tiny_snapshot, tmp_path):
+    out = ingest(tiny_qe_run, tmp_path / "r.h5", ldos_mantissa_bits=7, progress=False)
+    with Snapshot(out) as rounded, Snapshot(tiny_snapshot) as exact:
+        assert rounded.attrs["ldos_mantissa_bits"] == 7
+        assert rounded.descriptors is None
+        a, b = exact.ldos[()], rounded.ldos[()]
+        np.testing.assert_array_equal(b, round_mantissa(a, 7))
+        assert np.all(np.abs(b - a) <= 2.0**-8 * np.abs(a))
+        assert not math.isclose(float(np.abs(b - a).max()), 0.0)
