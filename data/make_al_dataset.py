@@ -1,7 +1,7 @@
 """Generate the aluminium dataset with Quantum ESPRESSO (``make data``).
 
 fcc Al, a = 4.05 A, ``--supercell`` 1 (4 atoms, the bundled set) or 2 (32 atoms, a
-recipe users can run), DESIGN.md section 7 settings: Al.pz-vbc.UPF, ecutwfc 20 Ry,
+recipe users can run), with the project's reference settings: Al.pz-vbc.UPF, ecutwfc 20 Ry,
 Fermi-Dirac smearing at 933 K, k-spacing 0.2 1/A (8x8x8 for 4 atoms, 4x4x4 for 32).
 
 Snapshot i gets Gaussian displacements of the size thermal motion has at a temperature

@@ -58,7 +58,7 @@ def test_pw_input_has_exact_smearing_and_kgrid():
     degauss = float(re.search(r"degauss = (\S+)", text).group(1))
     assert degauss * RYDBERG_EV / BOLTZMANN_EV_PER_K == pytest.approx(933.0, rel=1e-14)
     assert "4 4 4 0 0 0" in text
-    # k-point spacing rule: 8x8x8 for the 4-atom cubic cell, 4x4x4 for 32 atoms (DESIGN 7)
+    # k-point spacing rule: 8x8x8 for the 4-atom cubic cell, 4x4x4 for 32 atoms
     from ase.build import bulk
 
     cubic = bulk("Al", "fcc", a=4.05, cubic=True)

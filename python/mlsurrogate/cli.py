@@ -182,7 +182,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="pw.x SCF + pp.x LDOS and density cubes for one structure",
         description="Write pw.x/pp.x inputs for a structure, run the SCF, then pp.x for the "
         "LDOS on an energy grid (one cube per energy) and the valence density. Defaults are "
-        "the DESIGN.md aluminium settings. Debian's QE uses Open MPI: for 2 ranks pass "
+        "the settings of the bundled Al dataset. Debian's QE uses Open MPI: for 2 ranks pass "
         "--pw-command '/usr/bin/mpirun -n 2 pw.x -nk 2' --pp-command '/usr/bin/mpirun -n 2 pp.x'.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -13,9 +13,8 @@ LDOS broadening. pp.x 6.7 broadens each Kohn-Sham level with the SCF smearing ke
 of width ``degauss_ldos`` (for Fermi-Dirac smearing: -df/dx of the Fermi function).
 The default width here equals the SCF smearing width k_B T. Then, exactly,
 ``integral_{-inf}^{mu} d(e, r) de`` is the Fermi-Dirac density at temperature T and
-``integral_{-inf}^{mu} e D(e) de = E_band - TS`` (Mermin free-energy identity; derived
-in docs of :mod:`mlsurrogate.physics`), so the stored LDOS carries the free energy with
-no further deconvolution.
+``integral_{-inf}^{mu} e D(e) de = E_band - TS`` (derived in the README, "LDOS
+broadening"), so the stored LDOS carries the free energy with no deconvolution.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ class QEError(RuntimeError):
 
 @dataclass(frozen=True)
 class QESettings:
-    """DFT and LDOS settings of one pw.x + pp.x run (defaults: DESIGN.md section 7, Al).
+    """DFT and LDOS settings of one pw.x + pp.x run (defaults: the bundled Al dataset).
 
     Energies of the LDOS grid are absolute (QE's zero), in eV: ``ldos_emin_ev``,
     ``ldos_emin_ev + ldos_spacing_ev``, ... up to ``ldos_emax_ev``.
@@ -156,14 +155,15 @@ def kpoint_grid(atoms: ase.Atoms, settings: QESettings) -> tuple[int, int, int]:
 
 
 def _number_of_bands(atoms: ase.Atoms, settings: QESettings) -> int:
-    """Enough empty bands that the LDOS window's top is covered (ingest checks it)."""
+    """Twice the occupied bands plus 4: for a free-electron-like metal that reaches well
+    past E_F + 3 eV at every k-point (ingest checks the window is covered)."""
     if settings.nbnd is not None:
         return settings.nbnd
     valence = sum(
         read_upf(Path(settings.pseudo_dir) / settings.pseudopotentials[s]).z_valence
         for s in atoms.get_chemical_symbols()
     )
-    return math.ceil(0.8 * valence) + 4
+    return math.ceil(valence) + 4
 
 
 def write_pw_input(atoms: ase.Atoms, settings: QESettings) -> str:
@@ -342,7 +342,7 @@ def run_qe(
             lambda n: bar.update(n - bar.n),
             diagnose=lambda text: (
                 None
-                if "convergence has been achieved" in text
+                if "convergence NOT achieved" not in text
                 else f"the SCF did not converge in {settings.electron_maxstep} iterations "
                 f"(conv_thr {settings.conv_thr_ry} Ry); raise electron_maxstep"
             ),
@@ -350,6 +350,9 @@ def run_qe(
 
     def cubes() -> int:
         return len(list(directory.glob(f"{LDOS_STEM}*.cube")))
+
+    for stale in directory.glob(f"{LDOS_STEM}*.cube"):  # of an earlier run in this directory
+        stale.unlink()
 
     with tqdm(
         total=settings.num_ldos_energies, desc="pp.x LDOS", unit="cube", disable=not progress
