@@ -154,6 +154,13 @@ def _data_descriptors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_dft(args: argparse.Namespace) -> int:
+    from mlsurrogate.evaluate import format_comparison
+
+    print("\n\n".join(format_comparison(path) for path in args.snapshots))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlsurrogate", description=__doc__)
     parser.add_argument("--version", action="version", version=mlsurrogate.__version__)
@@ -260,6 +267,16 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_descriptor_options(ddesc)
     ddesc.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ddesc.set_defaults(handler=_data_descriptors)
+    edft = sub.add_parser(
+        "evaluate-dft",
+        help="energy terms from a snapshot's own DFT LDOS next to QE's printout",
+        description="Evaluate the free-energy functional (Fermi level, band energy, -TS, "
+        "Hartree, XC, ion-ion by LAMMPS Ewald, total) on the snapshot's QE LDOS, and "
+        "Hartree/XC also on QE's density, next to the values QE printed; differences in "
+        "meV/atom.",
+    )
+    edft.add_argument("snapshots", nargs="+", help="snapshot files (.h5)")
+    edft.set_defaults(handler=_evaluate_dft)
     return parser
 
 

@@ -1,0 +1,433 @@
+"""Electronic free energy from the local density of states, written once in torch.
+
+Used by Python evaluation and scripted (TorchScript) into exported models for the pair
+style. Units eV and Angstrom; float64 throughout. The LDOS d(e, r) [1/(eV A^3)] is given
+on grid points r (flattened in C order over [ix, iy, iz]) and on a uniform energy grid
+e_j (absolute energies).
+
+Energy integrals (see the README section "LDOS broadening"). The LDOS is the Kohn-Sham
+LDOS broadened by -f' of width k_B T (pp.x with Fermi-Dirac smearing). For such an LDOS
+these identities are exact:
+
+    N(mu)            = integral_{-inf}^{mu} D(e) de                (electron count)
+    n(r)             = integral_{-inf}^{mu} d(e, r) de             (electron density)
+    E_band - TS      = integral_{-inf}^{mu} e D(e) de
+    -TS              = k_B T integral ln(1 - exp(-|e - mu| / k_B T)) D(e) de
+
+The last follows from s(x) = f ln f + (1 - f) ln(1 - f) = (K * g)(x) with g = -f' and
+K(x) = ln(1 - e^{-|x|}): in Fourier space s^/g^ = 1/k^2 - pi coth(pi k)/k
+= -sum_n 2/(k^2 + n^2) (Mittag-Leffler expansion of coth), whose inverse transform is
+-sum_n e^{-n|x|}/n = ln(1 - e^{-|x|}). So no deconvolution is needed: the integrals
+are evaluated on the piecewise-linear interpolant of the sampled LDOS (weights W_j(mu)
+below); -TS by Gauss-Legendre product quadrature because its kernel has a log
+singularity at mu.
+
+Total free energy (Mermin; the sum QE prints as total = one-electron + hartree + xc +
+ewald + smearing):
+
+    A = (E_band - TS) - E_H[n] + E_xc[n] - integral v_xc n + E_ii
+
+E_H drops G = 0 (compensated by E_ii's neutralizing background); E_xc is LDA
+(Perdew & Zunger, PRB 23, 5048 (1981), the Ceperley-Alder fit) or PBE (Perdew, Burke &
+Ernzerhof, PRL 77, 3865 (1996)) with gradients by FFT. E_ii comes from LAMMPS
+(:mod:`mlsurrogate.ion_ion`).
+
+Distributed use (the pair style; every rank owns a set of grid points):
+
+1. local:   D_part = dos(ldos_local, dV)                      -> MPI_Allreduce(sum) = D
+2. global:  mu = fermi_level(D); n_local = density(ldos_local, mu)
+            -> gather n to a full grid on every rank
+            terms, phi = global_terms(D, n_grid, cell, mu)     (replicated, identical)
+3. local:   c_part = fermi_shift_part(ldos_local, mu, phi_local)
+                                                              -> MPI_Allreduce(sum) = c
+            dA/dd = ldos_gradient(mu, phi_local, D, c, dV)    (per owned point)
+
+phi(r) = dPhi/dn(r) for Phi = -E_H + E_xc - integral v_xc n. The gradient keeps the
+electron count fixed: mu moves with the LDOS, dmu/dd_j(r) = -W_j dV / D(mu).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from mlsurrogate.units import BOHR_ANGSTROM, BOLTZMANN_EV_PER_K, COULOMB_EV_ANGSTROM, HARTREE_EV
+
+FERMI_DIRAC_KERNEL = "fermi-dirac-derivative"
+XC_FUNCTIONALS = ("lda_pz", "pbe")
+_QUADRATURE_POINTS = 16
+# TorchScript cannot read module globals: these reach scripted code as module attributes.
+_BISECTION_STEPS = 200
+# Energies must reach this many k_B T on either side of mu: f and -f' are < 5e-5 there.
+_WINDOW_WIDTHS = 10.0
+
+
+def integration_weights(energies: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """W_j with sum_j W_j y_j = integral_{e_0}^{mu} of the piecewise-linear interpolant.
+
+    Differentiable in mu. ``energies`` must be uniform (checked by the caller).
+    """
+    step = energies[1] - energies[0]
+    count = energies.shape[0]
+    position = (mu - energies[0]) / step
+    segment = torch.clamp(torch.floor(position.detach()), 0.0, float(count - 2))
+    t = position - segment
+    k = int(segment.item())
+    index = torch.arange(count, dtype=torch.int64, device=energies.device)
+    zero = torch.zeros_like(energies)
+    weights = torch.where(index <= k, step + zero, zero)
+    weights = weights - torch.where(index == 0, 0.5 * step + zero, zero)
+    weights = weights - torch.where(index == k, 0.5 * step + zero, zero)
+    weights = weights + torch.where(index == k, step * t * (1.0 - 0.5 * t) + zero, zero)
+    weights = weights + torch.where(index == k + 1, 0.5 * step * t * t + zero, zero)
+    return weights
+
+
+def interpolation_weights(energies: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Weights of the linear interpolation at mu (dW_j/dmu)."""
+    step = energies[1] - energies[0]
+    count = energies.shape[0]
+    position = (mu - energies[0]) / step
+    segment = torch.clamp(torch.floor(position.detach()), 0.0, float(count - 2))
+    t = position - segment
+    k = int(segment.item())
+    index = torch.arange(count, dtype=torch.int64, device=energies.device)
+    zero = torch.zeros_like(energies)
+    return torch.where(index == k, 1.0 - t + zero, zero) + torch.where(
+        index == k + 1, t + zero, zero
+    )
+
+
+def _reciprocal_squared(cell: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """|G|^2 on the FFT grid (A^-2), G = 2 pi m . inv(cell)^T; the G = 0 entry is 1."""
+    reciprocal = 2.0 * math.pi * torch.linalg.inv(cell).transpose(0, 1)
+    g = torch.zeros(shape[0], shape[1], shape[2], 3, dtype=cell.dtype, device=cell.device)
+    for axis in range(3):
+        m = torch.fft.fftfreq(shape[axis], dtype=cell.dtype, device=cell.device) * shape[axis]
+        view = [1, 1, 1, 1]
+        view[axis] = shape[axis]
+        g = g + m.view(view) * reciprocal[axis].view(1, 1, 1, 3)
+    g2 = (g * g).sum(-1)
+    g2[0, 0, 0] = 1.0
+    return g2
+
+
+def _fft_gradient(field: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """Spectral gradient of a periodic field on the grid, shape [nx, ny, nz, 3]."""
+    shape = (field.shape[0], field.shape[1], field.shape[2])
+    reciprocal = 2.0 * math.pi * torch.linalg.inv(cell).transpose(0, 1)
+    coefficients = torch.fft.fftn(field)
+    parts = []
+    for component in range(3):
+        g = torch.zeros(shape, dtype=cell.dtype, device=cell.device)
+        for axis in range(3):
+            n = shape[axis]
+            m = torch.fft.fftfreq(n, dtype=cell.dtype, device=cell.device) * n
+            if n % 2 == 0:
+                m[n // 2] = 0.0  # the Nyquist mode has no defined derivative
+            view = [1, 1, 1]
+            view[axis] = n
+            g = g + m.view(view) * reciprocal[axis, component]
+        parts.append(torch.fft.ifftn(1j * g * coefficients).real)
+    return torch.stack(parts, dim=-1)
+
+
+def hartree_energy(density: torch.Tensor, cell: torch.Tensor, coulomb: float) -> torch.Tensor:
+    """E_H = (V/2) sum_{G != 0} 4 pi e^2 |n(G)|^2 / G^2, n(G) = FFT / N; e^2 = ``coulomb``
+    (eV A for n in 1/A^3 and a cell in A: the result is in eV)."""
+    shape = (density.shape[0], density.shape[1], density.shape[2])
+    volume = torch.abs(torch.linalg.det(cell))
+    points = float(shape[0] * shape[1] * shape[2])
+    coefficients = torch.fft.fftn(density) / points
+    power = coefficients.real**2 + coefficients.imag**2
+    inverse_g2 = 1.0 / _reciprocal_squared(cell, shape)
+    inverse_g2[0, 0, 0] = 0.0
+    return 0.5 * volume * 4.0 * math.pi * coulomb * (power * inverse_g2).sum()
+
+
+def _pw92_correlation(
+    rs: torch.Tensor,
+    a: float,
+    alpha1: float,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    beta4: float,
+) -> torch.Tensor:
+    """Perdew & Wang, PRB 45, 13244 (1992), eq. 10 (Hartree), p = 1."""
+    sqrt_rs = torch.sqrt(rs)
+    denominator = 2.0 * a * (beta1 * sqrt_rs + beta2 * rs + beta3 * rs * sqrt_rs + beta4 * rs * rs)
+    return -2.0 * a * (1.0 + alpha1 * rs) * torch.log1p(1.0 / denominator)
+
+
+def xc_energy_density(
+    density: torch.Tensor, gradient_sq: torch.Tensor, functional: str
+) -> torch.Tensor:
+    """Exchange-correlation energy per electron (Hartree) at each point, atomic units:
+
+    ``density`` in 1/bohr^3, ``gradient_sq`` = |grad n|^2 in 1/bohr^8 (ignored by LDA).
+    Densities below 1e-10 (QE's vanishing charge) are raised to it.
+    """
+    n = torch.clamp(density, min=1e-10)
+    rs = (3.0 / (4.0 * math.pi * n)) ** (1.0 / 3.0)
+    kf = (3.0 * math.pi**2 * n) ** (1.0 / 3.0)
+    exchange = -3.0 * kf / (4.0 * math.pi)  # Hartree
+    if functional == "lda_pz":
+        # Perdew & Zunger 1981, appendix C (unpolarized)
+        high = 0.0311 * torch.log(rs) - 0.048 + 0.0020 * rs * torch.log(rs) - 0.0116 * rs
+        low = -0.1423 / (1.0 + 1.0529 * torch.sqrt(rs) + 0.3334 * rs)
+        correlation = torch.where(rs < 1.0, high, low)
+        return exchange + correlation
+    if functional == "pbe":
+        kappa = 0.804
+        mu = 0.2195149727645171
+        beta = 0.06672455060314922
+        gamma = (1.0 - math.log(2.0)) / math.pi**2
+        s2 = gradient_sq / (4.0 * kf * kf * n * n)
+        exchange_gga = exchange * (1.0 + kappa - kappa / (1.0 + mu * s2 / kappa))
+        ec = _pw92_correlation(rs, 0.031091, 0.21370, 7.5957, 3.5876, 1.6382, 0.49294)
+        ks = torch.sqrt(4.0 * kf / math.pi)
+        t2 = gradient_sq / (4.0 * ks * ks * n * n)
+        big_a = beta / gamma / torch.expm1(-ec / gamma)
+        at2 = big_a * t2
+        h = gamma * torch.log1p(beta / gamma * t2 * (1.0 + at2) / (1.0 + at2 + at2 * at2))
+        return exchange_gga + ec + h
+    raise ValueError("xc functional must be lda_pz or pbe, got " + functional)
+
+
+class LdosEnergy(torch.nn.Module):
+    """The free-energy functional of one model: energy grid, temperature, N_val, XC."""
+
+    def __init__(
+        self,
+        energies: np.ndarray | torch.Tensor,
+        temperature_k: float,
+        n_valence: float,
+        xc: str = "lda_pz",
+        broadening_kernel: str = FERMI_DIRAC_KERNEL,
+        broadening_ev: float | None = None,
+    ) -> None:
+        super().__init__()
+        energies = torch.as_tensor(energies, dtype=torch.float64)
+        if energies.ndim != 1 or energies.numel() < 3:
+            raise ValueError("the energy grid needs at least 3 energies")
+        steps = energies[1:] - energies[:-1]
+        if not bool(torch.all(steps > 0)) or float((steps - steps[0]).abs().max()) > 1e-9:
+            raise ValueError("the energy grid must be uniform and increasing")
+        if not temperature_k > 0 or not math.isfinite(temperature_k):
+            raise ValueError(f"temperature must be > 0 K, got {temperature_k}")
+        if not n_valence > 0:
+            raise ValueError(f"the number of valence electrons must be > 0, got {n_valence}")
+        if xc not in XC_FUNCTIONALS:
+            raise ValueError(f"xc functional must be one of {XC_FUNCTIONALS}, got {xc!r}")
+        kt = BOLTZMANN_EV_PER_K * temperature_k
+        width = kt if broadening_ev is None else broadening_ev
+        if broadening_kernel != FERMI_DIRAC_KERNEL or abs(width - kt) > 1e-6 * kt:
+            raise ValueError(
+                f"LDOS broadened by {broadening_kernel} of width {width} eV: the energy "
+                f"integrals are exact for {FERMI_DIRAC_KERNEL} of width k_B T = {kt:.6f} eV "
+                "only (QE: smearing='fd', degauss_ldos = degauss); regenerate the LDOS so"
+            )
+        nodes, weights = np.polynomial.legendre.leggauss(_QUADRATURE_POINTS)
+        self.register_buffer("energies", energies)
+        self.register_buffer("quadrature_nodes", torch.as_tensor(nodes, dtype=torch.float64))
+        self.register_buffer("quadrature_weights", torch.as_tensor(weights, dtype=torch.float64))
+        self.kt = kt
+        self.temperature_k = float(temperature_k)
+        self.n_valence = float(n_valence)
+        self.xc = xc
+        self.bohr = BOHR_ANGSTROM
+        self.hartree = HARTREE_EV
+        self.coulomb = COULOMB_EV_ANGSTROM
+        self.bisection_steps = _BISECTION_STEPS
+        self.window_widths = _WINDOW_WIDTHS
+
+    # ------------------------------------------------------------------ step 1, local
+    @torch.jit.export
+    def dos(self, ldos: torch.Tensor, voxel_volume: float) -> torch.Tensor:
+        """D_j = dV sum_r d_j(r) over the given points (a partial sum on one rank)."""
+        if ldos.dim() != 2 or ldos.shape[1] != self.energies.shape[0]:
+            raise ValueError("ldos must be [points, energies] on the model's energy grid")
+        if not bool(torch.isfinite(ldos).all()):
+            raise ValueError("the LDOS holds NaN or infinite values")
+        return ldos.sum(0) * voxel_volume
+
+    # ------------------------------------------------------------------ step 2, global
+    @torch.jit.export
+    def fermi_level(self, dos: torch.Tensor) -> torch.Tensor:
+        """mu with integral^{mu} D = N_val: bisection on the piecewise-quadratic N(mu).
+
+        Robust with a gap (N flat in it: the bisection ends inside the gap) and with
+        non-monotonic D from a network. Not differentiable; see ``_with_mu_gradient``.
+        """
+        energies = self.energies
+        lo = energies[0].clone()
+        hi = energies[-1].clone()
+        total = (integration_weights(energies, hi) * dos).sum()
+        if bool(total < self.n_valence):
+            raise ValueError(
+                "the LDOS holds " + str(float(total)) + " electrons over the energy grid, "
+                "fewer than N_val = " + str(self.n_valence)
+            )
+        for _ in range(self.bisection_steps):
+            mid = 0.5 * (lo + hi)
+            if bool((integration_weights(energies, mid) * dos).sum() < self.n_valence):
+                lo = mid
+            else:
+                hi = mid
+        mu = 0.5 * (lo + hi)
+        margin = self.window_widths * self.kt
+        if bool(mu - margin < energies[0]) or bool(mu + margin > energies[-1]):
+            raise ValueError(
+                "the energy grid ["
+                + str(float(energies[0]))
+                + ", "
+                + str(float(energies[-1]))
+                + "] eV does not cover mu +/- 10 k_B T (mu = "
+                + str(float(mu))
+                + " eV)"
+            )
+        return mu
+
+    @torch.jit.export
+    def density(self, ldos: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """n(r) = integral^{mu} d(e, r) de for the given points (1/A^3)."""
+        return ldos @ integration_weights(self.energies, mu)
+
+    @torch.jit.export
+    def band_free_energy(self, dos: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """E_band - TS = integral^{mu} e D(e) de."""
+        return (integration_weights(self.energies, mu) * self.energies * dos).sum()
+
+    @torch.jit.export
+    def entropy_term(self, dos: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """-TS = k_B T integral ln(1 - exp(-|e - mu| / k_B T)) D(e) de (product quadrature
+        on the linear interpolant, split at mu where the kernel is log-singular)."""
+        energies = self.energies
+        breaks, _ = torch.sort(torch.cat([energies, mu.reshape(1)]))
+        left, right = breaks[:-1], breaks[1:]
+        half = 0.5 * (right - left)
+        nodes = (0.5 * (left + right)).unsqueeze(1) + half.unsqueeze(1) * self.quadrature_nodes
+        weights = half.unsqueeze(1) * self.quadrature_weights
+        step = energies[1] - energies[0]
+        position = torch.clamp((nodes - energies[0]) / step, 0.0, float(energies.shape[0] - 1))
+        index = torch.clamp(torch.floor(position), 0.0, float(energies.shape[0] - 2)).long()
+        t = position - index
+        values = dos[index] * (1.0 - t) + dos[index + 1] * t
+        distance = torch.abs(nodes - mu) / self.kt
+        kernel = torch.log(-torch.expm1(-torch.clamp(distance, min=1e-300)))
+        return self.kt * (weights * kernel * values).sum()
+
+    @torch.jit.export
+    def potential_terms(
+        self, density: torch.Tensor, cell: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """E_H, E_xc, integral v_xc n and phi = dPhi/dn(r), Phi = -E_H + E_xc - int v_xc n.
+
+        ``density`` is the full grid [nx, ny, nz] (1/A^3); phi has its shape (eV A^3).
+        """
+        if density.dim() != 3:
+            raise ValueError("density must be a full [nx, ny, nz] grid")
+        volume = torch.abs(torch.linalg.det(cell))
+        voxel = volume / float(density.numel())
+        n = density.detach().clone().requires_grad_(True)
+        e_hartree = hartree_energy(n, cell, self.coulomb)
+        gradient_sq = torch.zeros_like(n)
+        if self.xc == "pbe":
+            gradient_sq = (_fft_gradient(n, cell) ** 2).sum(-1) * self.bohr**8
+        per_electron = xc_energy_density(n * self.bohr**3, gradient_sq, self.xc) * self.hartree
+        e_xc = (n * per_electron).sum() * voxel
+        v_xc = torch.autograd.grad([e_xc], [n], create_graph=True)[0]  # = v_xc(r) dV
+        v_xc = v_xc.reshape(n.shape) if v_xc is not None else torch.zeros_like(n)
+        double_counting = (v_xc * n).sum()
+        phi_objective = -e_hartree + e_xc - double_counting
+        phi = torch.autograd.grad([phi_objective], [n])[0]
+        phi = phi if phi is not None else torch.zeros_like(n)
+        terms = {
+            "hartree": e_hartree.detach(),
+            "xc": e_xc.detach(),
+            "vxc_n": double_counting.detach(),
+        }
+        return terms, phi.detach()
+
+    @torch.jit.export
+    def global_terms(
+        self, dos: torch.Tensor, density: torch.Tensor, cell: torch.Tensor, mu: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every energy term (eV per cell) but E_ii, and phi on the full grid."""
+        terms, phi = self.potential_terms(density, cell)
+        band_free = self.band_free_energy(dos, mu)
+        entropy = self.entropy_term(dos, mu)
+        terms["band_free"] = band_free
+        terms["entropy"] = entropy
+        terms["band"] = band_free - entropy
+        terms["fermi_level"] = mu
+        terms["electrons"] = (integration_weights(self.energies, mu) * dos).sum()
+        terms["one_electron"] = terms["band"] - 2.0 * terms["hartree"] - terms["vxc_n"]
+        terms["electronic"] = band_free - terms["hartree"] + terms["xc"] - terms["vxc_n"]
+        return terms, phi
+
+    # ------------------------------------------------------------------ step 3, local
+    @torch.jit.export
+    def fermi_shift_part(
+        self, ldos: torch.Tensor, mu: torch.Tensor, phi: torch.Tensor
+    ) -> torch.Tensor:
+        """sum_r phi(r) d(mu, r) over the given points (phi flattened like ldos rows)."""
+        return (phi * (ldos @ interpolation_weights(self.energies, mu))).sum()
+
+    @torch.jit.export
+    def ldos_gradient(
+        self,
+        mu: torch.Tensor,
+        phi: torch.Tensor,
+        dos: torch.Tensor,
+        fermi_shift: torch.Tensor,
+        voxel_volume: float,
+    ) -> torch.Tensor:
+        """dA/dd_j(r) at fixed N for the given points: W_j (e_j dV + phi(r) - dV c / D(mu)),
+
+        c = [e D](mu) + sum_r phi(r) d(mu, r) (``fermi_shift`` is the second part, summed
+        over all points), the interpolants taken at mu. Shape [points, energies].
+        """
+        energies = self.energies
+        weights = integration_weights(energies, mu)
+        at_mu = interpolation_weights(energies, mu)
+        dos_mu = (at_mu * dos).sum()
+        c = (at_mu * energies * dos).sum() + fermi_shift
+        shift = voxel_volume * c / dos_mu
+        return weights.unsqueeze(0) * (
+            energies.unsqueeze(0) * voxel_volume + phi.unsqueeze(1) - shift
+        )
+
+    # ------------------------------------------------------------------ one process
+    def forward(self, ldos: torch.Tensor, cell: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All terms for an LDOS on a full grid [nx, ny, nz, nE] (no E_ii)."""
+        terms, _ = self.evaluate(ldos, cell, False)
+        return terms
+
+    @torch.jit.export
+    def evaluate(
+        self, ldos: torch.Tensor, cell: torch.Tensor, with_gradient: bool
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Terms and (optionally) dA/dd [nx, ny, nz, nE], through the distributed steps."""
+        if ldos.dim() != 4 or ldos.shape[3] != self.energies.shape[0]:
+            raise ValueError("ldos must be [nx, ny, nz, energies] on the model's energy grid")
+        if cell.dim() != 2 or cell.shape[0] != 3 or cell.shape[1] != 3:
+            raise ValueError("cell must be 3x3 (rows = lattice vectors)")
+        if not bool(torch.abs(torch.linalg.det(cell)) > 0):
+            raise ValueError("cell is singular")
+        shape = (ldos.shape[0], ldos.shape[1], ldos.shape[2])
+        voxel = float(torch.abs(torch.linalg.det(cell))) / float(shape[0] * shape[1] * shape[2])
+        rows = ldos.reshape(-1, ldos.shape[3])
+        dos = self.dos(rows, voxel)
+        mu = self.fermi_level(dos)
+        density = self.density(rows, mu).reshape(shape)
+        terms, phi = self.global_terms(dos, density, cell, mu)
+        gradient = torch.zeros(0, dtype=ldos.dtype, device=ldos.device)
+        if with_gradient:
+            phi_rows = phi.reshape(-1)
+            shift = self.fermi_shift_part(rows, mu, phi_rows)
+            gradient = self.ldos_gradient(mu, phi_rows, dos, shift, voxel).reshape(ldos.shape)
+        return terms, gradient

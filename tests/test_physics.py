@@ -1,0 +1,206 @@
+"""The free-energy functional (mlsurrogate.physics) against QE and against itself."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlsurrogate.data import Snapshot
+from mlsurrogate.evaluate import evaluate_dft, functional_for
+from mlsurrogate.ion_ion import ion_ion_energy
+from mlsurrogate.physics import LdosEnergy
+from mlsurrogate.units import BOLTZMANN_EV_PER_K
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
+SNAPSHOTS = sorted(DATA.glob("snapshot_*.h5"))
+
+
+def load(path):
+    with Snapshot(path) as snap:
+        functional = functional_for(snap)
+        ldos = torch.as_tensor(snap.ldos[()], dtype=torch.float64)
+        cell = torch.as_tensor(np.asarray(snap.atoms.cell), dtype=torch.float64)
+        return functional, ldos, cell, snap.attrs, snap.atoms
+
+
+@pytest.mark.parametrize("path", SNAPSHOTS, ids=lambda p: p.stem)
+def test_terms_against_quantum_espresso(path):
+    rows, natoms = evaluate_dft(path)
+    by_key = {(r.name, r.source): r for r in rows}
+
+    def diff(name, source):
+        row = by_key[(name, source)]
+        return row.ours - row.qe
+
+    # each term on QE's own density: within 1e-4 eV per cell
+    assert abs(diff("E_H", "QE n")) < 1e-4
+    assert abs(diff("E_xc", "QE n")) < 1e-4
+    assert abs(diff("int v_xc n", "QE n")) < 1e-4
+    # ion-ion by LAMMPS Ewald vs QE's ewald term: within 0.1 meV/atom
+    assert abs(diff("E_ii (LAMMPS Ewald)", "atoms")) / natoms < 1e-4
+    # from QE's LDOS (issue targets 5 meV/atom, stretch 1; achieved well below 1)
+    assert abs(diff("total free energy A", "LDOS + E_ii")) / natoms < 1e-3
+    assert abs(diff("band energy", "LDOS")) / natoms < 1e-3
+    assert abs(diff("-TS", "LDOS")) / natoms < 2e-4
+    assert abs(diff("one-electron", "LDOS")) / natoms < 1e-3
+    assert abs(diff("Fermi level", "LDOS")) < 5e-3
+
+
+def test_gradient_against_finite_differences():
+    functional, ldos, cell, _, _ = load(SNAPSHOTS[3])
+    terms, gradient = functional.evaluate(ldos, cell, True)
+    mu = float(terms["fermi_level"])
+    energies = functional.energies
+
+    def energy(x):
+        return float(functional.evaluate(x, cell, False)[0]["electronic"])
+
+    # single entries: deep in the band, just below and just above mu, two points
+    j_deep = int(torch.searchsorted(energies, torch.tensor(2.0, dtype=torch.float64)))
+    j_mu = int(torch.searchsorted(energies, torch.tensor(mu, dtype=torch.float64)))
+    for point, j in [((0, 0, 0), j_deep), ((5, 11, 3), j_mu - 1), ((17, 2, 9), j_mu)]:
+        step = 1e-4
+        plus, minus = ldos.clone(), ldos.clone()
+        plus[point + (j,)] += step
+        minus[point + (j,)] -= step
+        fd = (energy(plus) - energy(minus)) / (2 * step)
+        assert float(gradient[point + (j,)]) == pytest.approx(fd, rel=1e-6)
+    # a direction touching every entry
+    direction = torch.randn(
+        ldos.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    direction *= 1e-3 * ldos.abs().max() / direction.abs().max()
+    fd = (energy(ldos + direction) - energy(ldos - direction)) / 2
+    assert float((gradient * direction).sum()) == pytest.approx(fd, rel=1e-6)
+
+
+def test_torchscript_equals_eager():
+    functional, ldos, cell, _, _ = load(SNAPSHOTS[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in torch 2.13
+        scripted = torch.jit.script(functional)
+    eager_terms, eager_gradient = functional.evaluate(ldos, cell, True)
+    script_terms, script_gradient = scripted.evaluate(ldos, cell, True)
+    for key, value in eager_terms.items():
+        assert float(script_terms[key]) == pytest.approx(float(value), rel=1e-12, abs=1e-300)
+    assert torch.allclose(script_gradient, eager_gradient, rtol=1e-12, atol=0)
+
+
+def fd_levels_dos(levels, weights, energies, kt):
+    """D broadened by -f' of width kT, as pp.x makes it."""
+    x = (energies[:, None] - levels[None, :]) / kt
+    return (weights[None, :] * 0.25 / np.cosh(0.5 * x) ** 2 / kt).sum(1)
+
+
+def test_identities_on_a_gapped_spectrum():
+    """Silicon-like levels: a 1 eV gap. The LDOS formulas must give the exact
+    Fermi-Dirac sums over the levels, and mu must fall in the gap."""
+    rng = np.random.default_rng(3)
+    valence = rng.uniform(-10.0, -1.0, 400)
+    conduction = rng.uniform(0.0, 6.0, 400)
+    levels = np.concatenate([valence, conduction])
+    weights = np.full(levels.size, 8.0 / valence.size)  # 8 electrons fill the valence band
+    temperature = 933.0
+    kt = BOLTZMANN_EV_PER_K * temperature
+    energies = np.arange(-12.0, 8.0, 0.02)
+    dos = torch.as_tensor(fd_levels_dos(levels, weights, energies, kt))
+    functional = LdosEnergy(energies, temperature, 8.0)
+    mu = functional.fermi_level(dos)
+    assert -1.0 < float(mu) < 0.0
+    occupation = 1.0 / (1.0 + np.exp((levels - float(mu)) / kt))
+    assert np.sum(weights * occupation) == pytest.approx(8.0, rel=1e-6)
+    entropy = kt * np.sum(
+        weights
+        * np.where(
+            (occupation > 0) & (occupation < 1),
+            occupation * np.log(np.clip(occupation, 1e-300, 1))
+            + (1 - occupation) * np.log(np.clip(1 - occupation, 1e-300, 1)),
+            0.0,
+        )
+    )
+    band = np.sum(weights * occupation * levels)
+    assert float(functional.band_free_energy(dos, mu)) == pytest.approx(band + entropy, abs=1e-5)
+    assert float(functional.entropy_term(dos, mu)) == pytest.approx(entropy, abs=1e-5)
+
+
+def test_entropy_identity_for_a_metal():
+    """Dense levels across mu: -TS and E_band - TS from the broadened DOS equal the sums.
+
+    A fine energy grid tests the identities; the QE comparison tests the 0.1 eV grid."""
+    levels = np.linspace(-5.0, 5.0, 2001)
+    weights = np.full(levels.size, 0.01)
+    temperature = 2000.0
+    kt = BOLTZMANN_EV_PER_K * temperature
+    energies = np.arange(-7.0, 7.0, 0.02)
+    dos = torch.as_tensor(fd_levels_dos(levels, weights, energies, kt))
+    functional = LdosEnergy(energies, temperature, 10.0)
+    mu = float(functional.fermi_level(dos))
+    occupation = 1.0 / (1.0 + np.exp((levels - mu) / kt))
+    assert np.sum(weights * occupation) == pytest.approx(10.0, rel=1e-4)
+    o = np.clip(occupation, 1e-300, 1 - 1e-16)
+    entropy = kt * np.sum(weights * (o * np.log(o) + (1 - o) * np.log1p(-o)))
+    mu_t = torch.tensor(mu, dtype=torch.float64)
+    assert float(functional.entropy_term(dos, mu_t)) == pytest.approx(entropy, rel=1e-3)
+    assert float(functional.band_free_energy(dos, mu_t)) == pytest.approx(
+        np.sum(weights * occupation * levels) + entropy, abs=1e-4
+    )
+
+
+def test_ion_ion_forces_and_virial():
+    atoms = Snapshot(SNAPSHOTS[2]).atoms
+    result = ion_ion_energy(atoms, {"Al": 3.0})
+    step = 1e-4
+    for atom, axis in [(0, 0), (3, 2)]:
+        plus, minus = atoms.copy(), atoms.copy()
+        plus.positions[atom, axis] += step
+        minus.positions[atom, axis] -= step
+        fd = ion_ion_energy(plus, {"Al": 3.0}).energy - ion_ion_energy(minus, {"Al": 3.0}).energy
+        assert result.forces[atom, axis] == pytest.approx(-fd / (2 * step), rel=1e-5, abs=1e-6)
+
+    def strained(a, b, eps):
+        deformed = atoms.copy()
+        deformation = np.eye(3)
+        deformation[a, b] += eps / 2
+        deformation[b, a] += eps / 2
+        deformed.set_cell(np.asarray(atoms.cell) @ deformation, scale_atoms=True)
+        return ion_ion_energy(deformed, {"Al": 3.0}).energy
+
+    # virial W = -dE/d(strain), diagonal included (LAMMPS leaves out the background term
+    # there; ion_ion_energy adds it). Tolerance: Ewald accuracy 1e-10 -> ~1e-5 eV here.
+    for a, b in [(0, 0), (2, 2), (0, 1), (1, 2)]:
+        fd = (strained(a, b, 1e-4) - strained(a, b, -1e-4)) / 2e-4
+        assert result.virial[a, b] == pytest.approx(-fd, rel=1e-5, abs=5e-5)
+
+
+def test_bad_input_is_a_clear_error():
+    functional, ldos, cell, attrs, _ = load(SNAPSHOTS[0])
+    energies = functional.energies.numpy()
+    bad = ldos.clone()
+    bad[1, 2, 3, 40] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        functional.evaluate(bad, cell, False)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        LdosEnergy(energies, 0.0, 12.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        LdosEnergy(energies, -10.0, 12.0)
+    # an energy grid ending below mu + 10 kT
+    top = int(np.searchsorted(energies, attrs["fermi_energy_eV"] + 0.3))
+    short = LdosEnergy(energies[:top], 933.0, 12.0)
+    with pytest.raises(ValueError, match=r"does not cover mu \+/- 10 k_B T"):
+        short.evaluate(ldos[..., :top].contiguous(), cell, False)
+    with pytest.raises(ValueError, match="model's energy grid"):
+        functional.evaluate(ldos[..., :-1], cell, False)
+    with pytest.raises(ValueError, match="singular"):
+        functional.evaluate(ldos, torch.zeros(3, 3, dtype=torch.float64), False)
+    with pytest.raises(ValueError, match="uniform"):
+        LdosEnergy(np.array([0.0, 0.1, 0.3, 0.4]), 933.0, 1.0)
+    with pytest.raises(ValueError, match="exact for fermi-dirac-derivative of width"):
+        LdosEnergy(energies, 933.0, 12.0, broadening_ev=0.2)
+    with pytest.raises(ValueError, match="fewer than N_val"):
+        functional.evaluate(ldos * 0.5, cell, False)
+    assert math.isfinite(float(functional.evaluate(ldos, cell, False)[0]["electronic"]))
