@@ -41,6 +41,32 @@ def tiny_qe_run(tmp_path_factory) -> Path:
     )
 
 
+# Two-atom silicon with a PBE pseudopotential: a gapped system and a GGA functional.
+SILICON_SETTINGS = QESettings(
+    pseudopotentials={"Si": "Si.pbe-rrkj.UPF"},
+    ecutwfc_ry=12.0,
+    kpts=(3, 3, 3),
+    nbnd=16,
+    ldos_emin_ev=-8.0,
+    ldos_emax_ev=12.0,
+    ldos_spacing_ev=0.1,
+)
+
+
+@pytest.fixture(scope="session")
+def silicon_snapshot(tmp_path_factory) -> Path:
+    """Snapshot file of a real pw.x + pp.x run of slightly distorted diamond Si (PBE)."""
+    from ase.build import bulk
+
+    from mlsurrogate.qe import ingest
+
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.positions[1] += (0.03, -0.02, 0.01)
+    base = tmp_path_factory.mktemp("si")
+    run_qe(atoms, SILICON_SETTINGS, base / "run", progress=False)
+    return ingest(base / "run", base / "si.h5", progress=False)
+
+
 @pytest.fixture
 def tiny_run_copy(tiny_qe_run, tmp_path) -> Path:
     """A private copy of the tiny run that a test may damage."""

@@ -51,6 +51,22 @@ def test_terms_against_quantum_espresso(path):
     assert abs(diff("Fermi level", "LDOS")) < 5e-3
 
 
+@pytest.mark.qe
+def test_pbe_and_a_gap_on_real_silicon(silicon_snapshot):
+    rows, natoms = evaluate_dft(silicon_snapshot)
+    by_key = {(r.name, r.source): r for r in rows}
+    for name in ("E_H", "E_xc", "int v_xc n"):
+        row = by_key[(name, "QE n")]
+        assert abs(row.ours - row.qe) < 1e-4, name
+    with Snapshot(silicon_snapshot) as snap:
+        assert snap.attrs["xc_functional"] == "PBE"
+        eigenvalues = snap.reference("eigenvalues")
+    valence_top, conduction_bottom = eigenvalues[:, 3].max(), eigenvalues[:, 4].min()
+    mu = by_key[("Fermi level", "LDOS")]
+    assert valence_top < mu.ours < conduction_bottom
+    assert mu.ours == pytest.approx(mu.qe, abs=0.01)
+
+
 def test_gradient_against_finite_differences():
     functional, ldos, cell, _, _ = load(SNAPSHOTS[3])
     terms, gradient = functional.evaluate(ldos, cell, True)
