@@ -67,6 +67,26 @@ def silicon_snapshot(tmp_path_factory) -> Path:
     return ingest(base / "run", base / "si.h5", progress=False)
 
 
+@pytest.fixture(scope="session")
+def magnesium_snapshot(tmp_path_factory) -> Path:
+    """Snapshot of one-atom fcc Mg with Mg.pz-n-vbc.UPF: a nonlinear core correction."""
+    from ase.build import bulk
+
+    from mlsurrogate.qe import ingest
+
+    settings = QESettings(
+        pseudopotentials={"Mg": "Mg.pz-n-vbc.UPF"},
+        ecutwfc_ry=15.0,
+        kpts=(4, 4, 4),
+        ldos_emin_ev=-6.0,
+        ldos_emax_ev=10.0,
+        conv_thr_ry=1e-10,
+    )
+    base = tmp_path_factory.mktemp("mg")
+    run_qe(bulk("Mg", "fcc", a=4.52), settings, base / "run", progress=False)
+    return ingest(base / "run", base / "mg.h5", progress=False)
+
+
 @pytest.fixture
 def tiny_run_copy(tiny_qe_run, tmp_path) -> Path:
     """A private copy of the tiny run that a test may damage."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mlsurrogate.data import Snapshot
-from mlsurrogate.evaluate import evaluate_dft, functional_for
+from mlsurrogate.evaluate import core_density_of, evaluate_dft, functional_for
 from mlsurrogate.ion_ion import ion_ion_energy
 from mlsurrogate.physics import LdosEnergy
 from mlsurrogate.units import BOLTZMANN_EV_PER_K
@@ -65,6 +65,31 @@ def test_pbe_and_a_gap_on_real_silicon(silicon_snapshot):
     mu = by_key[("Fermi level", "LDOS")]
     assert valence_top < mu.ours < conduction_bottom
     assert mu.ours == pytest.approx(mu.qe, abs=0.01)
+
+
+@pytest.mark.qe
+def test_nonlinear_core_correction_on_real_magnesium(magnesium_snapshot):
+    rows, natoms = evaluate_dft(magnesium_snapshot)
+    by_key = {(r.name, r.source): r for r in rows}
+    for name in ("E_H", "E_xc", "int v_xc n"):
+        row = by_key[(name, "QE n")]
+        assert abs(row.ours - row.qe) < 1e-4, name
+    total = by_key[("total free energy A", "LDOS + E_ii")]
+    assert abs(total.ours - total.qe) / natoms < 1e-3
+    with Snapshot(magnesium_snapshot) as snap:
+        assert snap.attrs["core_correction"] == {"Mg": True}
+        functional = functional_for(snap)
+        cell = torch.as_tensor(np.asarray(snap.atoms.cell), dtype=torch.float64)
+        density = torch.as_tensor(snap.density[()], dtype=torch.float64)
+        core = core_density_of(snap)
+        radial = snap.core_density_radial("Mg")
+        qe_xc = snap.attrs["energy_xc_eV"]
+    # the core density holds the pseudo-core charge of the UPF file, and it matters
+    volume = float(torch.abs(torch.linalg.det(cell)))
+    charge = np.sum(4 * np.pi * radial["r"] ** 2 * radial["rho"] * radial["rab"])
+    assert float(core.sum()) * volume / core.numel() == pytest.approx(charge, rel=1e-3)
+    without_core, _ = functional.potential_terms(density, cell)
+    assert abs(float(without_core["xc"]) - qe_xc) > 0.05
 
 
 def test_gradient_against_finite_differences():

@@ -13,6 +13,8 @@ datasets
   forces [N, 3] eV/A, stress [3, 3] eV/A^3 (QE's sign),
   eigenvalues [nk, nbnd] eV, occupations [nk, nbnd] (0..1), kweights [nk] (sum 2:
   spin included)
+  core_density/<element>/{r, rab, rho}: radial core density (A, 1/A^3) of each element
+  whose pseudopotential has a nonlinear core correction
 file attributes
   see ``REQUIRED_ATTRIBUTES``; energies as ``energy_<term>_eV`` per cell.
 
@@ -141,11 +143,14 @@ def write_snapshot(
     density: np.ndarray | None = None,
     descriptors: np.ndarray | None = None,
     descriptor_params: BispectrumParams | None = None,
+    core_densities: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> Path:
     """Write one snapshot file atomically (temporary name, then rename).
 
     ``reference`` holds the DFT arrays forces, stress, eigenvalues, occupations, kweights.
     ``attributes`` are stored as file attributes; dicts are stored as JSON strings.
+    ``core_densities`` maps an element to its radial core density (``r``, ``rab``, ``rho``)
+    for pseudopotentials with a nonlinear core correction.
     """
     grid = tuple(ldos.shape[:3])
     if ldos.ndim != 4 or ldos.shape[3] != len(energies):
@@ -173,6 +178,9 @@ def write_snapshot(
             _create_grid_dataset(h5, "density", np.asarray(density, dtype=np.float64))
         if descriptors is not None:
             _write_descriptors(h5, descriptors, descriptor_params)  # type: ignore[arg-type]
+        for element, radial in (core_densities or {}).items():
+            for key in ("r", "rab", "rho"):
+                h5.create_dataset(f"core_density/{element}/{key}", data=radial[key])
     return path
 
 
@@ -293,6 +301,13 @@ class Snapshot:
     def descriptor_params(self) -> BispectrumParams | None:
         data = self.descriptors
         return None if data is None else params_from_json(data.attrs["params"])
+
+    def core_density_radial(self, element: str) -> dict[str, np.ndarray]:
+        """Radial core density (r, rab in A; rho in 1/A^3) of an element with NLCC."""
+        group = self._h5.get(f"core_density/{element}")
+        if group is None:
+            raise SnapshotError(f"{self.path}: no core density stored for {element}")
+        return {key: group[key][()] for key in ("r", "rab", "rho")}
 
     def reference(self, name: str) -> np.ndarray:
         """A DFT reference array (forces, stress, eigenvalues, occupations, kweights)."""

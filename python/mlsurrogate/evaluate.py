@@ -10,7 +10,8 @@ import torch
 
 from mlsurrogate.data import Snapshot
 from mlsurrogate.ion_ion import ion_ion_energy
-from mlsurrogate.physics import LdosEnergy
+from mlsurrogate.physics import LdosEnergy, core_density, core_form_factors, g_vectors
+from mlsurrogate.units import BOHR_ANGSTROM, RYDBERG_EV
 
 # QE's functional names (XML <dft><functional>) -> ours
 _XC_NAMES = {"PZ": "lda_pz", "SLA-PZ": "lda_pz", "LDA": "lda_pz", "PBE": "pbe"}
@@ -26,11 +27,6 @@ def xc_of(qe_name: str) -> str:
 def functional_for(snap: Snapshot) -> LdosEnergy:
     """The energy functional matching a snapshot's DFT settings."""
     attrs = snap.attrs
-    if any(attrs["core_correction"].values()):
-        raise ValueError(
-            f"{snap.path}: pseudopotentials with a nonlinear core correction are not "
-            "supported yet (E_xc would need the core density)"
-        )
     return LdosEnergy(
         snap.energies,
         attrs["electronic_temperature_K"],
@@ -38,6 +34,30 @@ def functional_for(snap: Snapshot) -> LdosEnergy:
         xc_of(attrs["xc_functional"]),
         attrs["ldos_broadening_kernel"],
         attrs["ldos_broadening_eV"],
+    )
+
+
+def core_density_of(snap: Snapshot) -> torch.Tensor | None:
+    """The core density on the snapshot's grid, or None without core corrections."""
+    corrected = sorted(e for e, flag in snap.attrs["core_correction"].items() if flag)
+    if not corrected:
+        return None
+    atoms = snap.atoms
+    cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
+    g_norm = torch.sqrt((g_vectors(cell, snap.grid_shape) ** 2).sum(-1)).numpy()
+    # QE keeps the G inside the density-cutoff sphere: |G|^2 (bohr^-2) <= ecutrho (Ry)
+    g_max = np.sqrt(snap.attrs["ecutrho_eV"] / RYDBERG_EV) / BOHR_ANGSTROM
+    form_factors = np.stack(
+        [core_form_factors(snap.core_density_radial(e), g_norm, g_max) for e in corrected]
+    )
+    symbols = atoms.get_chemical_symbols()
+    index = {e: i for i, e in enumerate(corrected)}
+    keep = [i for i, s in enumerate(symbols) if s in index]
+    return core_density(
+        cell,
+        torch.as_tensor(atoms.positions[keep], dtype=torch.float64),
+        torch.as_tensor([index[symbols[i]] for i in keep], dtype=torch.int64),
+        torch.as_tensor(form_factors, dtype=torch.complex128),
     )
 
 
@@ -57,11 +77,12 @@ def evaluate_dft(path: str | os.PathLike[str]) -> tuple[list[TermComparison], in
         functional = functional_for(snap)
         cell = torch.as_tensor(np.asarray(snap.atoms.cell), dtype=torch.float64)
         ldos = torch.as_tensor(snap.ldos[()], dtype=torch.float64)
-        terms, _ = functional.evaluate(ldos, cell, False)
+        core = core_density_of(snap)
+        terms, _ = functional.evaluate(ldos, cell, False, core)
         rows: list[TermComparison] = []
         if snap.density is not None:
             qe_terms, _ = functional.potential_terms(
-                torch.as_tensor(snap.density[()], dtype=torch.float64), cell
+                torch.as_tensor(snap.density[()], dtype=torch.float64), cell, core
             )
             rows += [
                 TermComparison(

@@ -100,37 +100,94 @@ def interpolation_weights(energies: torch.Tensor, mu: torch.Tensor) -> torch.Ten
     )
 
 
-def _reciprocal_squared(cell: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """|G|^2 on the FFT grid (A^-2), G = 2 pi m . inv(cell)^T; the G = 0 entry is 1."""
+def g_vectors(
+    cell: torch.Tensor, shape: tuple[int, int, int], zero_nyquist: bool = False
+) -> torch.Tensor:
+    """G = 2 pi m . inv(cell)^T on the FFT grid (integer m in FFT order), [nx, ny, nz, 3].
+
+    ``zero_nyquist`` sets m = 0 at the Nyquist index of even axes (for derivatives,
+    which that mode does not define).
+    """
     reciprocal = 2.0 * math.pi * torch.linalg.inv(cell).transpose(0, 1)
     g = torch.zeros(shape[0], shape[1], shape[2], 3, dtype=cell.dtype, device=cell.device)
     for axis in range(3):
-        m = torch.fft.fftfreq(shape[axis], dtype=cell.dtype, device=cell.device) * shape[axis]
+        n = shape[axis]
+        m = torch.fft.fftfreq(n, dtype=cell.dtype, device=cell.device) * n
+        if zero_nyquist and n % 2 == 0:
+            m[n // 2] = 0.0
         view = [1, 1, 1, 1]
-        view[axis] = shape[axis]
+        view[axis] = n
         g = g + m.view(view) * reciprocal[axis].view(1, 1, 1, 3)
+    return g
+
+
+def _reciprocal_squared(cell: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """|G|^2 on the FFT grid (A^-2); the G = 0 entry is 1."""
+    g = g_vectors(cell, shape)
     g2 = (g * g).sum(-1)
     g2[0, 0, 0] = 1.0
     return g2
 
 
+def simpson_weights(rab: np.ndarray) -> np.ndarray:
+    """Composite Simpson weights on a radial mesh with Jacobian ``rab`` = dr/di (odd size)."""
+    weights = np.full(rab.size, 2.0)
+    weights[1::2] = 4.0
+    weights[0] = weights[-1] = 1.0
+    return weights * rab / 3.0
+
+
+def core_form_factors(
+    radial: dict[str, np.ndarray], g_norm: np.ndarray, g_max: float
+) -> np.ndarray:
+    """4 pi integral r^2 rho_c(r) sin(Gr)/(Gr) dr at each |G| (electrons), 0 above g_max.
+
+    As QE's set_rhoc: the radial mesh is cut at the first r > 10 bohr (kept odd) and
+    only G inside the density-cutoff sphere enter.
+    """
+    r, rab, rho = radial["r"], radial["rab"], radial["rho"]
+    beyond = np.nonzero(r > 10.0 * BOHR_ANGSTROM)[0]
+    size = int(beyond[0]) + 1 if beyond.size else r.size
+    size = 2 * ((size + 1) // 2) - 1
+    r, rab, rho = r[:size], rab[:size], rho[:size]
+    weights = simpson_weights(rab) * 4.0 * np.pi * r * r * rho
+    flat = g_norm.ravel()
+    values = np.empty(flat.size)
+    for start in range(0, flat.size, 4096):  # bounded memory: 4096 x mesh at a time
+        gr = np.outer(flat[start : start + 4096], r)
+        values[start : start + 4096] = np.sinc(gr / np.pi) @ weights
+    values[flat > g_max] = 0.0
+    return values.reshape(g_norm.shape)
+
+
+def core_density(
+    cell: torch.Tensor,
+    positions: torch.Tensor,
+    species: torch.Tensor,
+    form_factors: torch.Tensor,
+) -> torch.Tensor:
+    """n_core(r) = (1/V) sum_G sum_a F_s(a)(|G|) exp(iG.(r - R_a)) on the grid (1/A^3).
+
+    ``form_factors`` [n_species, nx, ny, nz] from :func:`core_form_factors`; ``species``
+    [natoms] indexes it. Differentiable in ``positions`` (forces of the core correction).
+    """
+    shape = (form_factors.shape[1], form_factors.shape[2], form_factors.shape[3])
+    g = g_vectors(cell, shape)
+    volume = torch.abs(torch.linalg.det(cell))
+    coefficients = torch.zeros(shape, dtype=torch.complex128, device=cell.device)
+    for atom in range(positions.shape[0]):
+        phase = (g * positions[atom].view(1, 1, 1, 3)).sum(-1)
+        coefficients = coefficients + form_factors[species[atom]] * torch.exp(-1j * phase)
+    points = float(shape[0] * shape[1] * shape[2])
+    return torch.fft.ifftn(coefficients).real * points / volume
+
+
 def _fft_gradient(field: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
     """Spectral gradient of a periodic field on the grid, shape [nx, ny, nz, 3]."""
     shape = (field.shape[0], field.shape[1], field.shape[2])
-    reciprocal = 2.0 * math.pi * torch.linalg.inv(cell).transpose(0, 1)
+    g = g_vectors(cell, shape, True)
     coefficients = torch.fft.fftn(field)
-    parts = []
-    for component in range(3):
-        g = torch.zeros(shape, dtype=cell.dtype, device=cell.device)
-        for axis in range(3):
-            n = shape[axis]
-            m = torch.fft.fftfreq(n, dtype=cell.dtype, device=cell.device) * n
-            if n % 2 == 0:
-                m[n // 2] = 0.0  # the Nyquist mode has no defined derivative
-            view = [1, 1, 1]
-            view[axis] = n
-            g = g + m.view(view) * reciprocal[axis, component]
-        parts.append(torch.fft.ifftn(1j * g * coefficients).real)
+    parts = [torch.fft.ifftn(1j * g[..., c] * coefficients).real for c in range(3)]
     return torch.stack(parts, dim=-1)
 
 
@@ -322,11 +379,13 @@ class LdosEnergy(torch.nn.Module):
 
     @torch.jit.export
     def potential_terms(
-        self, density: torch.Tensor, cell: torch.Tensor
+        self, density: torch.Tensor, cell: torch.Tensor, core: torch.Tensor | None = None
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """E_H, E_xc, integral v_xc n and phi = dPhi/dn(r), Phi = -E_H + E_xc - int v_xc n.
 
-        ``density`` is the full grid [nx, ny, nz] (1/A^3); phi has its shape (eV A^3).
+        ``density`` is the full valence grid [nx, ny, nz] (1/A^3); phi has its shape
+        (eV A^3). ``core`` is the core density of nonlinear-core-corrected
+        pseudopotentials: E_xc and v_xc see n + n_core, the double counting only n.
         """
         if density.dim() != 3:
             raise ValueError("density must be a full [nx, ny, nz] grid")
@@ -334,11 +393,12 @@ class LdosEnergy(torch.nn.Module):
         voxel = volume / float(density.numel())
         n = density.detach().clone().requires_grad_(True)
         e_hartree = hartree_energy(n, cell, self.coulomb)
+        total = n if core is None else n + core
         gradient_sq = torch.zeros_like(n)
         if self.xc == "pbe":
-            gradient_sq = (_fft_gradient(n, cell) ** 2).sum(-1) * self.bohr**8
-        per_electron = xc_energy_density(n * self.bohr**3, gradient_sq, self.xc) * self.hartree
-        e_xc = (n * per_electron).sum() * voxel
+            gradient_sq = (_fft_gradient(total, cell) ** 2).sum(-1) * self.bohr**8
+        per_electron = xc_energy_density(total * self.bohr**3, gradient_sq, self.xc) * self.hartree
+        e_xc = (total * per_electron).sum() * voxel
         v_xc = torch.autograd.grad([e_xc], [n], create_graph=True)[0]  # = v_xc(r) dV
         v_xc = v_xc.reshape(n.shape) if v_xc is not None else torch.zeros_like(n)
         double_counting = (v_xc * n).sum()
@@ -354,10 +414,15 @@ class LdosEnergy(torch.nn.Module):
 
     @torch.jit.export
     def global_terms(
-        self, dos: torch.Tensor, density: torch.Tensor, cell: torch.Tensor, mu: torch.Tensor
+        self,
+        dos: torch.Tensor,
+        density: torch.Tensor,
+        cell: torch.Tensor,
+        mu: torch.Tensor,
+        core: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Every energy term (eV per cell) but E_ii, and phi on the full grid."""
-        terms, phi = self.potential_terms(density, cell)
+        terms, phi = self.potential_terms(density, cell, core)
         band_free = self.band_free_energy(dos, mu)
         entropy = self.entropy_term(dos, mu)
         terms["band_free"] = band_free
@@ -402,14 +467,20 @@ class LdosEnergy(torch.nn.Module):
         )
 
     # ------------------------------------------------------------------ one process
-    def forward(self, ldos: torch.Tensor, cell: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, ldos: torch.Tensor, cell: torch.Tensor, core: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """All terms for an LDOS on a full grid [nx, ny, nz, nE] (no E_ii)."""
-        terms, _ = self.evaluate(ldos, cell, False)
+        terms, _ = self.evaluate(ldos, cell, False, core)
         return terms
 
     @torch.jit.export
     def evaluate(
-        self, ldos: torch.Tensor, cell: torch.Tensor, with_gradient: bool
+        self,
+        ldos: torch.Tensor,
+        cell: torch.Tensor,
+        with_gradient: bool,
+        core: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Terms and (optionally) dA/dd [nx, ny, nz, nE], through the distributed steps."""
         if ldos.dim() != 4 or ldos.shape[3] != self.energies.shape[0]:
@@ -424,7 +495,7 @@ class LdosEnergy(torch.nn.Module):
         dos = self.dos(rows, voxel)
         mu = self.fermi_level(dos)
         density = self.density(rows, mu).reshape(shape)
-        terms, phi = self.global_terms(dos, density, cell, mu)
+        terms, phi = self.global_terms(dos, density, cell, mu, core)
         gradient = torch.zeros(0, dtype=ldos.dtype, device=ldos.device)
         if with_gradient:
             phi_rows = phi.reshape(-1)

@@ -415,6 +415,29 @@ def read_upf(path: str | os.PathLike[str]) -> UpfInfo:
         raise QEError(f"{path}: cannot read the UPF header ({exc})") from exc
 
 
+def _upf_array(text: str, tag: str, path: Path) -> np.ndarray:
+    match = re.search(rf"<{tag}(?:\s[^>]*)?>(.*?)</{tag}>", text, re.S)
+    if match is None:
+        raise QEError(f"{path}: no <{tag}> in the UPF file")
+    try:
+        return np.array(match.group(1).replace("D", "E").replace("d", "e").split(), dtype=float)
+    except ValueError as exc:
+        raise QEError(f"{path}: unreadable <{tag}> ({exc})") from exc
+
+
+def read_upf_core_density(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Radial mesh ``r``, its Jacobian ``rab`` (A) and the core density ``rho`` (1/A^3)
+    of a UPF file with a nonlinear core correction (PP_R, PP_RAB, PP_NLCC)."""
+    path = Path(path)
+    text = path.read_text(errors="replace")
+    r = _upf_array(text, "PP_R", path)
+    rab = _upf_array(text, "PP_RAB", path)
+    rho = _upf_array(text, "PP_NLCC", path)
+    if not (r.size == rab.size == rho.size):
+        raise QEError(f"{path}: PP_R, PP_RAB and PP_NLCC have different lengths")
+    return {"r": r * BOHR_ANGSTROM, "rab": rab * BOHR_ANGSTROM, "rho": rho / BOHR_ANGSTROM**3}
+
+
 @dataclass
 class PwResult:
     """What pw.x wrote to its XML (eV, Angstrom); energies by QE's names."""
@@ -830,11 +853,13 @@ def ingest(
     _check_window_covers_bands(run, emin, emin + spacing * math.floor(steps + 1e-6), width)
     cubes = _ldos_cubes(directory, steps)
     energies = emin + spacing * np.arange(len(cubes))
-    upf = {
-        s: read_upf(Path(run.pseudo_dir) / f)
-        if (Path(run.pseudo_dir) / f).is_file()
-        else read_upf(directory / f)
+    upf_paths = {
+        s: Path(run.pseudo_dir) / f if (Path(run.pseudo_dir) / f).is_file() else directory / f
         for s, f in run.pseudopotentials.items()
+    }
+    upf = {s: read_upf(p) for s, p in upf_paths.items()}
+    core_densities = {
+        s: read_upf_core_density(upf_paths[s]) for s, u in upf.items() if u.core_correction
     }
     nval = sum(upf[s].z_valence for s in run.symbols)
     if abs(nval - run.nelec) > 1e-6:
@@ -914,4 +939,5 @@ def ingest(
         density=density,
         descriptors=descriptors,
         descriptor_params=descriptor_params,
+        core_densities=core_densities,
     )
