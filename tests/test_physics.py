@@ -120,6 +120,35 @@ def test_gradient_against_finite_differences():
     assert float((gradient * direction).sum()) == pytest.approx(fd, rel=1e-6)
 
 
+def test_potentials_are_derivatives_of_the_energies():
+    with Snapshot(SNAPSHOTS[4]) as snap:
+        functional = functional_for(snap)
+        density = torch.as_tensor(snap.density[()], dtype=torch.float64)
+        cell = torch.as_tensor(np.asarray(snap.atoms.cell), dtype=torch.float64)
+        vtxc = snap.attrs["energy_vtxc_eV"]
+    v_h, v_xc = functional.potentials(density, cell)
+    terms, _ = functional.potential_terms(density, cell)
+    voxel = float(torch.abs(torch.linalg.det(cell))) / density.numel()
+    assert float((v_h * density).sum()) * voxel == pytest.approx(
+        2 * float(terms["hartree"]), rel=1e-12
+    )
+    assert float((v_xc * density).sum()) * voxel == pytest.approx(vtxc, abs=1e-4)
+    step = 1e-6
+    for point in [(0, 0, 0), (7, 3, 12)]:
+        plus, minus = density.clone(), density.clone()
+        plus[point] += step
+        minus[point] -= step
+        hp, hm = (functional.potential_terms(x, cell)[0] for x in (plus, minus))
+        assert float(v_h[point]) == pytest.approx(
+            float(hp["hartree"] - hm["hartree"]) / (2 * step * voxel), rel=1e-6
+        )
+        assert float(v_xc[point]) == pytest.approx(
+            float(hp["xc"] - hm["xc"]) / (2 * step * voxel), rel=1e-6
+        )
+    with pytest.raises(ValueError, match="core density grid differs"):
+        functional.potential_terms(density, cell, density[:-1])
+
+
 def test_torchscript_equals_eager():
     functional, ldos, cell, _, _ = load(SNAPSHOTS[1])
     with warnings.catch_warnings():

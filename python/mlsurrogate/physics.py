@@ -204,6 +204,14 @@ def hartree_energy(density: torch.Tensor, cell: torch.Tensor, coulomb: float) ->
     return 0.5 * volume * 4.0 * math.pi * coulomb * (power * inverse_g2).sum()
 
 
+def hartree_potential(density: torch.Tensor, cell: torch.Tensor, coulomb: float) -> torch.Tensor:
+    """v_H(r) = sum_{G != 0} 4 pi e^2 n(G) / G^2 e^{iG.r} (eV), the derivative of E_H."""
+    shape = (density.shape[0], density.shape[1], density.shape[2])
+    inverse_g2 = 1.0 / _reciprocal_squared(cell, shape)
+    inverse_g2[0, 0, 0] = 0.0
+    return torch.fft.ifftn(torch.fft.fftn(density) * inverse_g2).real * 4.0 * math.pi * coulomb
+
+
 def _pw92_correlation(
     rs: torch.Tensor,
     a: float,
@@ -377,6 +385,29 @@ class LdosEnergy(torch.nn.Module):
         kernel = torch.log(-torch.expm1(-torch.clamp(distance, min=1e-300)))
         return self.kt * (weights * kernel * values).sum()
 
+    def _xc_energy(
+        self, density: torch.Tensor, cell: torch.Tensor, core: torch.Tensor | None
+    ) -> torch.Tensor:
+        """E_xc[n + n_core] (eV) on the grid."""
+        voxel = torch.abs(torch.linalg.det(cell)) / float(density.numel())
+        total = density if core is None else density + core
+        gradient_sq = torch.zeros_like(density)
+        if self.xc == "pbe":
+            gradient_sq = (_fft_gradient(total, cell) ** 2).sum(-1) * self.bohr**8
+        per_electron = xc_energy_density(total * self.bohr**3, gradient_sq, self.xc) * self.hartree
+        return (total * per_electron).sum() * voxel
+
+    @torch.jit.export
+    def potentials(
+        self, density: torch.Tensor, cell: torch.Tensor, core: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hartree and exchange-correlation potentials v_H(r), v_xc(r) in eV on the grid."""
+        voxel = torch.abs(torch.linalg.det(cell)) / float(density.numel())
+        n = density.detach().clone().requires_grad_(True)
+        v_xc = torch.autograd.grad([self._xc_energy(n, cell, core)], [n])[0]
+        v_xc = v_xc if v_xc is not None else torch.zeros_like(n)
+        return hartree_potential(density, cell, self.coulomb), v_xc / voxel
+
     @torch.jit.export
     def potential_terms(
         self, density: torch.Tensor, cell: torch.Tensor, core: torch.Tensor | None = None
@@ -389,16 +420,11 @@ class LdosEnergy(torch.nn.Module):
         """
         if density.dim() != 3:
             raise ValueError("density must be a full [nx, ny, nz] grid")
-        volume = torch.abs(torch.linalg.det(cell))
-        voxel = volume / float(density.numel())
+        if core is not None and core.shape != density.shape:
+            raise ValueError("the core density grid differs from the density grid")
         n = density.detach().clone().requires_grad_(True)
         e_hartree = hartree_energy(n, cell, self.coulomb)
-        total = n if core is None else n + core
-        gradient_sq = torch.zeros_like(n)
-        if self.xc == "pbe":
-            gradient_sq = (_fft_gradient(total, cell) ** 2).sum(-1) * self.bohr**8
-        per_electron = xc_energy_density(total * self.bohr**3, gradient_sq, self.xc) * self.hartree
-        e_xc = (total * per_electron).sum() * voxel
+        e_xc = self._xc_energy(n, cell, core)
         v_xc = torch.autograd.grad([e_xc], [n], create_graph=True)[0]  # = v_xc(r) dV
         v_xc = v_xc.reshape(n.shape) if v_xc is not None else torch.zeros_like(n)
         double_counting = (v_xc * n).sum()
