@@ -64,36 +64,35 @@ _BISECTION_STEPS = 200
 _WINDOW_WIDTHS = 10.0
 
 
+def _segment(energies: torch.Tensor, mu: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Index k of the energy segment [e_k, e_k+1] holding mu, and t = (mu - e_k) / step
+    (differentiable in mu; mu outside the grid extrapolates the end segment)."""
+    position = (mu - energies[0]) / (energies[1] - energies[0])
+    segment = torch.clamp(torch.floor(position.detach()), 0.0, float(energies.shape[0] - 2))
+    return int(segment.item()), position - segment
+
+
 def integration_weights(energies: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     """W_j with sum_j W_j y_j = integral_{e_0}^{mu} of the piecewise-linear interpolant.
 
     Differentiable in mu. ``energies`` must be uniform (checked by the caller).
     """
+    k, t = _segment(energies, mu)
     step = energies[1] - energies[0]
-    count = energies.shape[0]
-    position = (mu - energies[0]) / step
-    segment = torch.clamp(torch.floor(position.detach()), 0.0, float(count - 2))
-    t = position - segment
-    k = int(segment.item())
-    index = torch.arange(count, dtype=torch.int64, device=energies.device)
+    index = torch.arange(energies.shape[0], dtype=torch.int64, device=energies.device)
     zero = torch.zeros_like(energies)
+    # trapezoid over the full segments up to e_k, then the part of segment k up to mu
     weights = torch.where(index <= k, step + zero, zero)
     weights = weights - torch.where(index == 0, 0.5 * step + zero, zero)
     weights = weights - torch.where(index == k, 0.5 * step + zero, zero)
     weights = weights + torch.where(index == k, step * t * (1.0 - 0.5 * t) + zero, zero)
-    weights = weights + torch.where(index == k + 1, 0.5 * step * t * t + zero, zero)
-    return weights
+    return weights + torch.where(index == k + 1, 0.5 * step * t * t + zero, zero)
 
 
 def interpolation_weights(energies: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """Weights of the linear interpolation at mu (dW_j/dmu)."""
-    step = energies[1] - energies[0]
-    count = energies.shape[0]
-    position = (mu - energies[0]) / step
-    segment = torch.clamp(torch.floor(position.detach()), 0.0, float(count - 2))
-    t = position - segment
-    k = int(segment.item())
-    index = torch.arange(count, dtype=torch.int64, device=energies.device)
+    """Weights of the linear interpolation at mu; they equal dW_j/dmu."""
+    k, t = _segment(energies, mu)
+    index = torch.arange(energies.shape[0], dtype=torch.int64, device=energies.device)
     zero = torch.zeros_like(energies)
     return torch.where(index == k, 1.0 - t + zero, zero) + torch.where(
         index == k + 1, t + zero, zero
