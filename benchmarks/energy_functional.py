@@ -41,11 +41,12 @@ def main(paths: list[str]) -> None:
         ldos = torch.as_tensor(snap.ldos[()], dtype=torch.float64)
         cell = torch.as_tensor(np.asarray(snap.atoms.cell), dtype=torch.float64)
         shape = snap.grid_shape
-    functional.evaluate(ldos, cell, True)
+        snap_electrons = snap.attrs["num_valence_electrons"]
+    functional.evaluate(ldos, cell, snap_electrons, True)
     start = time.perf_counter()
     repeats = 5
     for _ in range(repeats):
-        functional.evaluate(ldos, cell, True)
+        functional.evaluate(ldos, cell, snap_electrons, True)
     elapsed = (time.perf_counter() - start) / repeats
     print(
         f"functional + gradient on a {shape[0]}x{shape[1]}x{shape[2]} grid x "

@@ -30,7 +30,6 @@ def functional_for(snap: Snapshot) -> LdosEnergy:
     return LdosEnergy(
         snap.energies,
         attrs["electronic_temperature_K"],
-        attrs["num_valence_electrons"],
         xc_of(attrs["xc_functional"]),
         attrs["ldos_broadening_kernel"],
         attrs["ldos_broadening_eV"],
@@ -78,7 +77,7 @@ def evaluate_dft(path: str | os.PathLike[str]) -> tuple[list[TermComparison], in
         cell = torch.as_tensor(np.asarray(snap.atoms.cell), dtype=torch.float64)
         ldos = torch.as_tensor(snap.ldos[()], dtype=torch.float64)
         core = core_density_of(snap)
-        terms, _ = functional.evaluate(ldos, cell, False, core)
+        terms, _ = functional.evaluate(ldos, cell, attrs["num_valence_electrons"], False, core)
         rows: list[TermComparison] = []
         if snap.density is not None:
             qe_terms, _ = functional.potential_terms(

@@ -35,7 +35,7 @@ Ernzerhof, PRL 77, 3865 (1996)) with gradients by FFT. E_ii comes from LAMMPS
 Distributed use (the pair style; every rank owns a set of grid points):
 
 1. local:   D_part = dos(ldos_local, dV)                      -> MPI_Allreduce(sum) = D
-2. global:  mu = fermi_level(D); n_local = density(ldos_local, mu)
+2. global:  mu = fermi_level(D, N_val); n_local = density(ldos_local, mu)
             -> gather n to a full grid on every rank
             terms, phi = global_terms(D, n_grid, cell, mu)     (replicated, identical)
 3. local:   c_part = fermi_shift_part(ldos_local, mu, phi_local)
@@ -268,7 +268,6 @@ class LdosEnergy(torch.nn.Module):
         self,
         energies: np.ndarray | torch.Tensor,
         temperature_k: float,
-        n_valence: float,
         xc: str = "lda_pz",
         broadening_kernel: str = FERMI_DIRAC_KERNEL,
         broadening_ev: float | None = None,
@@ -282,8 +281,6 @@ class LdosEnergy(torch.nn.Module):
             raise ValueError("the energy grid must be uniform and increasing")
         if not temperature_k > 0 or not math.isfinite(temperature_k):
             raise ValueError(f"temperature must be > 0 K, got {temperature_k}")
-        if not n_valence > 0:
-            raise ValueError(f"the number of valence electrons must be > 0, got {n_valence}")
         if xc not in XC_FUNCTIONALS:
             raise ValueError(f"xc functional must be one of {XC_FUNCTIONALS}, got {xc!r}")
         kt = BOLTZMANN_EV_PER_K * temperature_k
@@ -300,7 +297,6 @@ class LdosEnergy(torch.nn.Module):
         self.register_buffer("quadrature_weights", torch.as_tensor(weights, dtype=torch.float64))
         self.kt = kt
         self.temperature_k = float(temperature_k)
-        self.n_valence = float(n_valence)
         self.xc = xc
         self.bohr = BOHR_ANGSTROM
         self.hartree = HARTREE_EV
@@ -320,8 +316,9 @@ class LdosEnergy(torch.nn.Module):
 
     # ------------------------------------------------------------------ step 2, global
     @torch.jit.export
-    def fermi_level(self, dos: torch.Tensor) -> torch.Tensor:
-        """mu with integral^{mu} D = N_val: bisection on the piecewise-quadratic N(mu).
+    def fermi_level(self, dos: torch.Tensor, n_electrons: float) -> torch.Tensor:
+        """mu with integral^{mu} D = n_electrons (N_val of the structure): bisection on the
+        piecewise-quadratic N(mu).
 
         Robust with a gap (N flat in it: the bisection ends inside the gap) and with
         non-monotonic D from a network. Not differentiable; see ``_with_mu_gradient``.
@@ -329,15 +326,17 @@ class LdosEnergy(torch.nn.Module):
         energies = self.energies
         lo = energies[0].clone()
         hi = energies[-1].clone()
+        if not n_electrons > 0.0:
+            raise ValueError("the number of electrons must be > 0, got " + str(n_electrons))
         total = (integration_weights(energies, hi) * dos).sum()
-        if bool(total < self.n_valence):
+        if bool(total < n_electrons):
             raise ValueError(
                 "the LDOS holds " + str(float(total)) + " electrons over the energy grid, "
-                "fewer than N_val = " + str(self.n_valence)
+                "fewer than N_val = " + str(n_electrons)
             )
         for _ in range(self.bisection_steps):
             mid = 0.5 * (lo + hi)
-            if bool((integration_weights(energies, mid) * dos).sum() < self.n_valence):
+            if bool((integration_weights(energies, mid) * dos).sum() < n_electrons):
                 lo = mid
             else:
                 hi = mid
@@ -493,10 +492,14 @@ class LdosEnergy(torch.nn.Module):
 
     # ------------------------------------------------------------------ one process
     def forward(
-        self, ldos: torch.Tensor, cell: torch.Tensor, core: torch.Tensor | None = None
+        self,
+        ldos: torch.Tensor,
+        cell: torch.Tensor,
+        n_electrons: float,
+        core: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """All terms for an LDOS on a full grid [nx, ny, nz, nE] (no E_ii)."""
-        terms, _ = self.evaluate(ldos, cell, False, core)
+        terms, _ = self.evaluate(ldos, cell, n_electrons, False, core)
         return terms
 
     @torch.jit.export
@@ -504,6 +507,7 @@ class LdosEnergy(torch.nn.Module):
         self,
         ldos: torch.Tensor,
         cell: torch.Tensor,
+        n_electrons: float,
         with_gradient: bool,
         core: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -518,7 +522,7 @@ class LdosEnergy(torch.nn.Module):
         voxel = float(torch.abs(torch.linalg.det(cell))) / float(shape[0] * shape[1] * shape[2])
         rows = ldos.reshape(-1, ldos.shape[3])
         dos = self.dos(rows, voxel)
-        mu = self.fermi_level(dos)
+        mu = self.fermi_level(dos, n_electrons)
         density = self.density(rows, mu).reshape(shape)
         terms, phi = self.global_terms(dos, density, cell, mu, core)
         gradient = torch.zeros(0, dtype=ldos.dtype, device=ldos.device)

@@ -1,0 +1,456 @@
+"""Training LDOS networks on snapshot files, checkpoints, and export.
+
+Mini-batches are grid points drawn across all training snapshots: every epoch visits the
+x-planes of all snapshots (the HDF5 chunks) in a random order, a buffer of planes at a
+time, and shuffles the points inside each buffer; only the buffer is in memory. The order
+depends only on (seed, epoch), and the checkpoint holds the model, optimizer, scheduler
+and torch RNG state, so a resumed run continues with exactly the losses of an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlsurrogate.data import Snapshot, atomic_output, params_from_json
+from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors, num_descriptors
+from mlsurrogate.evaluate import core_density_of, functional_for
+from mlsurrogate.ion_ion import ion_ion_energy
+from mlsurrogate.model import MODEL_FORMAT, MODEL_FORMAT_VERSION, LdosNetwork, SurrogateModel
+
+CHECKPOINT_FORMAT = "mlsurrogate-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainingConfig:
+    """Everything a training run depends on (TOML keys have the same names)."""
+
+    train: list[str] = field(default_factory=list)
+    validation: list[str] = field(default_factory=list)
+    hidden: list[int] = field(default_factory=lambda: [400, 400])
+    activation: str = "leaky_relu"
+    dropout: float = 0.0
+    batch_size: int = 1024
+    learning_rate: float = 1e-3
+    max_epochs: int = 100
+    patience: int = 10  # epochs without validation improvement before stopping
+    lr_patience: int = 3  # epochs on a plateau before the learning rate is cut
+    lr_factor: float = 0.5
+    buffer_planes: int = 64
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    descriptor_params: dict[str, Any] = field(default_factory=lambda: asdict(BispectrumParams()))
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> TrainingConfig:
+        try:
+            with open(path, "rb") as handle:
+                raw = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read the training config ({exc})") from exc
+        flat: dict[str, Any] = {}
+        for key, value in raw.items():  # sections are only for readability
+            if isinstance(value, dict) and key != "descriptor_params":
+                flat.update(value)
+            else:
+                flat[key] = value
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
+        base = Path(path).parent
+        for key in ("train", "validation"):
+            if key in flat:
+                flat[key] = [str(base / p) for p in flat[key]]
+        return cls(**flat)
+
+    def params(self) -> BispectrumParams:
+        raw = dict(self.descriptor_params)
+        if raw.get("elements") is not None:
+            raw["elements"] = tuple(raw["elements"])
+        return BispectrumParams(**raw)
+
+    def validate(self) -> None:
+        if not self.train:
+            raise ValueError("no training snapshots (train = [...])")
+        if not self.validation:
+            raise ValueError("no validation snapshots (validation = [...])")
+        for key in ("batch_size", "max_epochs", "buffer_planes"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+class SnapshotSource:
+    """Lazy per-plane access to a snapshot's descriptors and LDOS.
+
+    Descriptors stored in the file are used if their parameters equal the model's; a
+    file without descriptors gets them computed once, in memory.
+    """
+
+    def __init__(self, path: str, params: BispectrumParams) -> None:
+        self.path = path
+        self.snapshot = Snapshot(path)
+        stored = self.snapshot.descriptors
+        self._computed: np.ndarray | None = None
+        if stored is not None:
+            stored_params = params_from_json(stored.attrs["params"])
+            if stored_params != params:
+                raise ValueError(
+                    f"{path}: its descriptors were computed with {asdict(stored_params)}, the "
+                    f"model uses {asdict(params)}; run `mlsurrogate data descriptors` with the "
+                    "model's parameters"
+                )
+        else:
+            self._computed = compute_grid_descriptors(
+                self.snapshot.atoms, self.snapshot.grid_shape, params
+            ).astype(np.float32)
+        self.grid_shape = self.snapshot.grid_shape
+        self.num_energies = len(self.snapshot.energies)
+
+    def plane(self, ix: int) -> tuple[np.ndarray, np.ndarray]:
+        """(descriptors, LDOS) of x-plane ix, flattened to [ny * nz, ...], float32."""
+        ny, nz = self.grid_shape[1:]
+        if self._computed is not None:
+            descriptors = self._computed[ix]
+        else:
+            descriptors = self.snapshot.descriptors[ix]  # type: ignore[index]
+        ldos = self.snapshot.ldos[ix]
+        return descriptors.reshape(ny * nz, -1), ldos.reshape(ny * nz, -1).astype(np.float32)
+
+    def all_points(self) -> tuple[np.ndarray, np.ndarray]:
+        planes = [self.plane(ix) for ix in range(self.grid_shape[0])]
+        return np.concatenate([p[0] for p in planes]), np.concatenate([p[1] for p in planes])
+
+
+def batches(
+    sources: Sequence[SnapshotSource], batch_size: int, buffer_planes: int, seed: int, epoch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled mini-batches of grid points over all sources; order from (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    chunks = [(s, ix) for s, source in enumerate(sources) for ix in range(source.grid_shape[0])]
+    order = rng.permutation(len(chunks))
+    for start in range(0, len(order), buffer_planes):
+        planes = [
+            sources[chunks[i][0]].plane(chunks[i][1]) for i in order[start : start + buffer_planes]
+        ]
+        x = np.concatenate([p[0] for p in planes])
+        y = np.concatenate([p[1] for p in planes])
+        permutation = rng.permutation(len(x))
+        for first in range(0, len(x), batch_size):
+            index = permutation[first : first + batch_size]
+            yield x[index], y[index]
+
+
+def fit_scalers(network: LdosNetwork, sources: Sequence[SnapshotSource]) -> None:
+    """Feature mean and standard deviation, and the LDOS maximum, over training points."""
+    count, total, total_sq, ldos_max = 0, 0.0, 0.0, 0.0
+    for source in sources:
+        for ix in range(source.grid_shape[0]):
+            x, y = source.plane(ix)
+            x = x.astype(np.float64)
+            count += len(x)
+            total = total + x.sum(0)
+            total_sq = total_sq + (x * x).sum(0)
+            ldos_max = max(ldos_max, float(np.abs(y).max()))
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+    # constant features (e.g. B_000 without bzero) are passed through unscaled
+    std[std < 1e-12 * np.maximum(np.abs(mean), 1.0)] = 1.0
+    if not ldos_max > 0:
+        raise ValueError("the training LDOS is zero everywhere")
+    network.feature_mean.copy_(torch.as_tensor(mean))
+    network.feature_scale.copy_(torch.as_tensor(std))
+    network.ldos_scale.fill_(ldos_max)
+
+
+@dataclass
+class PhysicalTarget:
+    """What a validation snapshot needs for energy errors (computed once)."""
+
+    natoms: int
+    electrons: float
+    cell: torch.Tensor
+    core: torch.Tensor | None
+    e_ii: float
+    qe_band: float
+    qe_total: float
+    qe_fermi: float
+
+
+def physical_target(source: SnapshotSource) -> PhysicalTarget:
+    snap = source.snapshot
+    attrs = snap.attrs
+    return PhysicalTarget(
+        natoms=len(snap.atoms),
+        electrons=float(attrs["num_valence_electrons"]),
+        cell=torch.as_tensor(np.asarray(snap.atoms.cell), dtype=torch.float64),
+        core=core_density_of(snap),
+        e_ii=ion_ion_energy(snap.atoms, attrs["valence_charges"]).energy,
+        qe_band=attrs["energy_band_eV"],
+        qe_total=attrs["energy_total_eV"],
+        qe_fermi=attrs["fermi_energy_eV"],
+    )
+
+
+def energy_errors(
+    network: LdosNetwork,
+    functional: Any,
+    source: SnapshotSource,
+    target: PhysicalTarget,
+    device: str,
+) -> dict[str, float]:
+    """Band energy, total free energy (meV/atom) and Fermi level (meV) errors vs QE."""
+    x, _ = source.all_points()
+    with torch.no_grad():
+        ldos = network(torch.as_tensor(x, device=device)).double().cpu()
+    ldos = ldos.reshape(*source.grid_shape, -1)
+    terms, _ = functional.evaluate(ldos, target.cell, target.electrons, False, target.core)
+    scale = 1000.0 / target.natoms
+    return {
+        "band_meV_atom": (float(terms["band"]) - target.qe_band) * scale,
+        "total_meV_atom": (float(terms["electronic"]) + target.e_ii - target.qe_total) * scale,
+        "fermi_meV": (float(terms["fermi_level"]) - target.qe_fermi) * 1000.0,
+    }
+
+
+def _loss_over(network: LdosNetwork, sources: Sequence[SnapshotSource], device: str) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for source in sources:
+            x, y = source.all_points()
+            scaled = network.scaled(torch.as_tensor(x, device=device))
+            target = torch.as_tensor(y, device=device) / network.ldos_scale
+            total += float(((scaled - target) ** 2).sum())
+            count += target.numel()
+    return total / count
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{path}: no such checkpoint") from exc
+    except Exception as exc:  # torch raises many types for damaged files
+        raise ValueError(f"{path}: corrupt or unreadable checkpoint ({exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an mlsurrogate checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {state.get('version')} not supported")
+    return state
+
+
+def _network_for(config: TrainingConfig, num_features: int, num_energies: int) -> LdosNetwork:
+    return LdosNetwork(num_features, num_energies, config.hidden, config.activation, config.dropout)
+
+
+def train(
+    config: TrainingConfig,
+    checkpoint: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    stop_after_epoch: int | None = None,
+    progress: bool = True,
+    log: Any = print,
+) -> list[dict[str, float]]:
+    """Train (or resume) and write ``checkpoint`` after every epoch; return the history.
+
+    ``stop_after_epoch`` ends the run after that epoch (to test resuming).
+    """
+    from tqdm import tqdm
+
+    config.validate()
+    checkpoint = Path(checkpoint)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    params = config.params()
+    train_sources = [SnapshotSource(p, params) for p in config.train]
+    validation_sources = [SnapshotSource(p, params) for p in config.validation]
+    energies = train_sources[0].snapshot.energies
+    for source in train_sources + validation_sources:
+        if not np.array_equal(source.snapshot.energies, energies):
+            raise ValueError(f"{source.path}: its energy grid differs from {config.train[0]}")
+    elements = params.elements or tuple(sorted(set(train_sources[0].snapshot.atoms.symbols)))
+    num_features = num_descriptors(params, len(elements))
+    network = _network_for(config, num_features, len(energies))
+    functional = functional_for(validation_sources[0].snapshot)
+    targets = [physical_target(s) for s in validation_sources]
+
+    if resume:
+        state = load_checkpoint(checkpoint)
+        if state["config"] != asdict(config):
+            raise ValueError(f"{checkpoint}: written with a different config; cannot resume")
+        network.load_state_dict(state["network"])
+    else:
+        torch.manual_seed(config.seed)
+        network = _network_for(config, num_features, len(energies))
+        fit_scalers(network, train_sources)
+    network.to(config.device)
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=config.lr_factor, patience=config.lr_patience
+    )
+    history: list[dict[str, float]] = []
+    best_loss, best_state, stale, start_epoch = math.inf, None, 0, 0
+    if resume:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history = state["history"]
+        best_loss, best_state, stale = state["best_loss"], state["best_network"], state["stale"]
+        start_epoch = state["epoch"] + 1
+
+    total_points = sum(int(np.prod(s.grid_shape)) for s in train_sources)
+    for epoch in range(start_epoch, config.max_epochs):
+        network.train()
+        running, seen = 0.0, 0
+        with tqdm(
+            total=total_points, desc=f"epoch {epoch}", unit="pt", disable=not progress, leave=False
+        ) as bar:
+            for x, y in batches(
+                train_sources, config.batch_size, config.buffer_planes, config.seed, epoch
+            ):
+                inputs = torch.as_tensor(x, device=config.device)
+                target = torch.as_tensor(y, device=config.device) / network.ldos_scale
+                loss = torch.nn.functional.mse_loss(network.scaled(inputs), target)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                running += loss.item() * len(x)
+                seen += len(x)
+                bar.update(len(x))
+        network.eval()
+        validation_loss = _loss_over(network, validation_sources, config.device)
+        errors = [
+            energy_errors(network, functional, s, t, config.device)
+            for s, t in zip(validation_sources, targets)
+        ]
+        record = {
+            "epoch": epoch,
+            "train_loss": running / seen,
+            "validation_loss": validation_loss,
+            "learning_rate": optimizer.param_groups[0]["lr"],
+            **{
+                key: float(np.mean([abs(e[key]) for e in errors]))
+                for key in ("band_meV_atom", "total_meV_atom", "fermi_meV")
+            },
+        }
+        history.append(record)
+        log(
+            f"epoch {epoch:4d}  train {record['train_loss']:.3e}  validation "
+            f"{validation_loss:.3e}  |dE_band| {record['band_meV_atom']:.2f}  |dA| "
+            f"{record['total_meV_atom']:.2f} meV/atom  |dE_F| {record['fermi_meV']:.1f} meV  "
+            f"lr {record['learning_rate']:.1e}"
+        )
+        scheduler.step(validation_loss)
+        if validation_loss < best_loss:
+            best_loss, stale = validation_loss, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+        else:
+            stale += 1
+        _save_checkpoint(
+            checkpoint,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "config": asdict(config),
+                "epoch": epoch,
+                "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "history": history,
+                "best_loss": best_loss,
+                "best_network": best_state,
+                "stale": stale,
+                "num_features": num_features,
+                "energies": energies,
+                "elements": list(elements),
+                "snapshot_attrs": _model_attributes(validation_sources[0].snapshot),
+            },
+        )
+        if stale >= config.patience:
+            log(f"early stop: no validation improvement for {config.patience} epochs")
+            break
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    return history
+
+
+def _model_attributes(snap: Snapshot) -> dict[str, Any]:
+    """DFT settings an exported model carries from its training data."""
+    attrs = snap.attrs
+    shape, cell = snap.grid_shape, np.asarray(snap.atoms.cell)
+    return {
+        "electronic_temperature_K": float(attrs["electronic_temperature_K"]),
+        "num_valence_electrons_per_cell": float(attrs["num_valence_electrons"]),
+        "valence_charges": dict(attrs["valence_charges"]),
+        "masses": dict(attrs["masses"]),
+        "xc_functional": str(attrs["xc_functional"]),
+        "ldos_broadening_kernel": str(attrs["ldos_broadening_kernel"]),
+        "ldos_broadening_eV": float(attrs["ldos_broadening_eV"]),
+        "grid_spacing_A": float(np.mean(np.linalg.norm(cell, axis=1) / np.array(shape))),
+        "core_correction": dict(attrs["core_correction"]),
+        "pseudopotentials": dict(attrs["pseudopotentials"]),
+    }
+
+
+def build_model(
+    checkpoint: str | os.PathLike[str], dtype: torch.dtype = torch.float64
+) -> SurrogateModel:
+    """The best network of a checkpoint with its functional and metadata."""
+    from mlsurrogate.evaluate import xc_of
+    from mlsurrogate.physics import LdosEnergy
+
+    state = load_checkpoint(checkpoint)
+    config = TrainingConfig(**state["config"])
+    network = _network_for(config, state["num_features"], len(state["energies"]))
+    network.load_state_dict(state["best_network"] or state["network"])
+    network = network.to(dtype).eval()
+    info = state["snapshot_attrs"]
+    if any(info["core_correction"].values()):
+        raise ValueError("export of models with nonlinear core corrections is not supported yet")
+    elements = state["elements"]
+    functional = LdosEnergy(
+        state["energies"],
+        info["electronic_temperature_K"],
+        xc_of(info["xc_functional"]),
+        info["ldos_broadening_kernel"],
+        info["ldos_broadening_eV"],
+    )
+    metadata = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "elements": elements,
+        "descriptor_params": asdict(config.params()),
+        "energies_eV": [float(e) for e in state["energies"]],
+        "training": {"config": state["config"], "history": state["history"]},
+        **info,
+    }
+    return SurrogateModel(
+        network,
+        functional,
+        config.params(),
+        elements,
+        [info["valence_charges"][e] for e in elements],
+        [info["masses"][e] for e in elements],
+        info["grid_spacing_A"],
+        metadata,
+    )
