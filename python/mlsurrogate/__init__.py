@@ -11,4 +11,18 @@ __version__ = "0.1.0"
 
 _preload_libmpi()
 
-__all__ = ["__version__"]
+__all__ = ["Model", "TrainingConfig", "__version__", "train"]
+
+
+def __getattr__(name: str):
+    """``mlsurrogate.train``, ``mlsurrogate.TrainingConfig`` and ``mlsurrogate.Model``,
+    imported on first use (they need torch)."""
+    if name in ("train", "TrainingConfig"):
+        from mlsurrogate import training
+
+        return getattr(training, name)
+    if name == "Model":
+        from mlsurrogate.model import Model
+
+        return Model
+    raise AttributeError(f"module 'mlsurrogate' has no attribute {name!r}")

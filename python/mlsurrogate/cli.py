@@ -161,6 +161,58 @@ def _evaluate_dft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from mlsurrogate.training import TrainingConfig, train
+
+    config = TrainingConfig.from_toml(args.config) if args.config else TrainingConfig()
+    overrides = {
+        "train": args.train,
+        "validation": args.validation,
+        "max_epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "hidden": args.hidden,
+        "activation": args.activation,
+        "seed": args.seed,
+        "device": args.device,
+        "threads": args.threads,
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    history = train(config, args.output, resume=args.resume, progress=not args.quiet)
+    best = min(history, key=lambda record: record["validation_loss"])
+    print(
+        f"wrote {args.output}: {len(history)} epochs, best validation loss "
+        f"{best['validation_loss']:.3e} at epoch {best['epoch']}; next: mlsurrogate export "
+        f"{args.output} -o model.pt"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from mlsurrogate.model import save_model
+    from mlsurrogate.training import build_model
+
+    dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
+    path = save_model(build_model(args.checkpoint, dtype), args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from mlsurrogate.evaluate import evaluate_model, format_model_errors, plot_model_errors
+
+    errors, dos = evaluate_model(args.model, args.snapshots)
+    print(format_model_errors(errors))
+    if args.plots:
+        for path in plot_model_errors(errors, dos, args.plots):
+            print(f"wrote {path}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlsurrogate", description=__doc__)
     parser.add_argument("--version", action="version", version=mlsurrogate.__version__)
@@ -277,6 +329,56 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     edft.add_argument("snapshots", nargs="+", help="snapshot files (.h5)")
     edft.set_defaults(handler=_evaluate_dft)
+
+    tr = sub.add_parser(
+        "train",
+        help="train an LDOS network on snapshot files",
+        description="Train a descriptor -> LDOS network (config file and/or flags; flags win). "
+        "Writes a checkpoint after every epoch; --resume continues it exactly.",
+    )
+    tr.add_argument("config", nargs="?", help="TOML file with TrainingConfig keys")
+    tr.add_argument("-o", "--output", required=True, help="checkpoint file (.pt)")
+    tr.add_argument("--train", nargs="+", help="training snapshots (.h5)")
+    tr.add_argument("--validation", nargs="+", help="validation snapshots (.h5)")
+    tr.add_argument("--epochs", type=int, dest="epochs", help="maximum epochs")
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--learning-rate", type=float)
+    tr.add_argument("--hidden", type=int, nargs="+", help="hidden layer widths")
+    tr.add_argument("--activation", help="leaky_relu (default), relu, tanh, silu or gelu")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--device", help="cpu, cuda or cuda:N")
+    tr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    tr.add_argument("--resume", action="store_true", help="continue the checkpoint")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(handler=_train)
+
+    ex = sub.add_parser(
+        "export",
+        help="write the TorchScript model file the pair style loads",
+        description="Export the best network of a checkpoint with its scalers, descriptor "
+        "parameters, energy grid, temperature, elements, valence charges, masses, XC "
+        "functional and energy functional as one TorchScript file (metadata.json inside).",
+    )
+    ex.add_argument("checkpoint", help="checkpoint written by mlsurrogate train")
+    ex.add_argument("-o", "--output", required=True, help="model file (.pt)")
+    ex.add_argument(
+        "--dtype",
+        choices=["float64", "float32"],
+        default="float64",
+        help="network precision (float64: smooth forces for MD)",
+    )
+    ex.set_defaults(handler=_export)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="errors of a model against QE snapshots, with plots",
+        description="LDOS RMSE, density error, band energy, total free energy and Fermi "
+        "level errors of an exported model against each snapshot's DFT data.",
+    )
+    ev.add_argument("model", help="exported model (.pt)")
+    ev.add_argument("snapshots", nargs="+", help="snapshot files (.h5)")
+    ev.add_argument("--plots", default=None, help="directory for PNG plots")
+    ev.set_defaults(handler=_evaluate)
     return parser
 
 

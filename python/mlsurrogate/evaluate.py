@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -138,3 +139,159 @@ def format_comparison(path: str | os.PathLike[str]) -> str:
         diff = 1000.0 * (row.ours - row.qe) * scale
         lines.append(f"  {row.name:<22}{row.source:<13}{row.ours:17.6f}{row.qe:17.6f}{diff:+12.4f}")
     return "\n".join(lines)
+
+
+def _density(functional: LdosEnergy, ldos: np.ndarray, cell: torch.Tensor, n_val: float):
+    rows = torch.as_tensor(ldos.reshape(-1, ldos.shape[-1]), dtype=torch.float64)
+    voxel = float(torch.abs(torch.linalg.det(cell))) / rows.shape[0]
+    mu = functional.fermi_level(functional.dos(rows, voxel), n_val)
+    return functional.density(rows, mu).numpy()
+
+
+def _density_error(
+    functional: LdosEnergy,
+    predicted: np.ndarray,
+    reference: np.ndarray,
+    cell: torch.Tensor,
+    n_val: float,
+) -> float:
+    """RMS error of the density from the predicted LDOS over the mean density from the
+    DFT LDOS (each with its own Fermi level)."""
+    ours = _density(functional, predicted, cell, n_val)
+    theirs = _density(functional, reference, cell, n_val)
+    return float(np.sqrt(np.mean((ours - theirs) ** 2)) / np.mean(theirs))
+
+
+@dataclass(frozen=True)
+class ModelErrors:
+    """Errors of a model's prediction for one snapshot, against its DFT data."""
+
+    path: str
+    natoms: int
+    ldos_rmse: float  # 1/(eV A^3)
+    ldos_relative: float  # RMSE / RMS of the DFT LDOS
+    density_relative: float  # RMS density error / mean density (both from LDOS)
+    band_meV_atom: float
+    total_meV_atom: float
+    fermi_meV: float
+    qe_total_per_atom: float  # eV
+    predicted_total_per_atom: float  # eV
+
+
+def evaluate_model(
+    model_path: str | os.PathLike[str], snapshots: list[str]
+) -> tuple[list[ModelErrors], dict[str, np.ndarray]]:
+    """Model vs DFT for each snapshot; also the first snapshot's DOS (DFT and predicted)."""
+    from mlsurrogate.model import Model
+    from mlsurrogate.training import SnapshotSource
+
+    model = Model.load(model_path)
+    results: list[ModelErrors] = []
+    dos_curves: dict[str, np.ndarray] = {}
+    for path in snapshots:
+        source = SnapshotSource(path, model.params)
+        snap = source.snapshot
+        if not np.allclose(snap.energies, model.energies):
+            raise ValueError(f"{path}: its energy grid differs from the model's")
+        x, _ = source.all_points()
+        predicted = model.predict_ldos_from_descriptors(x.astype(np.float64))
+        predicted = predicted.reshape(*snap.grid_shape, -1)
+        reference = snap.ldos[()].astype(np.float64)
+        atoms, attrs = snap.atoms, snap.attrs
+        core = core_density_of(snap)
+        terms = model.energy_terms(atoms, predicted, core)
+        natoms = len(atoms)
+        functional = functional_for(snap)
+        cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
+        n_val = float(attrs["num_valence_electrons"])
+        rows = predicted.reshape(-1, predicted.shape[-1])
+        results.append(
+            ModelErrors(
+                path=str(path),
+                natoms=natoms,
+                ldos_rmse=float(np.sqrt(np.mean((predicted - reference) ** 2))),
+                ldos_relative=float(
+                    np.sqrt(np.mean((predicted - reference) ** 2) / np.mean(reference**2))
+                ),
+                density_relative=_density_error(functional, predicted, reference, cell, n_val),
+                band_meV_atom=1000 * (terms["band"] - attrs["energy_band_eV"]) / natoms,
+                total_meV_atom=1000 * (terms["free_energy"] - attrs["energy_total_eV"]) / natoms,
+                fermi_meV=1000 * (terms["fermi_level"] - attrs["fermi_energy_eV"]),
+                qe_total_per_atom=attrs["energy_total_eV"] / natoms,
+                predicted_total_per_atom=terms["free_energy"] / natoms,
+            )
+        )
+        if not dos_curves:
+            voxel = atoms.get_volume() / np.prod(snap.grid_shape)
+            dos_curves = {
+                "energies": snap.energies,
+                "dft": reference.reshape(-1, reference.shape[-1]).sum(0) * voxel,
+                "predicted": rows.sum(0) * voxel,
+                "fermi": np.array(attrs["fermi_energy_eV"]),
+            }
+        snap.close()
+    return results, dos_curves
+
+
+def format_model_errors(errors: list[ModelErrors]) -> str:
+    lines = [
+        f"| {'snapshot':<28} | {'LDOS RMSE':>10} | {'LDOS rel':>8} | {'n rel':>7} | "
+        f"{'dE_band':>8} | {'dA':>8} | {'dE_F':>7} |",
+        f"| {'':<28} | {'1/(eV A3)':>10} | {'':>8} | {'':>7} | {'meV/at':>8} | "
+        f"{'meV/at':>8} | {'meV':>7} |",
+    ]
+    for e in errors:
+        lines.append(
+            f"| {Path(e.path).name:<28} | {e.ldos_rmse:10.2e} | {100 * e.ldos_relative:7.2f}% | "
+            f"{100 * e.density_relative:6.2f}% | {e.band_meV_atom:+8.2f} | "
+            f"{e.total_meV_atom:+8.2f} | {e.fermi_meV:+7.1f} |"
+        )
+    mean = {
+        key: float(np.mean([abs(getattr(e, key)) for e in errors]))
+        for key in ("band_meV_atom", "total_meV_atom", "fermi_meV")
+    }
+    lines.append(
+        f"mean absolute errors: band energy {mean['band_meV_atom']:.2f} meV/atom, total free "
+        f"energy {mean['total_meV_atom']:.2f} meV/atom, Fermi level {mean['fermi_meV']:.1f} meV"
+    )
+    return "\n".join(lines)
+
+
+def plot_model_errors(
+    errors: list[ModelErrors], dos: dict[str, np.ndarray], directory: str | os.PathLike[str]
+) -> list[Path]:
+    """energy_parity.png (predicted vs QE free energy per atom) and dos.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    qe = np.array([e.qe_total_per_atom for e in errors])
+    ours = np.array([e.predicted_total_per_atom for e in errors])
+    figure, axes = plt.subplots(figsize=(4.5, 4.5))
+    low, high = min(qe.min(), ours.min()), max(qe.max(), ours.max())
+    pad = 0.05 * (high - low) + 1e-3
+    axes.plot([low - pad, high + pad], [low - pad, high + pad], color="0.6", lw=1)
+    axes.scatter(qe, ours, s=18)
+    axes.set_xlabel("QE free energy (eV/atom)")
+    axes.set_ylabel("mlsurrogate free energy (eV/atom)")
+    axes.set_title("Total free energy")
+    figure.tight_layout()
+    parity = directory / "energy_parity.png"
+    figure.savefig(parity, dpi=120)
+    plt.close(figure)
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot(dos["energies"], dos["dft"], label="DFT (QE)", lw=1.5)
+    axes.plot(dos["energies"], dos["predicted"], label="mlsurrogate", lw=1.2, ls="--")
+    axes.axvline(float(dos["fermi"]), color="0.5", lw=0.8, ls=":")
+    axes.set_xlabel("energy (eV)")
+    axes.set_ylabel("DOS (states/eV per cell)")
+    axes.set_title(Path(errors[0].path).name)
+    axes.legend()
+    figure.tight_layout()
+    dos_path = directory / "dos.png"
+    figure.savefig(dos_path, dpi=120)
+    plt.close(figure)
+    return [parity, dos_path]

@@ -11,16 +11,16 @@ masses, grid spacing), as typed module attributes and as ``metadata.json`` (an e
 of the TorchScript archive, readable with ``torch::jit::load(path, device, extra_files)``).
 """
 
-from __future__ import annotations
-
+import contextlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import ase
+import numpy as np
 import torch
 
 from mlsurrogate.descriptors import BispectrumParams
@@ -85,6 +85,14 @@ class LdosNetwork(torch.nn.Module):
 class SurrogateModel(torch.nn.Module):
     """Network + energy functional + metadata; TorchScript-exportable."""
 
+    # class-level attribute types for TorchScript (this module has no postponed
+    # annotations: TorchScript cannot resolve class annotations given as strings)
+    elements: list[str]
+    valence_charges: list[float]
+    masses: list[float]
+    radius: list[float]
+    weight: list[float]
+
     def __init__(
         self,
         network: LdosNetwork,
@@ -101,16 +109,16 @@ class SurrogateModel(torch.nn.Module):
         self.functional = functional
         radius = [_per_element(params.radius, e) for e in elements]
         weight = [_per_element(params.weight, e) for e in elements]
-        self.elements: list[str] = list(elements)
-        self.valence_charges: list[float] = [float(z) for z in valence_charges]
-        self.masses: list[float] = [float(m) for m in masses]
+        self.elements = list(elements)
+        self.valence_charges = [float(z) for z in valence_charges]
+        self.masses = [float(m) for m in masses]
         self.grid_spacing = float(grid_spacing)
         # descriptor parameters, as LAMMPS compute sna/grid keywords
         self.rcutfac = float(params.rcutfac)
         self.rfac0 = float(params.rfac0)
         self.twojmax = int(params.twojmax)
-        self.radius: list[float] = radius
-        self.weight: list[float] = weight
+        self.radius = radius
+        self.weight = weight
         self.rmin0 = float(params.rmin0)
         self.switchflag = bool(params.switchflag)
         self.bzeroflag = bool(params.bzeroflag)
@@ -127,13 +135,14 @@ class SurrogateModel(torch.nn.Module):
         return self.network(descriptors)
 
     @torch.jit.export
-    def ldos_and_descriptor_gradient(
+    def descriptor_gradient(
         self, descriptors: torch.Tensor, ldos_gradient: torch.Tensor
     ) -> torch.Tensor:
         """dA/dB = (dA/dLDOS) . dLDOS/dB for each point (back-propagation)."""
         inputs = descriptors.detach().clone().requires_grad_(True)
         ldos = self.network(inputs)
-        grad = torch.autograd.grad([ldos], [inputs], [ldos_gradient])[0]
+        upstream: list[torch.Tensor | None] = [ldos_gradient]
+        grad = torch.autograd.grad([ldos], [inputs], upstream)[0]
         return grad if grad is not None else torch.zeros_like(inputs)
 
 
@@ -141,24 +150,36 @@ def _per_element(value: float | dict[str, float], element: str) -> float:
     return float(value[element]) if isinstance(value, dict) else float(value)
 
 
+@contextlib.contextmanager
+def _torchscript() -> Iterator[None]:
+    """torch 2.13 marks TorchScript deprecated; it stays the format libtorch loads in C++
+    without Python (the pair style), so its warnings are silenced here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
 def save_model(model: SurrogateModel, path: str | os.PathLike[str]) -> Path:
     """Script and save atomically, with ``metadata.json`` as an extra file."""
     from mlsurrogate.data import atomic_output
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in torch 2.13
-        scripted = torch.jit.script(model)
     path = Path(path)
-    with atomic_output(path) as tmp:
+    with _torchscript(), atomic_output(path) as tmp:
+        scripted = torch.jit.script(model)
         torch.jit.save(scripted, str(tmp), _extra_files={"metadata.json": model.metadata_json})
     return path
 
 
+def _load(path: str | os.PathLike[str], device: str, extra: dict[str, Any]) -> Any:
+    with _torchscript():
+        return torch.jit.load(str(path), map_location=device, _extra_files=extra)
+
+
 def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``metadata.json`` of an exported model, without loading its code."""
+    """``metadata.json`` of an exported model."""
     extra = {"metadata.json": ""}
     try:
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        _load(path, "cpu", extra)
     except (RuntimeError, ValueError, OSError) as exc:
         raise ValueError(f"{path}: not a readable TorchScript model ({exc})") from exc
     if not extra["metadata.json"]:
@@ -169,5 +190,77 @@ def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return metadata
 
 
-def params_metadata(params: BispectrumParams) -> dict[str, Any]:
-    return asdict(params)
+class Model:
+    """An exported model in Python: LDOS, energies and metadata for ``ase.Atoms``."""
+
+    def __init__(self, module: torch.jit.ScriptModule, metadata: dict[str, Any], path: Path):
+        self.module = module
+        self.metadata = metadata
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str = "cpu") -> "Model":
+        metadata = load_metadata(path)
+        return cls(_load(path, device, {}), metadata, Path(path))
+
+    @property
+    def params(self) -> BispectrumParams:
+        from mlsurrogate.data import params_from_json
+
+        return params_from_json(json.dumps(self.metadata["descriptor_params"]))
+
+    @property
+    def energies(self) -> np.ndarray:
+        return np.asarray(self.metadata["energies_eV"])
+
+    def default_grid(self, atoms: ase.Atoms) -> tuple[int, int, int]:
+        """Grid points per cell vector at the model's training grid spacing."""
+        lengths = np.linalg.norm(np.asarray(atoms.cell), axis=1)
+        spacing = self.metadata["grid_spacing_A"]
+        return tuple(max(1, int(round(length / spacing))) for length in lengths)
+
+    def _check_elements(self, atoms: ase.Atoms) -> None:
+        unknown = sorted(set(atoms.get_chemical_symbols()) - set(self.metadata["elements"]))
+        if unknown:
+            raise ValueError(
+                f"{self.path}: the model knows elements {self.metadata['elements']}, not {unknown}"
+            )
+
+    def predict_ldos_from_descriptors(self, descriptors: np.ndarray) -> np.ndarray:
+        """LDOS [..., nE] from descriptors [..., K] (float64)."""
+        flat = torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]), dtype=torch.float64)
+        with torch.no_grad():
+            ldos = self.module(flat.to(self.module.network.feature_mean.dtype))
+        return ldos.double().cpu().numpy().reshape(*descriptors.shape[:-1], -1)
+
+    def predict_ldos(
+        self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None
+    ) -> np.ndarray:
+        """LDOS [nx, ny, nz, nE] in 1/(eV A^3) on ``grid`` (default: the model's spacing)."""
+        from mlsurrogate.descriptors import compute_grid_descriptors
+
+        self._check_elements(atoms)
+        grid = grid or self.default_grid(atoms)
+        descriptors = compute_grid_descriptors(atoms, grid, self.params)
+        return self.predict_ldos_from_descriptors(descriptors)
+
+    def energy_terms(
+        self, atoms: ase.Atoms, ldos: np.ndarray, core: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """Energy terms (eV) of a predicted LDOS for ``atoms``, E_ii and A included."""
+        from mlsurrogate.ion_ion import ion_ion_energy
+
+        charges = dict(zip(self.metadata["elements"], self.module.valence_charges))
+        n_electrons = float(sum(charges[s] for s in atoms.get_chemical_symbols()))
+        cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
+        terms, _ = self.module.functional.evaluate(
+            torch.as_tensor(ldos, dtype=torch.float64), cell, n_electrons, False, core
+        )
+        out = {key: float(value) for key, value in terms.items()}
+        out["ion_ion"] = ion_ion_energy(atoms, charges).energy
+        out["free_energy"] = out["electronic"] + out["ion_ion"]
+        return out
+
+    def energy(self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None) -> float:
+        """Total free energy A (eV) of ``atoms``."""
+        return self.energy_terms(atoms, self.predict_ldos(atoms, grid))["free_energy"]

@@ -321,7 +321,8 @@ class LdosEnergy(torch.nn.Module):
         piecewise-quadratic N(mu).
 
         Robust with a gap (N flat in it: the bisection ends inside the gap) and with
-        non-monotonic D from a network. Not differentiable; see ``_with_mu_gradient``.
+        non-monotonic D from a network. Not differentiable: ``ldos_gradient`` accounts for
+        the shift of mu with the LDOS.
         """
         energies = self.energies
         lo = energies[0].clone()

@@ -212,12 +212,16 @@ def energy_errors(
     target: PhysicalTarget,
     device: str,
 ) -> dict[str, float]:
-    """Band energy, total free energy (meV/atom) and Fermi level (meV) errors vs QE."""
+    """Band energy, total free energy (meV/atom) and Fermi level (meV) errors vs QE;
+    NaN while the predicted LDOS is unphysical (e.g. holds fewer than N_val electrons)."""
     x, _ = source.all_points()
     with torch.no_grad():
         ldos = network(torch.as_tensor(x, device=device)).double().cpu()
     ldos = ldos.reshape(*source.grid_shape, -1)
-    terms, _ = functional.evaluate(ldos, target.cell, target.electrons, False, target.core)
+    try:
+        terms, _ = functional.evaluate(ldos, target.cell, target.electrons, False, target.core)
+    except (ValueError, RuntimeError):  # TorchScript-style errors surface as RuntimeError
+        return {key: math.nan for key in ("band_meV_atom", "total_meV_atom", "fermi_meV")}
     scale = 1000.0 / target.natoms
     return {
         "band_meV_atom": (float(terms["band"]) - target.qe_band) * scale,

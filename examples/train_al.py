@@ -1,0 +1,74 @@
+"""Train, export and use an aluminium LDOS model from the bundled QE data.
+
+    python examples/train_al.py [--epochs N] [--output-dir DIR]
+
+Trains on 7 of the 10 bundled 4-atom Al snapshots (933 K), validates on one (early
+stopping), holds out two, exports the TorchScript model the pair style loads, prints its
+errors on the held-out snapshots against QE, writes plots, and computes the free energy
+and DOS of a new structure through the Python API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from ase.build import bulk
+
+import mlsurrogate
+from mlsurrogate.evaluate import evaluate_model, format_model_errors, plot_model_errors
+from mlsurrogate.model import save_model
+from mlsurrogate.training import build_model
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
+TRAIN, VALIDATION, TEST = [0, 1, 2, 3, 5, 7, 9], [6], [4, 8]
+
+
+def snapshots(indices: list[int]) -> list[str]:
+    return [str(DATA / f"snapshot_{i:02d}.h5") for i in indices]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--output-dir", default="example_output")
+    args = parser.parse_args()
+    out = Path(args.output_dir)
+    out.mkdir(exist_ok=True)
+
+    config = mlsurrogate.TrainingConfig(
+        train=snapshots(TRAIN),
+        validation=snapshots(VALIDATION),
+        hidden=[400, 400],
+        max_epochs=args.epochs,
+        patience=15,
+        lr_patience=4,
+        seed=0,
+    )
+    start = time.perf_counter()
+    history = mlsurrogate.train(config, out / "al.ckpt")
+    print(f"training: {len(history)} epochs in {time.perf_counter() - start:.0f} s")
+
+    model_path = save_model(build_model(out / "al.ckpt"), out / "al_model.pt")
+    errors, dos = evaluate_model(model_path, snapshots(TEST))
+    print(format_model_errors(errors))
+    for path in plot_model_errors(errors, dos, out):
+        print(f"wrote {path}")
+
+    model = mlsurrogate.Model.load(model_path)
+    atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat((2, 1, 1))
+    atoms.rattle(0.1, seed=1)
+    ldos = model.predict_ldos(atoms)
+    terms = model.energy_terms(atoms, ldos)
+    print(
+        f"8-atom cell on a {ldos.shape[:3]} grid: A = {terms['free_energy']:.4f} eV "
+        f"({terms['free_energy'] / len(atoms):.4f} eV/atom), E_F = {terms['fermi_level']:.3f} eV, "
+        f"electrons {terms['electrons']:.6f}"
+    )
+    np.save(out / "ldos_8_atoms.npy", ldos.astype(np.float32))
+
+
+if __name__ == "__main__":
+    main()

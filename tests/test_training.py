@@ -1,0 +1,192 @@
+"""Training, checkpoints, export and evaluation of LDOS models on the bundled data."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlsurrogate import cli
+from mlsurrogate.data import Snapshot, add_descriptors
+from mlsurrogate.descriptors import BispectrumParams, num_descriptors
+from mlsurrogate.evaluate import evaluate_model, functional_for
+from mlsurrogate.model import Model, load_metadata, save_model
+from mlsurrogate.training import TrainingConfig, build_model, load_checkpoint, train
+from test_build import run_clean, venv_tool
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
+SNAP = [str(DATA / f"snapshot_{i:02d}.h5") for i in range(10)]
+# small and fast: twojmax 4, one hidden layer
+CONFIG = TrainingConfig(
+    train=SNAP[:2],
+    validation=[SNAP[2]],
+    hidden=[24],
+    batch_size=512,
+    learning_rate=3e-3,
+    max_epochs=3,
+    seed=7,
+    descriptor_params=asdict(BispectrumParams(twojmax=4)),
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("train") / "ck.pt"
+    train(CONFIG, path, progress=False, log=lambda line: None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint) -> Path:
+    return save_model(build_model(checkpoint), checkpoint.parent / "model.pt")
+
+
+def test_resume_continues_exactly(checkpoint, tmp_path):
+    uninterrupted = load_checkpoint(checkpoint)["history"]
+    assert len(uninterrupted) == 3
+    path = tmp_path / "ck.pt"
+    first = train(CONFIG, path, stop_after_epoch=0, progress=False, log=lambda line: None)
+    assert len(first) == 1
+    resumed = train(CONFIG, path, resume=True, progress=False, log=lambda line: None)
+    # every loss and energy error, bit for bit (JSON: NaN compares equal to NaN)
+    assert json.dumps(resumed) == json.dumps(uninterrupted)
+    with pytest.raises(ValueError, match="different config"):
+        train(replace(CONFIG, learning_rate=2e-3), path, resume=True, progress=False)
+
+
+def test_training_reduces_the_loss(checkpoint):
+    history = load_checkpoint(checkpoint)["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(np.isfinite(record["total_meV_atom"]) for record in history)
+
+
+def test_export_equals_eager_and_carries_metadata(checkpoint, exported):
+    eager = build_model(checkpoint)
+    scripted = torch.jit.load(str(exported))
+    features = num_descriptors(BispectrumParams(twojmax=4))
+    descriptors = torch.randn(50, features, dtype=torch.float64) * 0.1 + eager.network.feature_mean
+    ldos_eager = eager(descriptors)
+    ldos_script = scripted(descriptors)
+    assert torch.allclose(ldos_script, ldos_eager, rtol=1e-6, atol=0)
+    upstream = torch.randn_like(ldos_eager)
+    assert torch.allclose(
+        scripted.descriptor_gradient(descriptors, upstream),
+        eager.descriptor_gradient(descriptors, upstream),
+        rtol=1e-10,
+    )
+    metadata = load_metadata(exported)
+    assert metadata["elements"] == ["Al"] and metadata["valence_charges"] == {"Al": 3.0}
+    assert metadata["masses"]["Al"] == pytest.approx(26.98, abs=0.01)
+    assert metadata["descriptor_params"]["twojmax"] == 4
+    assert len(metadata["energies_eV"]) == 161
+    assert metadata["electronic_temperature_K"] == pytest.approx(933.0)
+    assert metadata["xc_functional"] == "PZ"
+    assert metadata["ldos_broadening_kernel"] == "fermi-dirac-derivative"
+    assert scripted.elements == ["Al"] and scripted.cutoff == pytest.approx(4.67637)
+    # energy of the exported model equals the eager network + functional
+    model = Model.load(exported)
+    with Snapshot(SNAP[5]) as snap:
+        atoms, grid = snap.atoms, snap.grid_shape
+        functional = functional_for(snap)
+    ldos = model.predict_ldos(atoms, grid)
+    from mlsurrogate.descriptors import compute_grid_descriptors
+
+    descriptors = compute_grid_descriptors(atoms, grid, model.params)
+    with torch.no_grad():
+        ldos_eager = eager(torch.as_tensor(descriptors.reshape(-1, features))).numpy()
+    np.testing.assert_allclose(ldos.reshape(-1, 161), ldos_eager, rtol=1e-6, atol=1e-12)
+    cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
+    eager_terms, _ = functional.evaluate(
+        torch.as_tensor(ldos_eager).reshape(ldos.shape), cell, 12.0, False
+    )
+    terms = model.energy_terms(atoms, ldos)
+    assert terms["electronic"] == pytest.approx(float(eager_terms["electronic"]), rel=1e-12)
+
+
+def test_exported_model_loads_in_lammps_without_python(exported, tmp_path):
+    script = textwrap.dedent(
+        f"""\
+        units metal
+        lattice fcc 4.05
+        region box block 0 1 0 1 0 1
+        create_box 1 box
+        create_atoms 1 box
+        mass 1 26.98
+        pair_style mlsurrogate {exported} grid 8 8 8
+        pair_coeff * * {{element}}
+        run 0
+        """
+    )
+    (tmp_path / "in.ok").write_text(script.format(element="Al"))
+    (tmp_path / "in.bad").write_text(script.format(element="Cu"))
+    lmp = [venv_tool("lmp"), "-log", "none", "-nocite", "-in"]
+    _, out = run_clean([*lmp, "in.ok"], tmp_path)
+    assert "compute not implemented yet" in out, out  # loaded, elements and cutoff read
+    _, out = run_clean([*lmp, "in.bad"], tmp_path)
+    assert "Cu" in out and "ERROR" in out, out
+
+
+def test_evaluate_cli_table_and_plots(exported, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    assert cli.main(["evaluate", str(exported), SNAP[8], SNAP[9], "--plots", str(plots)]) == 0
+    out = capsys.readouterr().out
+    assert "snapshot_08.h5" in out and "mean absolute errors" in out
+    assert (plots / "energy_parity.png").stat().st_size > 1000
+    assert (plots / "dos.png").stat().st_size > 1000
+    errors, _ = evaluate_model(exported, [SNAP[8]])
+    assert 0 < errors[0].ldos_relative < 1 and np.isfinite(errors[0].total_meV_atom)
+
+
+def test_cli_train_with_toml_and_export(tmp_path, capsys):
+    config = tmp_path / "train.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""\
+            [data]
+            train = ["{SNAP[0]}"]
+            validation = ["{SNAP[1]}"]
+            [model]
+            hidden = [8]
+            [training]
+            batch_size = 8192
+            max_epochs = 1
+            [descriptor_params]
+            twojmax = 2
+            """
+        )
+    )
+    assert cli.main(["train", str(config), "-o", str(tmp_path / "ck.pt"), "-q"]) == 0
+    assert "best validation loss" in capsys.readouterr().out
+    assert cli.main(["export", str(tmp_path / "ck.pt"), "-o", str(tmp_path / "m.pt")]) == 0
+    assert (
+        json.loads(json.dumps(load_metadata(tmp_path / "m.pt")))["descriptor_params"]["twojmax"]
+        == 2
+    )
+
+
+def test_bad_training_input(tmp_path):
+    with pytest.raises(ValueError, match="no training snapshots"):
+        train(replace(CONFIG, train=[]), tmp_path / "x.pt", progress=False)
+    # descriptors stored with other parameters than the model's
+    other = tmp_path / "other.h5"
+    add_descriptors(SNAP[0], BispectrumParams(twojmax=2), output=other, progress=False)
+    with pytest.raises(ValueError, match="descriptors were computed with"):
+        train(replace(CONFIG, train=[str(other)]), tmp_path / "x.pt", progress=False)
+    # a file that is not a snapshot
+    (tmp_path / "junk.h5").write_text("junk")
+    with pytest.raises(ValueError, match="not an HDF5 file"):
+        train(replace(CONFIG, train=[str(tmp_path / "junk.h5")]), tmp_path / "x.pt", progress=False)
+    # corrupt and missing checkpoints
+    (tmp_path / "bad.pt").write_bytes(b"\x80\x02not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt or unreadable checkpoint"):
+        build_model(tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        build_model(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="not a readable TorchScript model"):
+        load_metadata(tmp_path / "bad.pt")
+    assert not list(tmp_path.glob("x.pt*"))
