@@ -41,7 +41,7 @@ def main() -> None:
     config = mlsurrogate.TrainingConfig(
         train=snapshots(TRAIN),
         validation=snapshots(VALIDATION),
-        hidden=[400, 400],
+        hidden=[100, 100],
         max_epochs=args.epochs,
         patience=15,
         lr_patience=4,
