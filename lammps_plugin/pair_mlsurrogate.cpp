@@ -2,19 +2,28 @@
 
 #include "torch_model.h"
 
+#include "grid_descriptors.hpp"
+
 #include "atom.h"
+#include "comm.h"
+#include "domain.h"
 #include "error.h"
 #include "force.h"
 #include "memory.h"
 #include "neighbor.h"
 #include "platform.h"
+#include "update.h"
 #include "utils.h"
+
+#include <mpi.h>
 
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <exception>
+#include <map>
 #include <string>
 
 using namespace LAMMPS_NS;
@@ -271,7 +280,53 @@ void PairMLSurrogate::init_style()
 {
   if (!model) error->all(FLERR, "pair_style mlsurrogate: no model loaded");
   if (force->newton_pair == 0) error->all(FLERR, "pair_style mlsurrogate requires newton pair on");
-  // Placeholder request; the descriptor kernel decides what it needs.
+  if (strcmp(update->unit_style, "metal") != 0)
+    error->all(FLERR,
+               "pair_style mlsurrogate needs 'units metal' (eV, Angstrom), the units of the "
+               "model; got 'units {}'",
+               update->unit_style);
+  if (domain->dimension != 3 || !domain->xperiodic || !domain->yperiodic || !domain->zperiodic)
+    error->all(FLERR, "pair_style mlsurrogate needs a 3d box periodic in x, y and z");
+
+  std::string problem;
+  try {
+    const std::vector<std::string> elements = model->string_list_attr("elements");
+    const std::vector<double> charges = model->number_list_attr("valence_charges");
+    mlsurrogate::BispectrumSettings settings;
+    settings.rcutfac = model->number_attr("rcutfac", 0.0);
+    settings.rfac0 = model->number_attr("rfac0", 0.0);
+    settings.twojmax = static_cast<int>(model->number_attr("twojmax", -1));
+    settings.radius = model->number_list_attr("radius");
+    settings.weight = model->number_list_attr("weight");
+    settings.rmin0 = model->number_attr("rmin0", 0.0);
+    settings.switchflag = model->bool_attr("switchflag");
+    settings.bzeroflag = model->bool_attr("bzeroflag");
+    settings.quadraticflag = model->bool_attr("quadraticflag");
+    settings.bnormflag = model->bool_attr("bnormflag");
+    settings.wselfallflag = model->bool_attr("wselfallflag");
+    if (model->bool_attr("chemflag"))
+      for (std::size_t e = 0; e < elements.size(); ++e) settings.chem_map.push_back((int) e);
+    settings.validate();
+    kernel = std::make_unique<mlsurrogate::GridDescriptors>(settings, std::max(nthreads, 1));
+    type_index.assign(atom->ntypes + 1, -1);
+    type_charge.assign(atom->ntypes + 1, 0.0);
+    for (int t = 1; t <= atom->ntypes; ++t) {
+      const auto found = std::find(elements.begin(), elements.end(), type_element[t]);
+      type_index[t] = static_cast<int>(found - elements.begin());
+      type_charge[t] = charges.at(type_index[t]);
+    }
+  } catch (const std::exception &e) {
+    problem = e.what();
+  }
+  if (!problem.empty())
+    error->all(FLERR, "pair_style mlsurrogate: model '{}' is not a usable mlsurrogate model: {}",
+               model_file, problem);
+  if (comm->me == 0)
+    error->warning(FLERR,
+                   "pair_style mlsurrogate: the virial is not computed yet; pressures exclude "
+                   "this pair style");
+  // Ghost atoms within the descriptor cutoff are what the kernel needs; it bins them
+  // itself, so the neighbor list is not used.
   neighbor->add_request(this, NeighConst::REQ_FULL);
 }
 
@@ -286,10 +341,151 @@ double PairMLSurrogate::init_one(int i, int j)
   return cutmax;
 }
 
+/* ----------------------------------------------------------------------
+   grid points per box vector: the grid keyword, or the spacing keyword, or the model's
+   training grid spacing
+------------------------------------------------------------------------- */
+
+void PairMLSurrogate::grid_shape(int shape[3]) const
+{
+  if (grid[0] > 0) {
+    for (int d = 0; d < 3; ++d) shape[d] = grid[d];
+    return;
+  }
+  const double h = spacing > 0.0 ? spacing : model->number_attr("grid_spacing", 0.0);
+  if (h <= 0.0)
+    error->all(FLERR,
+               "pair_style mlsurrogate: no grid size: give 'grid nx ny nz' or 'spacing h' (the "
+               "model has no grid_spacing)");
+  const double lengths[3] = {domain->xprd,
+                             std::sqrt(domain->xy * domain->xy + domain->yprd * domain->yprd),
+                             std::sqrt(domain->xz * domain->xz + domain->yz * domain->yz +
+                                       domain->zprd * domain->zprd)};
+  for (int d = 0; d < 3; ++d) shape[d] = std::max(1, static_cast<int>(std::lround(lengths[d] / h)));
+}
+
 /* ---------------------------------------------------------------------- */
 
 void PairMLSurrogate::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
-  error->all(FLERR, "pair_style mlsurrogate: compute not implemented yet");
+
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+
+  mlsurrogate::Cell cell;
+  cell.h = {domain->xprd, 0.0, 0.0, domain->xy, domain->yprd, 0.0,
+            domain->xz,   domain->yz, domain->zprd};
+  int shape[3];
+  grid_shape(shape);
+  mlsurrogate::GridBlock block;
+  for (int d = 0; d < 3; ++d) {
+    const double lo = domain->triclinic ? domain->sublo_lamda[d]
+                                        : (domain->sublo[d] - domain->boxlo[d]) / domain->prd[d];
+    const double hi = domain->triclinic ? domain->subhi_lamda[d]
+                                        : (domain->subhi[d] - domain->boxlo[d]) / domain->prd[d];
+    const auto range = mlsurrogate::owned_grid_range(shape[d], lo, hi);
+    block.shape[d] = shape[d];
+    block.lo[d] = range.first;
+    block.hi[d] = range.second;
+  }
+  const int npoints = static_cast<int>(block.num_points());
+  const std::size_t ngrid = (std::size_t) shape[0] * shape[1] * shape[2];
+  const double voxel = domain->xprd * domain->yprd * domain->zprd / (double) ngrid;
+
+  // positions relative to the box origin: grid point (i, j, k) sits at (i/nx, j/ny, k/nz)
+  std::vector<double> pos(3 * (std::size_t) nall);
+  std::vector<int> kind(nall);
+  for (int i = 0; i < nall; ++i) {
+    for (int d = 0; d < 3; ++d) pos[3 * i + d] = x[i][d] - domain->boxlo[d];
+    kind[i] = type_index[type[i]];
+  }
+  const mlsurrogate::AtomsView atoms{pos.data(), kind.data(), (std::size_t) nall};
+  const int nfeatures = kernel->num_descriptors();
+  const int nenergies = model->num_energies();
+
+  std::vector<double> descriptors((std::size_t) npoints * nfeatures);
+  std::vector<double> ldos;
+  std::vector<double> dos(nenergies, 0.0);
+  std::string problem;
+  try {
+    if (npoints > 0) {
+      kernel->compute(cell, block, atoms, descriptors.data());
+      const int step = batch > 0 ? batch : npoints;
+      for (int first = 0; first < npoints; first += step) {
+        const int count = std::min(step, npoints - first);
+        const std::vector<double> part =
+            model->predict_ldos(descriptors.data() + (std::size_t) first * nfeatures, count,
+                                nfeatures);
+        ldos.insert(ldos.end(), part.begin(), part.end());
+      }
+      dos = model->dos(ldos, voxel);
+    }
+  } catch (const std::exception &e) {
+    problem = e.what();
+  }
+  if (!problem.empty()) error->one(FLERR, "pair_style mlsurrogate: {}", problem);
+  MPI_Allreduce(MPI_IN_PLACE, dos.data(), nenergies, MPI_DOUBLE, MPI_SUM, world);
+
+  double electrons = 0.0;
+  for (int i = 0; i < nlocal; ++i) electrons += type_charge[type[i]];
+  MPI_Allreduce(MPI_IN_PLACE, &electrons, 1, MPI_DOUBLE, MPI_SUM, world);
+
+  // Fermi level and density: every rank fills its block of the full grid
+  double mu = 0.0;
+  std::vector<double> density(ngrid, 0.0);
+  try {
+    mu = model->fermi_level(dos, electrons);
+    if (npoints > 0) {
+      const std::vector<double> local = model->density(ldos, mu);
+      std::size_t p = 0;
+      for (int i = block.lo[0]; i < block.hi[0]; ++i)
+        for (int j = block.lo[1]; j < block.hi[1]; ++j)
+          for (int k = block.lo[2]; k < block.hi[2]; ++k)
+            density[((std::size_t) i * shape[1] + j) * shape[2] + k] = local[p++];
+    }
+  } catch (const std::exception &e) {
+    problem = e.what();
+  }
+  if (!problem.empty()) error->all(FLERR, "pair_style mlsurrogate: {}", problem);
+  MPI_Allreduce(MPI_IN_PLACE, density.data(), (int) ngrid, MPI_DOUBLE, MPI_SUM, world);
+
+  mlsurrogate::TorchModel::GlobalTerms global;
+  std::vector<double> phi_local(npoints);
+  double fermi_shift = 0.0;
+  try {
+    global = model->global_terms(dos, density, shape, cell.h.data(), mu);
+    std::size_t p = 0;
+    for (int i = block.lo[0]; i < block.hi[0]; ++i)
+      for (int j = block.lo[1]; j < block.hi[1]; ++j)
+        for (int k = block.lo[2]; k < block.hi[2]; ++k)
+          phi_local[p++] = global.phi[((std::size_t) i * shape[1] + j) * shape[2] + k];
+    if (npoints > 0) fermi_shift = model->fermi_shift_part(ldos, mu, phi_local);
+  } catch (const std::exception &e) {
+    problem = e.what();
+  }
+  if (!problem.empty()) error->all(FLERR, "pair_style mlsurrogate: {}", problem);
+  MPI_Allreduce(MPI_IN_PLACE, &fermi_shift, 1, MPI_DOUBLE, MPI_SUM, world);
+
+  std::vector<double> dE_dR(3 * (std::size_t) nall, 0.0), dE_dstrain(9, 0.0);
+  try {
+    if (npoints > 0) {
+      const std::vector<double> dA_dldos =
+          model->ldos_gradient(mu, phi_local, dos, fermi_shift, voxel);
+      const std::vector<double> beta =
+          model->descriptor_gradient(descriptors.data(), npoints, nfeatures, dA_dldos);
+      kernel->gradient(cell, block, atoms, beta.data(), dE_dR.data(), dE_dstrain.data());
+    }
+  } catch (const std::exception &e) {
+    problem = e.what();
+  }
+  if (!problem.empty()) error->one(FLERR, "pair_style mlsurrogate: {}", problem);
+  for (int i = 0; i < nall; ++i)
+    for (int d = 0; d < 3; ++d) f[i][d] -= dE_dR[3 * i + d];
+
+  std::map<std::string, double> terms(global.terms.begin(), global.terms.end());
+  if (eflag_global && comm->me == 0) eng_vdwl += terms["electronic"];
 }

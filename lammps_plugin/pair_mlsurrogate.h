@@ -4,8 +4,10 @@
  *                          [device cpu|cuda|cuda:N] [threads N] [batch M]
  *   pair_coeff * * Elem_1 ... Elem_ntypes
  *
- * Skeleton: argument handling and model loading are in place; compute() is not
- * implemented yet.
+ * Every rank computes descriptors of the grid points it owns (the compute sna/grid/local
+ * rule), runs the network on them, and takes part in the reductions of the energy
+ * functional (DOS, density, Fermi-level shift); forces come from back-propagation and
+ * the adjoint descriptor contraction (requires newton pair on).
  */
 #ifndef LMP_PAIR_MLSURROGATE_H
 #define LMP_PAIR_MLSURROGATE_H
@@ -18,6 +20,7 @@
 
 namespace mlsurrogate {
 class TorchModel;
+class GridDescriptors;
 }
 
 namespace LAMMPS_NS {
@@ -45,7 +48,12 @@ class PairMLSurrogate : public Pair {
   int batch;               // grid points per network call; 0 = all at once
   double cutmax;           // descriptor cutoff from the model; 0 = unknown
   std::vector<std::string> type_element;    // element name of each atom type (1-based)
+  std::vector<int> type_index;              // model element index of each atom type
+  std::vector<double> type_charge;          // valence charge of each atom type
   std::unique_ptr<mlsurrogate::TorchModel> model;
+  std::unique_ptr<mlsurrogate::GridDescriptors> kernel;
+
+  void grid_shape(int shape[3]) const;
 };
 
 }    // namespace LAMMPS_NS

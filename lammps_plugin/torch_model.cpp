@@ -69,3 +69,192 @@ std::string TorchModel::check_device(const std::string &device) {
 void TorchModel::set_num_threads(int n) { at::set_num_threads(n); }
 
 }  // namespace mlsurrogate
+
+namespace mlsurrogate {
+
+namespace {
+
+// Runs `fn`, turning torch's exceptions (a scripted `raise ValueError` included) into
+// std::runtime_error carrying only the message.
+template <class Fn>
+auto guarded(Fn &&fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const c10::Error &e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+
+std::vector<double> to_vector(const torch::Tensor &t) {
+  const torch::Tensor host = t.detach().to(torch::kCPU, torch::kFloat64).contiguous();
+  return std::vector<double>(host.data_ptr<double>(), host.data_ptr<double>() + host.numel());
+}
+
+}  // namespace
+
+std::vector<double> TorchModel::number_list_attr(const std::string &name) const {
+  if (!impl_->module.hasattr(name))
+    throw std::runtime_error("model has no attribute '" + name + "'");
+  std::vector<double> out;
+  const c10::IValue value = impl_->module.attr(name);
+  if (!value.isList()) throw std::runtime_error("model attribute '" + name + "' is not a list");
+  for (const c10::IValue &item : value.toListRef()) {
+    if (item.isDouble())
+      out.push_back(item.toDouble());
+    else if (item.isInt())
+      out.push_back(static_cast<double>(item.toInt()));
+    else
+      throw std::runtime_error("model attribute '" + name + "' is not a list of numbers");
+  }
+  return out;
+}
+
+bool TorchModel::bool_attr(const std::string &name) const {
+  if (!impl_->module.hasattr(name))
+    throw std::runtime_error("model has no attribute '" + name + "'");
+  const c10::IValue value = impl_->module.attr(name);
+  if (!value.isBool()) throw std::runtime_error("model attribute '" + name + "' is not a bool");
+  return value.toBool();
+}
+
+namespace {
+
+struct Handles {
+  torch::jit::Module functional;
+  torch::Device device;
+  torch::Dtype network_dtype;
+  int num_energies;
+};
+
+Handles handles(const torch::jit::Module &module) {
+  if (!module.hasattr("functional") || !module.hasattr("network"))
+    throw std::runtime_error("not an mlsurrogate model (no 'functional' or 'network' submodule)");
+  torch::jit::Module functional = module.attr("functional").toModule();
+  const torch::Tensor energies = functional.attr("energies").toTensor();
+  const torch::Tensor mean = module.attr("network").toModule().attr("feature_mean").toTensor();
+  return {functional, energies.device(), mean.scalar_type(),
+          static_cast<int>(energies.numel())};
+}
+
+}  // namespace
+
+int TorchModel::num_energies() const {
+  return guarded([&] { return handles(impl_->module).num_energies; });
+}
+
+std::vector<double> TorchModel::predict_ldos(const double *descriptors, int npoints,
+                                             int nfeatures) const {
+  return guarded([&] {
+    const Handles h = handles(impl_->module);
+    torch::NoGradGuard no_grad;
+    const torch::Tensor x =
+        torch::from_blob(const_cast<double *>(descriptors), {npoints, nfeatures}, torch::kFloat64)
+            .to(h.device, h.network_dtype);
+    return to_vector(impl_->module.forward({x}).toTensor());
+  });
+}
+
+namespace {
+
+torch::Tensor tensor_of(const std::vector<double> &v, std::vector<int64_t> shape,
+                        const torch::Device &device) {
+  return torch::from_blob(const_cast<double *>(v.data()), shape, torch::kFloat64)
+      .to(device)
+      .clone();
+}
+
+torch::Tensor rows_of(const std::vector<double> &ldos, const Handles &h) {
+  const int64_t n = static_cast<int64_t>(ldos.size()) / h.num_energies;
+  return tensor_of(ldos, {n, h.num_energies}, h.device);
+}
+
+torch::Tensor scalar(double value, const torch::Device &device) {
+  return torch::tensor(value, torch::dtype(torch::kFloat64).device(device));
+}
+
+}  // namespace
+
+std::vector<double> TorchModel::dos(const std::vector<double> &ldos, double voxel) const {
+  return guarded([&] {
+    const Handles h = handles(impl_->module);
+    return to_vector(h.functional.get_method("dos")({rows_of(ldos, h), voxel}).toTensor());
+  });
+}
+
+double TorchModel::fermi_level(const std::vector<double> &dos, double n_electrons) const {
+  return guarded([&] {
+    const Handles h = handles(impl_->module);
+    const torch::Tensor d = tensor_of(dos, {h.num_energies}, h.device);
+    return h.functional.get_method("fermi_level")({d, n_electrons}).toTensor().item<double>();
+  });
+}
+
+std::vector<double> TorchModel::density(const std::vector<double> &ldos, double mu) const {
+  return guarded([&] {
+    const Handles h = handles(impl_->module);
+    return to_vector(
+        h.functional.get_method("density")({rows_of(ldos, h), scalar(mu, h.device)}).toTensor());
+  });
+}
+
+TorchModel::GlobalTerms TorchModel::global_terms(const std::vector<double> &dos,
+                                                 const std::vector<double> &density,
+                                                 const int shape[3], const double cell[9],
+                                                 double mu) const {
+  return guarded([&] {
+    const Handles h = handles(impl_->module);
+    const std::vector<double> cell_v(cell, cell + 9);
+    const c10::IValue out = h.functional.get_method("global_terms")(
+        {tensor_of(dos, {h.num_energies}, h.device),
+         tensor_of(density, {shape[0], shape[1], shape[2]}, h.device),
+         tensor_of(cell_v, {3, 3}, h.device), scalar(mu, h.device)});
+    const auto tuple = out.toTuple();
+    GlobalTerms result;
+    for (const auto &item : tuple->elements()[0].toGenericDict())
+      result.terms.emplace_back(item.key().toStringRef(), item.value().toTensor().item<double>());
+    result.phi = to_vector(tuple->elements()[1].toTensor());
+    return result;
+  });
+}
+
+double TorchModel::fermi_shift_part(const std::vector<double> &ldos, double mu,
+                                    const std::vector<double> &phi_local) const {
+  return guarded([&] {
+    const Handles h = handles(impl_->module);
+    const torch::Tensor phi =
+        tensor_of(phi_local, {static_cast<int64_t>(phi_local.size())}, h.device);
+    return h.functional.get_method("fermi_shift_part")({rows_of(ldos, h), scalar(mu, h.device), phi})
+        .toTensor()
+        .item<double>();
+  });
+}
+
+std::vector<double> TorchModel::ldos_gradient(double mu, const std::vector<double> &phi_local,
+                                              const std::vector<double> &dos, double fermi_shift,
+                                              double voxel) const {
+  return guarded([&] {
+    const Handles h = handles(impl_->module);
+    const torch::Tensor phi =
+        tensor_of(phi_local, {static_cast<int64_t>(phi_local.size())}, h.device);
+    return to_vector(h.functional.get_method("ldos_gradient")(
+                                      {scalar(mu, h.device), phi,
+                                       tensor_of(dos, {h.num_energies}, h.device),
+                                       scalar(fermi_shift, h.device), voxel})
+                         .toTensor());
+  });
+}
+
+std::vector<double> TorchModel::descriptor_gradient(const double *descriptors, int npoints,
+                                                    int nfeatures,
+                                                    const std::vector<double> &ldos_gradient) const {
+  return guarded([&] {
+    const Handles h = handles(impl_->module);
+    const torch::Tensor x =
+        torch::from_blob(const_cast<double *>(descriptors), {npoints, nfeatures}, torch::kFloat64)
+            .to(h.device, h.network_dtype);
+    const torch::Tensor g = rows_of(ldos_gradient, h).to(h.network_dtype);
+    return to_vector(impl_->module.get_method("descriptor_gradient")({x, g}).toTensor());
+  });
+}
+
+}  // namespace mlsurrogate

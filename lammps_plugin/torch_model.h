@@ -10,6 +10,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mlsurrogate {
@@ -30,6 +31,33 @@ class TorchModel {
   double number_attr(const std::string &name, double fallback) const;
   // Value of a list-of-strings attribute; empty if the module has none.
   std::vector<std::string> string_list_attr(const std::string &name) const;
+
+  // Value of a list-of-numbers attribute; throws if the module has none.
+  std::vector<double> number_list_attr(const std::string &name) const;
+  // Value of a boolean attribute; throws if the module has none.
+  bool bool_attr(const std::string &name) const;
+
+  // The electronic-structure steps of an exported mlsurrogate model, in the order of
+  // the distributed interface of mlsurrogate.physics (local, global, local). Arrays are
+  // row-major doubles on the host; `npoints` grid points of this rank.
+  int num_energies() const;
+  std::vector<double> predict_ldos(const double *descriptors, int npoints, int nfeatures) const;
+  std::vector<double> dos(const std::vector<double> &ldos, double voxel) const;
+  double fermi_level(const std::vector<double> &dos, double n_electrons) const;
+  std::vector<double> density(const std::vector<double> &ldos, double mu) const;
+  struct GlobalTerms {
+    std::vector<std::pair<std::string, double>> terms;  // eV per cell
+    std::vector<double> phi;                            // dPhi/dn on the full grid
+  };
+  GlobalTerms global_terms(const std::vector<double> &dos, const std::vector<double> &density,
+                           const int shape[3], const double cell[9], double mu) const;
+  double fermi_shift_part(const std::vector<double> &ldos, double mu,
+                          const std::vector<double> &phi_local) const;
+  std::vector<double> ldos_gradient(double mu, const std::vector<double> &phi_local,
+                                    const std::vector<double> &dos, double fermi_shift,
+                                    double voxel) const;
+  std::vector<double> descriptor_gradient(const double *descriptors, int npoints, int nfeatures,
+                                          const std::vector<double> &ldos_gradient) const;
 
   // Empty if `device` can be used by this libtorch on this machine, otherwise
   // the reason why not.

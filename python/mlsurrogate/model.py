@@ -126,8 +126,8 @@ class SurrogateModel(torch.nn.Module):
         self.chemflag = bool(params.chemflag)
         self.bnormflag = bool(params.bnormflag)
         self.wselfallflag = bool(params.wselfallflag)
-        # neighbour cutoff of a grid point (a centre of element 0)
-        self.cutoff = float(params.rcutfac * (radius[0] + max(radius)))
+        # neighbour cutoff of the descriptor kernel: 2 rcutfac R_j for an atom of element j
+        self.cutoff = float(2.0 * params.rcutfac * max(radius))
         self.metadata_json = json.dumps(metadata, sort_keys=True)
 
     def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
