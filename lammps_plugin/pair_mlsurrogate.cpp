@@ -32,12 +32,12 @@ namespace {
 
 const char *const USAGE =
     "pair_style mlsurrogate model.pt [grid nx ny nz | spacing h] [device cpu|cuda|cuda:N] "
-    "[threads N] [batch M]";
+    "[threads N] [batch M] [ionion on|off]";
 
 bool is_keyword(const std::string &word)
 {
   return word == "grid" || word == "spacing" || word == "device" || word == "threads" ||
-      word == "batch";
+      word == "batch" || word == "ionion";
 }
 
 // Strict parsers: the whole word must be a number.
@@ -80,6 +80,8 @@ PairMLSurrogate::PairMLSurrogate(LAMMPS *lmp) : Pair(lmp)
   restartinfo = 0;
   one_coeff = 1;
   manybody_flag = 1;
+  nextra = static_cast<int>(extras.size());
+  pvector = extras.data();
   reset_settings();
 }
 
@@ -100,6 +102,7 @@ void PairMLSurrogate::reset_settings()
   device = "cpu";
   nthreads = 0;
   batch = 0;
+  ionion = true;
   cutmax = 0.0;
   model.reset();
 }
@@ -133,7 +136,7 @@ void PairMLSurrogate::settings(int narg, char **arg)
                model_file, USAGE);
 
   bool have_grid = false, have_spacing = false, have_device = false, have_threads = false,
-       have_batch = false;
+       have_batch = false, have_ionion = false;
   int iarg = 1;
   while (iarg < narg) {
     const std::string kw = arg[iarg];
@@ -150,10 +153,12 @@ void PairMLSurrogate::settings(int narg, char **arg)
       seen = &have_threads;
     } else if (kw == "batch") {
       seen = &have_batch;
+    } else if (kw == "ionion") {
+      seen = &have_ionion;
     } else {
       error->all(FLERR,
                  "pair_style mlsurrogate: unknown keyword '{}'. Valid keywords: grid, spacing, "
-                 "device, threads, batch. Usage: {}",
+                 "device, threads, batch, ionion. Usage: {}",
                  kw, USAGE);
     }
     if (*seen) error->all(FLERR, "pair_style mlsurrogate: keyword '{}' is given twice", kw);
@@ -184,6 +189,11 @@ void PairMLSurrogate::settings(int narg, char **arg)
       if (!parse_positive_int(arg[iarg + 1], nthreads))
         error->all(FLERR, "pair_style mlsurrogate: threads needs a positive integer, got '{}'",
                    arg[iarg + 1]);
+    } else if (kw == "ionion") {
+      const std::string value = arg[iarg + 1];
+      if (value != "on" && value != "off")
+        error->all(FLERR, "pair_style mlsurrogate: ionion must be on or off, got '{}'", value);
+      ionion = value == "on";
     } else if (kw == "batch") {
       if (!parse_positive_int(arg[iarg + 1], batch))
         error->all(FLERR,
@@ -321,6 +331,7 @@ void PairMLSurrogate::init_style()
   if (!problem.empty())
     error->all(FLERR, "pair_style mlsurrogate: model '{}' is not a usable mlsurrogate model: {}",
                model_file, problem);
+  check_ion_ion();
   if (comm->me == 0)
     error->warning(FLERR,
                    "pair_style mlsurrogate: the virial is not computed yet; pressures exclude "
@@ -328,6 +339,65 @@ void PairMLSurrogate::init_style()
   // Ghost atoms within the descriptor cutoff are what the kernel needs; it bins them
   // itself, so the neighbor list is not used.
   neighbor->add_request(this, NeighConst::REQ_FULL);
+}
+
+/* ----------------------------------------------------------------------
+   The total free energy needs E_ii, the Ewald energy of the valence charges: LAMMPS's
+   own coul/long + kspace, with every atom's charge equal to its valence charge.
+------------------------------------------------------------------------- */
+
+void PairMLSurrogate::check_ion_ion()
+{
+  if (!ionion) {
+    if (comm->me == 0)
+      error->warning(FLERR,
+                     "pair_style mlsurrogate: ionion off: energies and forces lack the ion-ion "
+                     "term E_ii");
+    return;
+  }
+  std::string charges;
+  for (int t = 1; t <= atom->ntypes; ++t)
+    charges += fmt::format("set type {} charge {}; ", t, type_charge[t]);
+  const bool have_coulomb = force->pair_match("coul/long", 0) != nullptr;
+  if (!have_coulomb || force->kspace == nullptr)
+    error->all(FLERR,
+               "pair_style mlsurrogate: the ion-ion energy E_ii is missing. Use 'pair_style "
+               "hybrid/overlay mlsurrogate {} ... coul/long <cutoff>' with 'pair_coeff * * "
+               "coul/long', 'kspace_style ewald 1e-10' (or pppm), atom_style charge and "
+               "'{}'; or add 'ionion off' to pair_style mlsurrogate to run without E_ii",
+               model_file, charges);
+  if (!atom->q_flag)
+    error->all(FLERR,
+               "pair_style mlsurrogate: E_ii needs atom charges (atom_style charge) set to the "
+               "valence charges: {}",
+               charges);
+  int wrong = 0;
+  for (int i = 0; i < atom->nlocal; ++i)
+    if (std::fabs(atom->q[i] - type_charge[atom->type[i]]) > 1e-10) wrong = atom->type[i];
+  MPI_Allreduce(MPI_IN_PLACE, &wrong, 1, MPI_INT, MPI_MAX, world);
+  if (wrong)
+    error->all(FLERR,
+               "pair_style mlsurrogate: atoms of type {} ({}) carry a charge other than the "
+               "model's valence charge {}; set them with: {}",
+               wrong, type_element[wrong], type_charge[wrong], charges);
+}
+
+/* ---------------------------------------------------------------------- */
+
+void PairMLSurrogate::finish()
+{
+  std::array<double, 6> slowest{};
+  MPI_Reduce(seconds.data(), slowest.data(), (int) seconds.size(), MPI_DOUBLE, MPI_MAX, 0, world);
+  if (comm->me != 0) return;
+  const char *names[] = {"descriptors", "inference", "functional", "back-propagation",
+                         "force contraction", "communication"};
+  double total = 0.0;
+  for (const double t : slowest) total += t;
+  std::string text = "pair_style mlsurrogate timing (slowest rank, seconds):\n";
+  for (std::size_t k = 0; k < slowest.size(); ++k)
+    text += fmt::format("  {:<18} {:12.4f} {:6.1f}%\n", names[k], slowest[k],
+                        total > 0.0 ? 100.0 * slowest[k] / total : 0.0);
+  utils::logmesg(lmp, text);
 }
 
 double PairMLSurrogate::init_one(int i, int j)
@@ -407,85 +477,112 @@ void PairMLSurrogate::compute(int eflag, int vflag)
   const int nfeatures = kernel->num_descriptors();
   const int nenergies = model->num_energies();
 
+  enum Stage { DESCRIPTORS, INFERENCE, FUNCTIONAL, BACKPROP, CONTRACTION, COMMUNICATION };
+  auto timed = [this](Stage stage, auto &&work) {
+    const double start = platform::walltime();
+    work();
+    seconds[stage] += platform::walltime() - start;
+  };
+  auto allreduce = [&](double *data, int count) {
+    timed(COMMUNICATION,
+          [&] { MPI_Allreduce(MPI_IN_PLACE, data, count, MPI_DOUBLE, MPI_SUM, world); });
+  };
+  // Model errors (e.g. a predicted LDOS holding fewer than N_val electrons) become
+  // LAMMPS errors; steps after a reduction fail identically on every rank.
+  std::string problem;
+  auto guarded = [&](auto &&work) {
+    try {
+      work();
+    } catch (const std::exception &e) {
+      problem = e.what();
+    }
+  };
+
+  // 1. local: descriptors, LDOS and the partial DOS of the owned grid points
   std::vector<double> descriptors((std::size_t) npoints * nfeatures);
   std::vector<double> ldos;
   std::vector<double> dos(nenergies, 0.0);
-  std::string problem;
-  try {
-    if (npoints > 0) {
-      kernel->compute(cell, block, atoms, descriptors.data());
+  guarded([&] {
+    if (npoints == 0) return;
+    timed(DESCRIPTORS, [&] { kernel->compute(cell, block, atoms, descriptors.data()); });
+    timed(INFERENCE, [&] {
       const int step = batch > 0 ? batch : npoints;
       for (int first = 0; first < npoints; first += step) {
         const int count = std::min(step, npoints - first);
-        const std::vector<double> part =
-            model->predict_ldos(descriptors.data() + (std::size_t) first * nfeatures, count,
-                                nfeatures);
+        const std::vector<double> part = model->predict_ldos(
+            descriptors.data() + (std::size_t) first * nfeatures, count, nfeatures);
         ldos.insert(ldos.end(), part.begin(), part.end());
       }
-      dos = model->dos(ldos, voxel);
-    }
-  } catch (const std::exception &e) {
-    problem = e.what();
-  }
+    });
+    timed(FUNCTIONAL, [&] { dos = model->dos(ldos, voxel); });
+  });
   if (!problem.empty()) error->one(FLERR, "pair_style mlsurrogate: {}", problem);
-  MPI_Allreduce(MPI_IN_PLACE, dos.data(), nenergies, MPI_DOUBLE, MPI_SUM, world);
+  allreduce(dos.data(), nenergies);
 
   double electrons = 0.0;
   for (int i = 0; i < nlocal; ++i) electrons += type_charge[type[i]];
-  MPI_Allreduce(MPI_IN_PLACE, &electrons, 1, MPI_DOUBLE, MPI_SUM, world);
+  allreduce(&electrons, 1);
 
-  // Fermi level and density: every rank fills its block of the full grid
+  // 2. global: Fermi level; density gathered on the full grid on every rank
+  auto grid_index = [&](int i, int j, int k) {
+    return ((std::size_t) i * shape[1] + j) * shape[2] + k;
+  };
   double mu = 0.0;
   std::vector<double> density(ngrid, 0.0);
-  try {
-    mu = model->fermi_level(dos, electrons);
-    if (npoints > 0) {
+  guarded([&] {
+    timed(FUNCTIONAL, [&] {
+      mu = model->fermi_level(dos, electrons);
+      if (npoints == 0) return;
       const std::vector<double> local = model->density(ldos, mu);
       std::size_t p = 0;
       for (int i = block.lo[0]; i < block.hi[0]; ++i)
         for (int j = block.lo[1]; j < block.hi[1]; ++j)
-          for (int k = block.lo[2]; k < block.hi[2]; ++k)
-            density[((std::size_t) i * shape[1] + j) * shape[2] + k] = local[p++];
-    }
-  } catch (const std::exception &e) {
-    problem = e.what();
-  }
+          for (int k = block.lo[2]; k < block.hi[2]; ++k) density[grid_index(i, j, k)] = local[p++];
+    });
+  });
   if (!problem.empty()) error->all(FLERR, "pair_style mlsurrogate: {}", problem);
-  MPI_Allreduce(MPI_IN_PLACE, density.data(), (int) ngrid, MPI_DOUBLE, MPI_SUM, world);
+  allreduce(density.data(), (int) ngrid);
 
   mlsurrogate::TorchModel::GlobalTerms global;
   std::vector<double> phi_local(npoints);
   double fermi_shift = 0.0;
-  try {
-    global = model->global_terms(dos, density, shape, cell.h.data(), mu);
-    std::size_t p = 0;
-    for (int i = block.lo[0]; i < block.hi[0]; ++i)
-      for (int j = block.lo[1]; j < block.hi[1]; ++j)
-        for (int k = block.lo[2]; k < block.hi[2]; ++k)
-          phi_local[p++] = global.phi[((std::size_t) i * shape[1] + j) * shape[2] + k];
-    if (npoints > 0) fermi_shift = model->fermi_shift_part(ldos, mu, phi_local);
-  } catch (const std::exception &e) {
-    problem = e.what();
-  }
+  guarded([&] {
+    timed(FUNCTIONAL, [&] {
+      global = model->global_terms(dos, density, shape, cell.h.data(), mu);
+      std::size_t p = 0;
+      for (int i = block.lo[0]; i < block.hi[0]; ++i)
+        for (int j = block.lo[1]; j < block.hi[1]; ++j)
+          for (int k = block.lo[2]; k < block.hi[2]; ++k)
+            phi_local[p++] = global.phi[grid_index(i, j, k)];
+      if (npoints > 0) fermi_shift = model->fermi_shift_part(ldos, mu, phi_local);
+    });
+  });
   if (!problem.empty()) error->all(FLERR, "pair_style mlsurrogate: {}", problem);
-  MPI_Allreduce(MPI_IN_PLACE, &fermi_shift, 1, MPI_DOUBLE, MPI_SUM, world);
+  allreduce(&fermi_shift, 1);
 
+  // 3. local: dA/dLDOS, back-propagation to dA/dB, adjoint contraction to forces
   std::vector<double> dE_dR(3 * (std::size_t) nall, 0.0), dE_dstrain(9, 0.0);
-  try {
-    if (npoints > 0) {
-      const std::vector<double> dA_dldos =
-          model->ldos_gradient(mu, phi_local, dos, fermi_shift, voxel);
-      const std::vector<double> beta =
-          model->descriptor_gradient(descriptors.data(), npoints, nfeatures, dA_dldos);
+  guarded([&] {
+    if (npoints == 0) return;
+    std::vector<double> dA_dldos, beta;
+    timed(FUNCTIONAL,
+          [&] { dA_dldos = model->ldos_gradient(mu, phi_local, dos, fermi_shift, voxel); });
+    timed(BACKPROP, [&] {
+      beta = model->descriptor_gradient(descriptors.data(), npoints, nfeatures, dA_dldos);
+    });
+    timed(CONTRACTION, [&] {
       kernel->gradient(cell, block, atoms, beta.data(), dE_dR.data(), dE_dstrain.data());
-    }
-  } catch (const std::exception &e) {
-    problem = e.what();
-  }
+    });
+  });
   if (!problem.empty()) error->one(FLERR, "pair_style mlsurrogate: {}", problem);
   for (int i = 0; i < nall; ++i)
     for (int d = 0; d < 3; ++d) f[i][d] -= dE_dR[3 * i + d];
 
   std::map<std::string, double> terms(global.terms.begin(), global.terms.end());
+  // compute pair sums pvector over ranks: the replicated values go on rank 0 only
+  extras.fill(0.0);
+  if (comm->me == 0)
+    extras = {terms["band"], terms["entropy"],   terms["fermi_level"], terms["hartree"],
+              terms["xc"],   terms["electrons"], terms["electronic"]};
   if (eflag_global && comm->me == 0) eng_vdwl += terms["electronic"];
 }

@@ -1,7 +1,7 @@
 /* pair_style mlsurrogate: grid-LDOS ML surrogate of Kohn-Sham DFT.
  *
  *   pair_style mlsurrogate model.pt [grid nx ny nz | spacing h]
- *                          [device cpu|cuda|cuda:N] [threads N] [batch M]
+ *                          [device cpu|cuda|cuda:N] [threads N] [batch M] [ionion on|off]
  *   pair_coeff * * Elem_1 ... Elem_ntypes
  *
  * Every rank computes descriptors of the grid points it owns (the compute sna/grid/local
@@ -14,6 +14,7 @@
 
 #include "pair.h"
 
+#include <array>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,6 +36,7 @@ class PairMLSurrogate : public Pair {
   void coeff(int, char **) override;
   void init_style() override;
   double init_one(int, int) override;
+  void finish() override;
 
  protected:
   void allocate();
@@ -54,6 +56,15 @@ class PairMLSurrogate : public Pair {
   std::unique_ptr<mlsurrogate::GridDescriptors> kernel;
 
   void grid_shape(int shape[3]) const;
+  void check_ion_ion();
+
+  bool ionion;             // require coul/long + kspace with the valence charges
+  // thermo extras (compute pair mlsurrogate): band energy, -TS, Fermi level, E_H,
+  // E_xc, electron count, electronic free energy (no E_ii)
+  std::array<double, 7> extras{};
+  // wall time per stage, summed over the run: descriptors, inference, functional,
+  // back-propagation, force contraction, communication
+  std::array<double, 6> seconds{};
 };
 
 }    // namespace LAMMPS_NS

