@@ -80,6 +80,7 @@ PairMLSurrogate::PairMLSurrogate(LAMMPS *lmp) : Pair(lmp)
   restartinfo = 0;
   one_coeff = 1;
   manybody_flag = 1;
+  no_virial_fdotr_compute = 1;    // the virial needs grid points, not f.r of atoms
   nextra = static_cast<int>(extras.size());
   pvector = extras.data();
   reset_settings();
@@ -332,10 +333,6 @@ void PairMLSurrogate::init_style()
     error->all(FLERR, "pair_style mlsurrogate: model '{}' is not a usable mlsurrogate model: {}",
                model_file, problem);
   check_ion_ion();
-  if (comm->me == 0)
-    error->warning(FLERR,
-                   "pair_style mlsurrogate: the virial is not computed yet; pressures exclude "
-                   "this pair style");
   // Ghost atoms within the descriptor cutoff are what the kernel needs; it bins them
   // itself, so the neighbor list is not used.
   neighbor->add_request(this, NeighConst::REQ_FULL);
@@ -585,4 +582,27 @@ void PairMLSurrogate::compute(int eflag, int vflag)
     extras = {terms["band"], terms["entropy"],   terms["fermi_level"], terms["hartree"],
               terms["xc"],   terms["electrons"], terms["electronic"]};
   if (eflag_global && comm->me == 0) eng_vdwl += terms["electronic"];
+
+  // virial = -dA/dstrain (symmetric part): the descriptor part of this rank's grid
+  // points, plus on rank 0 the explicit cell dependence of the functional (see
+  // mlsurrogate.physics: D scales with the voxel volume, mu keeps N_val, Phi[n; cell])
+  if (vflag_global) {
+    double strain[3][3];
+    const double c = terms["edos_at_mu"] + fermi_shift;
+    const double isotropic =
+        terms["band_free"] - c * electrons / terms["dos_at_mu"];
+    for (int a = 0; a < 3; ++a)
+      for (int b = 0; b < 3; ++b) {
+        strain[a][b] = 0.5 * (dE_dstrain[3 * a + b] + dE_dstrain[3 * b + a]);
+        if (comm->me == 0)
+          strain[a][b] += 0.5 * (global.phi_strain[3 * a + b] + global.phi_strain[3 * b + a]) +
+              (a == b ? isotropic : 0.0);
+      }
+    virial[0] -= strain[0][0];
+    virial[1] -= strain[1][1];
+    virial[2] -= strain[2][2];
+    virial[3] -= strain[0][1];
+    virial[4] -= strain[0][2];
+    virial[5] -= strain[1][2];
+  }
 }

@@ -208,11 +208,16 @@ TorchModel::GlobalTerms TorchModel::global_terms(const std::vector<double> &dos,
         {tensor_of(dos, {h.num_energies}, h.device),
          tensor_of(density, {shape[0], shape[1], shape[2]}, h.device),
          tensor_of(cell_v, {3, 3}, h.device), scalar(mu, h.device)});
+    if (!out.isTuple() || out.toTupleRef().elements().size() != 3)
+      throw std::runtime_error(
+          "functional.global_terms does not return (terms, phi, dPhi/dstrain): the model was "
+          "exported by another mlsurrogate version; export it again with `mlsurrogate export`");
     const auto tuple = out.toTuple();
     GlobalTerms result;
     for (const auto &item : tuple->elements()[0].toGenericDict())
       result.terms.emplace_back(item.key().toStringRef(), item.value().toTensor().item<double>());
     result.phi = to_vector(tuple->elements()[1].toTensor());
+    result.phi_strain = to_vector(tuple->elements()[2].toTensor());
     return result;
   });
 }

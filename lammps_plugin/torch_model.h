@@ -48,6 +48,7 @@ class TorchModel {
   struct GlobalTerms {
     std::vector<std::pair<std::string, double>> terms;  // eV per cell
     std::vector<double> phi;                            // dPhi/dn on the full grid
+    std::vector<double> phi_strain;                     // dPhi/dstrain at fixed n, 3 x 3
   };
   GlobalTerms global_terms(const std::vector<double> &dos, const std::vector<double> &density,
                            const int shape[3], const double cell[9], double mu) const;

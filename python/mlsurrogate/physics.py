@@ -37,13 +37,18 @@ Distributed use (the pair style; every rank owns a set of grid points):
 1. local:   D_part = dos(ldos_local, dV)                      -> MPI_Allreduce(sum) = D
 2. global:  mu = fermi_level(D, N_val); n_local = density(ldos_local, mu)
             -> gather n to a full grid on every rank
-            terms, phi = global_terms(D, n_grid, cell, mu)     (replicated, identical)
+            terms, phi, dPhi_dstrain = global_terms(D, n_grid, cell, mu)  (replicated)
 3. local:   c_part = fermi_shift_part(ldos_local, mu, phi_local)
                                                               -> MPI_Allreduce(sum) = c
             dA/dd = ldos_gradient(mu, phi_local, D, c, dV)    (per owned point)
 
 phi(r) = dPhi/dn(r) for Phi = -E_H + E_xc - integral v_xc n. The gradient keeps the
 electron count fixed: mu moves with the LDOS, dmu/dd_j(r) = -W_j dV / D(mu).
+
+Strain (virial): for x -> (1 + eps) x of atoms, grid and cell together,
+dA/deps = [sum_r beta(r) dB(r)/deps] + (E_band - TS) I + dPhi/deps|_n - c N_val / D(mu) I,
+the first term from the descriptor kernel (beta = dA/dB), the second because D scales
+with the voxel volume, the last because mu moves to keep N_val (c is step 3's constant).
 """
 
 from __future__ import annotations
@@ -410,32 +415,39 @@ class LdosEnergy(torch.nn.Module):
     @torch.jit.export
     def potential_terms(
         self, density: torch.Tensor, cell: torch.Tensor, core: torch.Tensor | None = None
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """E_H, E_xc, integral v_xc n and phi = dPhi/dn(r), Phi = -E_H + E_xc - int v_xc n.
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """E_H, E_xc, integral v_xc n; phi = dPhi/dn(r) and dPhi/d(strain) at fixed n(r),
+        for Phi = -E_H + E_xc - int v_xc n.
 
         ``density`` is the full valence grid [nx, ny, nz] (1/A^3); phi has its shape
-        (eV A^3). ``core`` is the core density of nonlinear-core-corrected
-        pseudopotentials: E_xc and v_xc see n + n_core, the double counting only n.
+        (eV A^3). The strain derivative (3 x 3, eV) is for x -> (1 + eps) x of the cell
+        with the density values at the grid points kept. ``core`` is the core density of
+        nonlinear-core-corrected pseudopotentials: E_xc and v_xc see n + n_core, the
+        double counting only n.
         """
         if density.dim() != 3:
             raise ValueError("density must be a full [nx, ny, nz] grid")
         if core is not None and core.shape != density.shape:
             raise ValueError("the core density grid differs from the density grid")
         n = density.detach().clone().requires_grad_(True)
-        e_hartree = hartree_energy(n, cell, self.coulomb)
-        e_xc = self._xc_energy(n, cell, core)
+        strain = torch.zeros(3, 3, dtype=cell.dtype, device=cell.device).requires_grad_(True)
+        identity = torch.eye(3, dtype=cell.dtype, device=cell.device)
+        deformed = cell @ (identity + strain).transpose(0, 1)
+        e_hartree = hartree_energy(n, deformed, self.coulomb)
+        e_xc = self._xc_energy(n, deformed, core)
         v_xc = torch.autograd.grad([e_xc], [n], create_graph=True)[0]  # = v_xc(r) dV
         v_xc = v_xc.reshape(n.shape) if v_xc is not None else torch.zeros_like(n)
         double_counting = (v_xc * n).sum()
         phi_objective = -e_hartree + e_xc - double_counting
-        phi = torch.autograd.grad([phi_objective], [n])[0]
+        phi, phi_strain = torch.autograd.grad([phi_objective], [n, strain])
         phi = phi if phi is not None else torch.zeros_like(n)
+        phi_strain = phi_strain if phi_strain is not None else torch.zeros_like(cell)
         terms = {
             "hartree": e_hartree.detach(),
             "xc": e_xc.detach(),
             "vxc_n": double_counting.detach(),
         }
-        return terms, phi.detach()
+        return terms, phi.detach(), phi_strain.detach()
 
     @torch.jit.export
     def global_terms(
@@ -445,9 +457,15 @@ class LdosEnergy(torch.nn.Module):
         cell: torch.Tensor,
         mu: torch.Tensor,
         core: torch.Tensor | None = None,
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Every energy term (eV per cell) but E_ii, and phi on the full grid."""
-        terms, phi = self.potential_terms(density, cell, core)
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Every energy term (eV per cell) but E_ii, phi on the full grid, and dPhi/dstrain.
+
+        ``terms`` also holds D(mu) and (e D)(mu) (interpolants at mu) for the virial.
+        """
+        terms, phi, phi_strain = self.potential_terms(density, cell, core)
+        at_mu = interpolation_weights(self.energies, mu)
+        terms["dos_at_mu"] = (at_mu * dos).sum()
+        terms["edos_at_mu"] = (at_mu * self.energies * dos).sum()
         band_free = self.band_free_energy(dos, mu)
         entropy = self.entropy_term(dos, mu)
         terms["band_free"] = band_free
@@ -457,7 +475,7 @@ class LdosEnergy(torch.nn.Module):
         terms["electrons"] = (integration_weights(self.energies, mu) * dos).sum()
         terms["one_electron"] = terms["band"] - 2.0 * terms["hartree"] - terms["vxc_n"]
         terms["electronic"] = band_free - terms["hartree"] + terms["xc"] - terms["vxc_n"]
-        return terms, phi
+        return terms, phi, phi_strain
 
     # ------------------------------------------------------------------ step 3, local
     @torch.jit.export
@@ -525,7 +543,7 @@ class LdosEnergy(torch.nn.Module):
         dos = self.dos(rows, voxel)
         mu = self.fermi_level(dos, n_electrons)
         density = self.density(rows, mu).reshape(shape)
-        terms, phi = self.global_terms(dos, density, cell, mu, core)
+        terms, phi, _ = self.global_terms(dos, density, cell, mu, core)
         gradient = torch.zeros(0, dtype=ldos.dtype, device=ldos.device)
         if with_gradient:
             phi_rows = phi.reshape(-1)
