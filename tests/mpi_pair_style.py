@@ -9,7 +9,7 @@ import json
 import sys
 
 import mlsurrogate  # noqa: F401  (makes libmpi global before liblammps loads)
-from pair_style_run import pair_style_energy_forces
+from mlsurrogate.lammps_pair import pair_style_energy_forces
 
 if __name__ == "__main__":
     model, structure, output = sys.argv[1:4]

@@ -14,9 +14,9 @@ import pytest
 
 from mlsurrogate.data import Snapshot
 from mlsurrogate.descriptors import BispectrumParams
+from mlsurrogate.lammps_pair import pair_style_energy_forces
 from mlsurrogate.model import Model, save_model
 from mlsurrogate.training import TrainingConfig, build_model, train
-from pair_style_run import pair_style_energy_forces
 from test_build import clean_env, venv_tool
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
@@ -224,9 +224,7 @@ def test_mpi_ranks_give_the_serial_result(smooth_model, ranks, tmp_path):
         str(tmp_path / "structure.json"),
         str(tmp_path / "out.json"),
     ]
-    env = clean_env()
-    env["PYTHONPATH"] = str(HERE)
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["energy"] == pytest.approx(serial_energy, rel=1e-10)

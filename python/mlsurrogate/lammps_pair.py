@@ -1,4 +1,5 @@
-"""In-process LAMMPS with pair_style mlsurrogate: energy and forces of one structure."""
+"""In-process LAMMPS with ``pair_style mlsurrogate``: energy and forces of one structure
+(used by tests and benchmarks; an input script is the way for MD)."""
 
 from __future__ import annotations
 
