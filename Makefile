@@ -80,6 +80,7 @@ demo: install
 
 bench: install
 	$(RUN) $(VPY) benchmarks/descriptors.py
+	$(RUN) $(VPY) benchmarks/energy_functional.py
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache python/*.egg-info
