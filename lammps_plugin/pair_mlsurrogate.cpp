@@ -216,6 +216,15 @@ void PairMLSurrogate::settings(int narg, char **arg)
 
   std::string problem = mlsurrogate::TorchModel::check_device(device);
   if (!problem.empty()) error->all(FLERR, "pair_style mlsurrogate: {}", problem);
+  if (device == "cuda") {
+    // one GPU per rank: the node-local rank picks the device
+    MPI_Comm node;
+    MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, comm->me, MPI_INFO_NULL, &node);
+    int local_rank = 0;
+    MPI_Comm_rank(node, &local_rank);
+    MPI_Comm_free(&node);
+    device = fmt::format("cuda:{}", local_rank % mlsurrogate::TorchModel::cuda_device_count());
+  }
 
   if (nthreads > 0) mlsurrogate::TorchModel::set_num_threads(nthreads);
 

@@ -68,6 +68,10 @@ std::string TorchModel::check_device(const std::string &device) {
 
 void TorchModel::set_num_threads(int n) { at::set_num_threads(n); }
 
+int TorchModel::cuda_device_count() {
+  return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0;
+}
+
 }  // namespace mlsurrogate
 
 namespace mlsurrogate {

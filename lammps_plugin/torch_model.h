@@ -63,6 +63,8 @@ class TorchModel {
   // Empty if `device` can be used by this libtorch on this machine, otherwise
   // the reason why not.
   static std::string check_device(const std::string &device);
+  // Number of CUDA devices this libtorch sees (0 without CUDA).
+  static int cuda_device_count();
   // Sets the number of intra-op threads of libtorch.
   static void set_num_threads(int n);
 
