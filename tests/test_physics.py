@@ -274,3 +274,28 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="fewer than N_val"):
         functional.evaluate(ldos * 0.5, cell, 12.0, False)
     assert math.isfinite(float(functional.evaluate(ldos, cell, 12.0, False)[0]["electronic"]))
+
+
+@pytest.mark.parametrize("xc", ["lda_pz", "pbe"])
+def test_strain_derivative_at_fixed_density(xc):
+    """dPhi/dstrain (Phi = -E_H + E_xc - int v_xc n, density values kept at the moving grid
+    points) against central differences of Phi over deformed cells."""
+    with Snapshot(SNAPSHOTS[2]) as snap:
+        density = torch.as_tensor(snap.density[()], dtype=torch.float64)
+        cell = torch.as_tensor(np.asarray(snap.atoms.cell), dtype=torch.float64)
+        functional = LdosEnergy(snap.energies, 933.0, xc)
+
+    def phi(c):
+        terms, _, _ = functional.potential_terms(density, c)
+        return float(-terms["hartree"] + terms["xc"] - terms["vxc_n"])
+
+    _, _, derivative = functional.potential_terms(density, cell)
+    step = 1e-6
+    for a, b in [(0, 0), (1, 2), (2, 1)]:
+        unit = torch.zeros(3, 3, dtype=torch.float64)
+        unit[a, b] = step
+        plus = phi(cell @ (torch.eye(3, dtype=torch.float64) + unit).T)
+        minus = phi(cell @ (torch.eye(3, dtype=torch.float64) - unit).T)
+        assert float(derivative[a, b]) == pytest.approx(
+            (plus - minus) / (2 * step), rel=1e-6, abs=1e-6
+        )
