@@ -226,7 +226,9 @@ void PairMLSurrogate::settings(int narg, char **arg)
     device = fmt::format("cuda:{}", local_rank % mlsurrogate::TorchModel::cuda_device_count());
   }
 
-  if (nthreads > 0) mlsurrogate::TorchModel::set_num_threads(nthreads);
+  // One thread per rank unless told otherwise: libtorch's default (all cores in every
+  // rank) oversubscribes MPI runs.
+  mlsurrogate::TorchModel::set_num_threads(std::max(nthreads, 1));
 
   try {
     model = std::make_unique<mlsurrogate::TorchModel>(model_file, device);

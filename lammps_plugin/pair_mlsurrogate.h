@@ -46,7 +46,7 @@ class PairMLSurrogate : public Pair {
   int grid[3];             // grid points per box direction; 0 = not given
   double spacing;          // target grid spacing (distance units); 0 = not given
   std::string device;      // "cpu", "cuda", "cuda:N"
-  int nthreads;            // libtorch intra-op threads; 0 = libtorch default
+  int nthreads;            // kernel and libtorch threads per rank; 0 = not given (1)
   int batch;               // grid points per network call; 0 = all at once
   double cutmax;           // descriptor cutoff from the model; 0 = unknown
   std::vector<std::string> type_element;    // element name of each atom type (1-based)
