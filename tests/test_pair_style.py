@@ -76,6 +76,12 @@ def test_energy_equals_python_pipeline(smooth_model):
     terms = model.energy_terms(atoms, model.predict_ldos(atoms, tuple(grid)))
     assert energy == pytest.approx(terms["electronic"], rel=1e-8)
     assert np.isfinite(forces).all() and np.abs(forces).max() > 1e-3
+    # network calls in batches and two threads change nothing but the speed
+    batched, batched_forces = pair_style_energy_forces(
+        smooth_model, cell, positions, grid, options="batch 1000 threads 2"
+    )
+    assert batched == pytest.approx(energy, rel=1e-12)
+    np.testing.assert_allclose(batched_forces, forces, rtol=1e-10, atol=1e-12)
 
 
 def test_forces_equal_finite_differences(smooth_model):

@@ -15,18 +15,20 @@ def pair_style_energy_forces(
     grid: list[int],
     ionion: bool = False,
     extra_commands: tuple[str, ...] = (),
+    options: str = "",
 ) -> tuple[float, np.ndarray]:
     """Orthogonal cell at the origin; returns (pe in eV, forces [natoms, 3] in eV/A).
 
     ``ionion`` adds E_ii as users do: hybrid/overlay with coul/long + kspace ewald and the
-    valence charge 3 (Al) on every atom; otherwise ``ionion off``.
+    valence charge 3 (Al) on every atom; otherwise ``ionion off``. ``options`` are more
+    pair_style mlsurrogate keywords (e.g. ``"batch 1000 threads 2"``).
     """
     from lammps import lammps
 
     lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
     try:
         lx, ly, lz = (cell[d][d] for d in range(3))
-        style = f"mlsurrogate {model} grid {grid[0]} {grid[1]} {grid[2]}"
+        style = f"mlsurrogate {model} grid {grid[0]} {grid[1]} {grid[2]} {options}".strip()
         if ionion:
             pair = [
                 # the Ewald settings of mlsurrogate.ion_ion, for identical E_ii
