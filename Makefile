@@ -5,8 +5,12 @@
 #   make install  build the C++ parts and install the package into .venv
 #   make qe       Quantum ESPRESSO (pw.x, pp.x, pseudopotentials) from Debian, if missing
 #   make test     ruff + pytest (needs qe: tests run real pw.x/pp.x)
-#   make data     regenerate the bundled Al dataset with QE (about 10 minutes)
-#   make demo / make bench / make clean / make distclean
+#   make data     regenerate the bundled 4-atom Al dataset with QE (about 10 minutes)
+#   make data32   the 32-atom Al dataset the bundled model is trained on (about 80
+#                 minutes on 2 cores; resumable: finished snapshots are kept)
+#   make model    train and export models/al_933K.pt from it (about 10 minutes)
+#   make demo     LAMMPS MD with the bundled model on 2 MPI ranks, a check against QE, plots
+#   make bench / make clean / make distclean
 #
 # GPU users: create .venv and install a CUDA torch into it first; `make venv`
 # keeps any torch it finds. Builds never use pip's build isolation, which would
@@ -34,7 +38,7 @@ LINT_PATHS := $(wildcard python tests benchmarks examples data)
 # Tests find lmp and mpiexec of the venv first.
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 
-.PHONY: all venv install qe test data demo bench clean distclean
+.PHONY: all venv install qe test data data32 model demo bench clean distclean
 all: install
 
 venv: $(VENV_STAMP)
@@ -75,8 +79,15 @@ test: install qe
 data: install qe
 	$(RUN) $(VPY) data/make_al_dataset.py
 
+data32: install qe
+	$(RUN) $(VPY) data/make_al_dataset.py --supercell 2 --temperatures 300 440 580 720 \
+	  --mantissa-bits 23 --output data/al_fcc32_933K
+
+model: data32
+	$(RUN) $(VPY) models/make_al_model.py
+
 demo: install
-	$(RUN) $(VPY) examples/descriptors_demo.py
+	$(RUN) $(VPY) examples/demo.py
 
 bench: install
 	$(RUN) $(VPY) benchmarks/descriptors.py

@@ -5,9 +5,10 @@ recipe users can run), with the project's reference settings: Al.pz-vbc.UPF, ecu
 Fermi-Dirac smearing at 933 K, k-spacing 0.2 1/A (8x8x8 for 4 atoms, 4x4x4 for 32).
 
 Snapshot i gets Gaussian displacements of the size thermal motion has at a temperature
-T_i spread evenly over 300..1000 K: <u_x^2> = B / (8 pi^2) x T / 295 K, with Al's
-room-temperature Debye-Waller factor B = 0.80 A^2 (harmonic scaling; about 0.10 A per
-component at 300 K, 0.18 A at 1000 K). The electronic temperature is 933 K throughout.
+T_i spread evenly over 300..1000 K or given with ``--temperatures`` (the random draws do
+not depend on T_i): <u_x^2> = B / (8 pi^2) x T / 295 K, with Al's room-temperature
+Debye-Waller factor B = 0.80 A^2 (harmonic scaling; about 0.10 A per component at 300 K,
+0.18 A at 1000 K). The electronic temperature is 933 K throughout.
 
 The LDOS of the bundled files is rounded to 7 mantissa bits (relative error <= 0.2 %)
 so that ten snapshots fit in the repository; the script prints what that rounding does
@@ -57,6 +58,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--supercell", type=int, default=1, help="1: 4 atoms, 2: 32 atoms")
     parser.add_argument("--snapshots", type=int, default=10)
+    parser.add_argument(
+        "--temperatures", type=float, nargs="+", help="displacement temperatures (K) instead of "
+        "--snapshots values spread evenly over 300..1000 K"
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=933)
     parser.add_argument("--output", default="data/al_fcc4_933K", help="snapshot directory")
     parser.add_argument("--workdir", default="build/qe_runs", help="QE run directories")
@@ -76,10 +81,14 @@ def main() -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
-    temperatures = np.linspace(300.0, 1000.0, args.snapshots)
+    temperatures = args.temperatures or np.linspace(300.0, 1000.0, args.snapshots)
     for index, temperature in enumerate(temperatures):
         atoms = displaced_cell(args.supercell, temperature, rng)
         name = f"snapshot_{index:02d}"
+        if (output / f"{name}.h5").exists():
+            # Resuming a long run: the structure was drawn above, so later ones stay the same.
+            print(f"{name}: {output / name}.h5 exists, skipped")
+            continue
         rundir = Path(args.workdir) / output.name / name
         if rundir.exists():
             shutil.rmtree(rundir)

@@ -181,10 +181,10 @@ def _train(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(config, key, value)
     history = train(config, args.output, resume=args.resume, progress=not args.quiet)
-    best = min(history, key=lambda record: record["validation_loss"])
+    best = min(history, key=lambda record: record["validation_objective"])
     print(
         f"wrote {args.output}: {len(history)} epochs, best validation loss "
-        f"{best['validation_loss']:.3e} at epoch {best['epoch']}; next: mlsurrogate export "
+        f"{best['validation_objective']:.3e} at epoch {best['epoch']}; next: mlsurrogate export "
         f"{args.output} -o model.pt"
     )
     return 0

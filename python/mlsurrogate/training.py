@@ -6,6 +6,16 @@ time, and shuffles the points inside each buffer; only the buffer is in memory. 
 depends only on (seed, epoch), and the checkpoint holds the model, optimizer, scheduler
 and torch RNG state, so a resumed run continues with exactly the losses of an
 uninterrupted one.
+
+Optional energy and force terms (``energy_weight``, ``force_weight``; beyond MALA, which
+fits the LDOS only): every ``physics_every`` mini-batches one training snapshot, in turn,
+is predicted on a coarse grid (``physics_spacing``), its free energy A and forces
+F = -dA/dR go through the energy functional and descriptor derivatives, and
+w_E ((A - A_QE) / N)^2 + w_F mean |F - F_QE|^2 is added to that step's loss. The forces
+use dB/dR of the coarse grid (central finite differences of the descriptors, computed
+once) and dA/dLDOS of the functional at the current prediction (held fixed while
+differentiating the loss, a first-order approximation of its parameter gradient; the
+loss value itself is exact).
 """
 
 from __future__ import annotations
@@ -50,6 +60,10 @@ class TrainingConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    energy_weight: float = 0.0  # 1/eV^2 on (free energy error per atom)^2
+    force_weight: float = 0.0  # A^2/eV^2 on the mean squared force error
+    physics_every: int = 20  # mini-batches between energy/force terms
+    physics_spacing: float = 0.5  # A, grid of the energy/force terms
     descriptor_params: dict[str, Any] = field(default_factory=lambda: asdict(BispectrumParams()))
 
     @classmethod
@@ -86,11 +100,20 @@ class TrainingConfig:
             raise ValueError("no training snapshots (train = [...])")
         if not self.validation:
             raise ValueError("no validation snapshots (validation = [...])")
-        for key in ("batch_size", "max_epochs", "buffer_planes"):
+        for key in ("batch_size", "max_epochs", "buffer_planes", "physics_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for key in ("energy_weight", "force_weight"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not self.physics_spacing > 0:
+            raise ValueError(f"physics_spacing must be > 0 A, got {self.physics_spacing}")
+
+    @property
+    def uses_physics(self) -> bool:
+        return self.energy_weight > 0 or self.force_weight > 0
 
 
 class SnapshotSource:
@@ -229,6 +252,86 @@ def energy_errors(
     }
 
 
+@dataclass
+class PhysicsTarget:
+    """A snapshot on a coarse grid, for the energy and force terms of the loss."""
+
+    descriptors: torch.Tensor  # [P, K]
+    jacobian: torch.Tensor  # [P, K, 3N]: dB/dR at the P coarse grid points
+    grid: tuple[int, int, int]
+    cell: torch.Tensor
+    electrons: float
+    natoms: int
+    electronic_energy: float  # A_QE - E_ii (eV)
+    electronic_forces: torch.Tensor  # F_QE - F_ii [3N] (eV/A)
+
+
+def physics_target(
+    source: SnapshotSource, params: BispectrumParams, spacing: float, device: str
+) -> PhysicsTarget:
+    snap = source.snapshot
+    if core_density_of(snap) is not None:
+        raise ValueError(
+            f"{source.path}: the energy/force terms of the loss do not handle core-corrected "
+            "pseudopotentials yet; set energy_weight = force_weight = 0"
+        )
+    atoms = snap.atoms
+    lengths = np.linalg.norm(np.asarray(atoms.cell), axis=1)
+    grid = tuple(max(2, int(round(length / spacing))) for length in lengths)
+    step = 1e-4  # A; descriptors are smooth, central differences are good to ~1e-8
+    columns = []
+    for coordinate in range(3 * len(atoms)):
+        shifted = []
+        for sign in (1.0, -1.0):
+            moved = atoms.copy()
+            moved.positions[coordinate // 3, coordinate % 3] += sign * step
+            values = compute_grid_descriptors(moved, grid, params)
+            shifted.append(values.reshape(-1, values.shape[-1]))
+        columns.append(((shifted[0] - shifted[1]) / (2 * step)).astype(np.float32))
+    jacobian = np.stack(columns, axis=-1)
+    descriptors = compute_grid_descriptors(atoms, grid, params).astype(np.float32)
+    charges = snap.attrs["valence_charges"]
+    ion_ion = ion_ion_energy(atoms, charges)
+    return PhysicsTarget(
+        descriptors=torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]), device=device),
+        jacobian=torch.as_tensor(jacobian, device=device),
+        grid=grid,
+        cell=torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64),
+        electrons=float(snap.attrs["num_valence_electrons"]),
+        natoms=len(atoms),
+        electronic_energy=float(snap.attrs["energy_total_eV"]) - ion_ion.energy,
+        electronic_forces=torch.as_tensor(
+            (snap.reference("forces") - ion_ion.forces).reshape(-1), dtype=torch.float32,
+            device=device,
+        ),
+    )
+
+
+def physics_loss(
+    network: LdosNetwork, functional: Any, target: PhysicsTarget, config: TrainingConfig
+) -> tuple[torch.Tensor, float, float]:
+    """(the loss term to back-propagate, free energy error meV/atom, force RMSE eV/A)."""
+    x = target.descriptors.detach().clone().requires_grad_(True)
+    ldos = network(x)
+    # the functional differentiates internally (v_xc), so it gets a detached copy, not no_grad
+    terms, gradient = functional.evaluate(
+        ldos.detach().double().cpu().reshape(*target.grid, -1), target.cell, target.electrons, True
+    )
+    gradient = gradient.detach().reshape(ldos.shape).to(ldos)
+    # sum_r dA/dd(r) . d(r): its parameter gradient is dA/dtheta; its x gradient is dA/dB
+    linear = (gradient * ldos).sum()
+    beta = torch.autograd.grad(linear, x, create_graph=True)[0]
+    forces = -torch.einsum("pk,pkc->c", beta, target.jacobian)
+    force_mse = ((forces - target.electronic_forces) ** 2).mean()
+    energy_error = (float(terms["electronic"]) - target.electronic_energy) / target.natoms
+    # d/dtheta of (energy error)^2 = 2 (error) dA/dtheta / N
+    loss = (
+        config.energy_weight * 2.0 * energy_error * linear / target.natoms
+        + config.force_weight * force_mse
+    )
+    return loss, 1000.0 * energy_error, float(force_mse.detach().sqrt())
+
+
 def _loss_over(network: LdosNetwork, sources: Sequence[SnapshotSource], device: str) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
@@ -294,6 +397,18 @@ def train(
     num_features = num_descriptors(params, len(elements))
     functional = functional_for(validation_sources[0].snapshot)
     targets = [physical_target(s) for s in validation_sources]
+    physics_train: list[PhysicsTarget] = []
+    physics_validation: list[PhysicsTarget] = []
+    if config.uses_physics:
+        log("energy/force terms: descriptor derivatives on the coarse grids (once)")
+        physics_train = [
+            physics_target(s, params, config.physics_spacing, config.device)
+            for s in tqdm(train_sources, desc="dB/dR", disable=not progress, leave=False)
+        ]
+        physics_validation = [
+            physics_target(s, params, config.physics_spacing, config.device)
+            for s in validation_sources
+        ]
 
     torch.manual_seed(config.seed)  # the initial weights; a resumed run loads its own
     network = _network_for(config, num_features, len(energies))
@@ -326,16 +441,22 @@ def train(
         with tqdm(
             total=total_points, desc=f"epoch {epoch}", unit="pt", disable=not progress, leave=False
         ) as bar:
-            for x, y in batches(
-                train_sources, config.batch_size, config.buffer_planes, config.seed, epoch
+            for step, (x, y) in enumerate(
+                batches(train_sources, config.batch_size, config.buffer_planes, config.seed, epoch)
             ):
                 inputs = torch.as_tensor(x, device=config.device)
                 target = torch.as_tensor(y, device=config.device) / network.ldos_scale
                 loss = torch.nn.functional.mse_loss(network.scaled(inputs), target)
+                running += loss.item() * len(x)
+                if physics_train and (step + 1) % config.physics_every == 0:
+                    turn = (step + 1) // config.physics_every - 1
+                    term = physics_loss(
+                        network, functional, physics_train[turn % len(physics_train)], config
+                    )
+                    loss = loss + term[0]
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                running += loss.item() * len(x)
                 seen += len(x)
                 bar.update(len(x))
         network.eval()
@@ -344,10 +465,19 @@ def train(
             energy_errors(network, functional, s, t, config.device)
             for s, t in zip(validation_sources, targets)
         ]
+        objective, force_rmse = validation_loss, math.nan
+        if physics_validation:
+            checks = [physics_loss(network, functional, t, config) for t in physics_validation]
+            energy_mse = float(np.mean([(c[1] / 1000.0) ** 2 for c in checks]))
+            force_mse = float(np.mean([c[2] ** 2 for c in checks]))
+            objective += config.energy_weight * energy_mse + config.force_weight * force_mse
+            force_rmse = math.sqrt(force_mse)
         record = {
             "epoch": epoch,
             "train_loss": running / seen,
             "validation_loss": validation_loss,
+            "validation_objective": objective,
+            "force_rmse": force_rmse,
             "learning_rate": optimizer.param_groups[0]["lr"],
             **{
                 key: float(np.mean([abs(e[key]) for e in errors]))
@@ -360,10 +490,11 @@ def train(
             f"{validation_loss:.3e}  |dE_band| {record['band_meV_atom']:.2f}  |dA| "
             f"{record['total_meV_atom']:.2f} meV/atom  |dE_F| {record['fermi_meV']:.1f} meV  "
             f"lr {record['learning_rate']:.1e}"
+            + (f"  F RMSE {force_rmse:.3f} eV/A" if physics_validation else "")
         )
-        scheduler.step(validation_loss)
-        if validation_loss < best_loss:
-            best_loss, stale = validation_loss, 0
+        scheduler.step(objective)
+        if objective < best_loss:
+            best_loss, stale = objective, 0
             best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
         else:
             stale += 1

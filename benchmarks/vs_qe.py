@@ -1,0 +1,128 @@
+"""Single-point time of pair_style mlsurrogate against Quantum ESPRESSO pw.x, same cell.
+
+    python benchmarks/vs_qe.py [MODEL.pt] [--cells 1 2 3] [--ranks 2] [--pw-out FILE ...]
+
+fcc Al (a = 4.05 A), cells^3 cubic cells (4, 32, 108 atoms) with 0.1 A random
+displacements. Ours: one energy + forces (``run 0``) in the ``lmp`` executable on
+``--ranks`` MPI ranks at the model's training grid spacing (QE's FFT grid), Ewald E_ii;
+the wall time of the whole process (start-up and model loading included). QE: pw.x SCF
+with the project's reference settings (Al.pz-vbc, 20 Ry, 933 K Fermi-Dirac, k-spacing
+0.2 1/A) on the same ranks (k-point pools), its own WALL time. ``--pw-out`` takes the
+time from existing pw.x outputs (matched by atom count) instead of running pw.x, e.g.
+those of ``make data`` / ``make data32``: a 108-atom SCF takes hours on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ase.build import bulk
+
+from mlsurrogate.model import load_metadata
+from mlsurrogate.qe import QESettings, write_pw_input
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+units metal
+atom_style charge
+read_data structure.data
+mass 1 26.9815385
+set type 1 charge 3.0
+pair_style hybrid/overlay mlsurrogate {model} coul/long 10.0
+pair_coeff * * mlsurrogate Al
+pair_coeff * * coul/long
+kspace_style ewald 1e-8
+thermo_style custom step pe
+run 0
+"""
+
+
+def structure(cells: int):
+    atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat(cells)
+    atoms.rattle(0.1, seed=cells)
+    atoms.wrap()
+    return atoms
+
+
+def pw_wall_seconds(text: str) -> float:
+    match = re.search(r"PWSCF\s*:.*CPU\s+(?:(\d+)h)?\s*(?:(\d+)m)?\s*([0-9.]+)s WALL", text)
+    if not match:
+        raise ValueError("no 'PWSCF ... WALL' line: the pw.x run did not finish")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return 3600 * hours + 60 * minutes + seconds
+
+
+def pw_atoms(text: str) -> int:
+    return int(re.search(r"number of atoms/cell\s*=\s*(\d+)", text).group(1))
+
+
+def time_ours(model: Path, atoms, ranks: int) -> float:
+    import ase.io
+
+    bin_dir = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory() as work:
+        ase.io.write(Path(work, "structure.data"), atoms, format="lammps-data", atom_style="charge")
+        Path(work, "in.point").write_text(SCRIPT.format(model=model))
+        command = [str(bin_dir / "lmp"), "-in", "in.point", "-log", "none", "-nocite"]
+        if ranks > 1:
+            command = [str(bin_dir / "mpiexec"), "-n", str(ranks), *command]
+        start = time.perf_counter()
+        subprocess.run(command, cwd=work, check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+
+def time_qe(atoms, ranks: int) -> float:
+    # Debian's pw.x is linked to Debian's Open MPI: its mpirun, not the venv's MPICH one
+    use_mpirun = ranks > 1 and Path("/usr/bin/mpirun").exists()
+    launcher = f"/usr/bin/mpirun -n {ranks} " if use_mpirun else ""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    pools = f" -nk {ranks}" if launcher else ""
+    with tempfile.TemporaryDirectory() as work:
+        Path(work, "pw.in").write_text(write_pw_input(atoms, QESettings()))
+        with open(Path(work, "pw.out"), "w") as out:
+            subprocess.run(
+                f"{launcher}pw.x{pools} -in pw.in", shell=True, cwd=work, env=env, stdout=out,
+                check=True,
+            )  # fmt: skip
+        return pw_wall_seconds(Path(work, "pw.out").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", default=str(ROOT / "models" / "al_933K.pt"))
+    parser.add_argument("--cells", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--pw-out", nargs="*", default=[], help="pw.x outputs to take times from")
+    args = parser.parse_args()
+    model = Path(args.model).resolve()
+    spacing = load_metadata(model)["grid_spacing_A"]
+    known = {}
+    for path in args.pw_out:
+        text = Path(path).read_text(errors="replace")
+        known[pw_atoms(text)] = (pw_wall_seconds(text), Path(path).name)
+    print("| atoms | grid | mlsurrogate s | pw.x s | pw.x / mlsurrogate |")
+    print("|---:|---:|---:|---:|---:|")
+    for cells in args.cells:
+        atoms = structure(cells)
+        grid = int(round(4.05 * cells / spacing))
+        ours = time_ours(model, atoms, args.ranks)
+        qe, source = known.get(len(atoms), (None, None))
+        if qe is None:
+            qe, source = time_qe(atoms, args.ranks), "run now"
+        print(
+            f"| {len(atoms)} | {grid}^3 | {ours:.1f} | {qe:.0f} ({source}) | {qe / ours:.0f}x |",
+            flush=True,
+        )
+    print(f"{args.ranks} MPI ranks for both; pw.x times include its start-up, ours too")
+
+
+if __name__ == "__main__":
+    main()
