@@ -25,6 +25,7 @@ lattice fcc 4.05
 region box block 0 {cells} 0 {cells} 0 {cells}
 create_box 1 box
 create_atoms 1 box
+displace_atoms all random 0.01 0.01 0.01 7539   # off the grid points (see README)
 mass 1 26.9815
 set type 1 charge 3.0
 pair_style hybrid/overlay mlsurrogate {model} grid {grid} {grid} {grid} coul/long 10.0

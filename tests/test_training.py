@@ -13,10 +13,18 @@ import torch
 
 from mlsurrogate import cli
 from mlsurrogate.data import Snapshot, add_descriptors
-from mlsurrogate.descriptors import BispectrumParams, num_descriptors
+from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors, num_descriptors
 from mlsurrogate.evaluate import evaluate_model, functional_for
 from mlsurrogate.model import Model, load_metadata, save_model
-from mlsurrogate.training import TrainingConfig, build_model, load_checkpoint, train
+from mlsurrogate.training import (
+    SnapshotSource,
+    TrainingConfig,
+    build_model,
+    load_checkpoint,
+    physics_target,
+    predicted_energy_forces,
+    train,
+)
 from test_build import run_clean, venv_tool
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
@@ -168,6 +176,56 @@ def test_cli_train_with_toml_and_export(tmp_path, capsys):
         json.loads(json.dumps(load_metadata(tmp_path / "m.pt")))["descriptor_params"]["twojmax"]
         == 2
     )
+
+
+def test_force_term_forces_are_minus_the_energy_gradient(checkpoint):
+    """The forces the force term fits are -dA/dR of the network's free energy on the
+    coarse grid (descriptor Jacobian, functional gradient and back-propagation together),
+    checked against central differences of A in double precision."""
+    network = build_model(checkpoint).network.double()
+    params = CONFIG.params()
+    source = SnapshotSource(SNAP[3], params)
+    target = physics_target(source, params, spacing=0.8, device="cpu")
+    assert target.grid == (5, 5, 5)
+    functional = functional_for(source.snapshot)
+    energy, forces, _ = predicted_energy_forces(network, functional, target)
+
+    def free_energy(atoms) -> float:
+        x = torch.as_tensor(compute_grid_descriptors(atoms, target.grid, params))
+        with torch.no_grad():
+            ldos = network(x.reshape(-1, x.shape[-1]))
+        terms, _ = functional.evaluate(
+            ldos.reshape(*target.grid, -1), target.cell, target.electrons, False
+        )
+        return float(terms["electronic"])
+
+    atoms = source.snapshot.atoms
+    assert free_energy(atoms) == pytest.approx(energy, rel=1e-10)
+    step = 1e-4
+    for coordinate in (0, 4, 11):
+        shifted = []
+        for sign in (1.0, -1.0):
+            moved = atoms.copy()
+            moved.positions[coordinate // 3, coordinate % 3] += sign * step
+            shifted.append(free_energy(moved))
+        difference = -(shifted[0] - shifted[1]) / (2 * step)
+        assert float(forces[coordinate].detach()) == pytest.approx(difference, rel=1e-5, abs=1e-6)
+    # QE's electronic forces (F_QE - F_ii) are what the term fits; they balance F_ii
+    assert target.electronic_forces.shape == (3 * len(atoms),)
+
+
+def test_energy_force_terms_train_and_resume_exactly(tmp_path):
+    config = replace(
+        CONFIG, max_epochs=2, energy_weight=1.0, force_weight=1e-3, physics_every=5,
+        physics_spacing=0.8,
+    )  # fmt: skip
+    uninterrupted = train(config, tmp_path / "a.pt", progress=False, log=lambda line: None)
+    assert all(np.isfinite(r["force_rmse"]) for r in uninterrupted)
+    train(config, tmp_path / "b.pt", stop_after_epoch=0, progress=False, log=lambda line: None)
+    resumed = train(config, tmp_path / "b.pt", resume=True, progress=False, log=lambda line: None)
+    assert json.dumps(resumed) == json.dumps(uninterrupted)
+    with pytest.raises(ValueError, match="force_weight must be >= 0"):
+        train(replace(config, force_weight=-1.0), tmp_path / "c.pt", progress=False)
 
 
 def test_bad_training_input(tmp_path):

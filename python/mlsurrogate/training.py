@@ -63,6 +63,7 @@ class TrainingConfig:
     energy_weight: float = 0.0  # 1/eV^2 on (free energy error per atom)^2
     force_weight: float = 0.0  # A^2/eV^2 on the mean squared force error
     physics_every: int = 20  # mini-batches between energy/force terms
+    physics_start_epoch: int = 0  # LDOS-only epochs first: the terms need a physical LDOS
     physics_spacing: float = 0.5  # A, grid of the energy/force terms
     descriptor_params: dict[str, Any] = field(default_factory=lambda: asdict(BispectrumParams()))
 
@@ -100,6 +101,8 @@ class TrainingConfig:
             raise ValueError("no training snapshots (train = [...])")
         if not self.validation:
             raise ValueError("no validation snapshots (validation = [...])")
+        if self.physics_start_epoch < 0:
+            raise ValueError(f"physics_start_epoch must be >= 0, got {self.physics_start_epoch}")
         for key in ("batch_size", "max_epochs", "buffer_planes", "physics_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -289,7 +292,7 @@ def physics_target(
             shifted.append(values.reshape(-1, values.shape[-1]))
         columns.append(((shifted[0] - shifted[1]) / (2 * step)).astype(np.float32))
     jacobian = np.stack(columns, axis=-1)
-    descriptors = compute_grid_descriptors(atoms, grid, params).astype(np.float32)
+    descriptors = compute_grid_descriptors(atoms, grid, params)  # float64: small
     charges = snap.attrs["valence_charges"]
     ion_ion = ion_ion_energy(atoms, charges)
     return PhysicsTarget(
@@ -307,23 +310,43 @@ def physics_target(
     )
 
 
+def predicted_energy_forces(
+    network: LdosNetwork, functional: Any, target: PhysicsTarget
+) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+    """The network's electronic free energy A (eV) and forces -dA/dR [3N] (eV/A) on the
+    target's coarse grid, and sum_r dA/dd(r) . d(r) (its parameter gradient is dA/dtheta);
+    None while the predicted LDOS is unphysical (e.g. holds fewer than N_val electrons).
+    The forces keep their graph, so a loss on them can be back-propagated."""
+    dtype = network.feature_mean.dtype
+    x = target.descriptors.detach().to(dtype).requires_grad_(True)
+    ldos = network(x)
+    try:
+        # the functional differentiates internally (v_xc): a detached copy, not no_grad
+        terms, gradient = functional.evaluate(
+            ldos.detach().double().cpu().reshape(*target.grid, -1),
+            target.cell,
+            target.electrons,
+            True,
+        )
+    except (ValueError, RuntimeError):  # TorchScript-style errors surface as RuntimeError
+        return None
+    linear = (gradient.detach().reshape(ldos.shape).to(ldos) * ldos).sum()
+    beta = torch.autograd.grad(linear, x, create_graph=True)[0]  # dA/dB at every point
+    forces = -torch.einsum("pk,pkc->c", beta, target.jacobian.to(dtype))
+    return float(terms["electronic"]), forces, linear
+
+
 def physics_loss(
     network: LdosNetwork, functional: Any, target: PhysicsTarget, config: TrainingConfig
-) -> tuple[torch.Tensor, float, float]:
-    """(the loss term to back-propagate, free energy error meV/atom, force RMSE eV/A)."""
-    x = target.descriptors.detach().clone().requires_grad_(True)
-    ldos = network(x)
-    # the functional differentiates internally (v_xc), so it gets a detached copy, not no_grad
-    terms, gradient = functional.evaluate(
-        ldos.detach().double().cpu().reshape(*target.grid, -1), target.cell, target.electrons, True
-    )
-    gradient = gradient.detach().reshape(ldos.shape).to(ldos)
-    # sum_r dA/dd(r) . d(r): its parameter gradient is dA/dtheta; its x gradient is dA/dB
-    linear = (gradient * ldos).sum()
-    beta = torch.autograd.grad(linear, x, create_graph=True)[0]
-    forces = -torch.einsum("pk,pkc->c", beta, target.jacobian)
-    force_mse = ((forces - target.electronic_forces) ** 2).mean()
-    energy_error = (float(terms["electronic"]) - target.electronic_energy) / target.natoms
+) -> tuple[torch.Tensor, float, float] | None:
+    """(the loss term to back-propagate, free energy error meV/atom, force RMSE eV/A), or
+    None while the predicted LDOS is unphysical."""
+    predicted = predicted_energy_forces(network, functional, target)
+    if predicted is None:
+        return None
+    energy, forces, linear = predicted
+    force_mse = ((forces - target.electronic_forces.to(forces)) ** 2).mean()
+    energy_error = (energy - target.electronic_energy) / target.natoms
     # d/dtheta of (energy error)^2 = 2 (error) dA/dtheta / N
     loss = (
         config.energy_weight * 2.0 * energy_error * linear / target.natoms
@@ -436,6 +459,11 @@ def train(
 
     total_points = sum(int(np.prod(s.grid_shape)) for s in train_sources)
     for epoch in range(start_epoch, config.max_epochs):
+        physics = bool(physics_train) and epoch >= config.physics_start_epoch
+        if physics and epoch == config.physics_start_epoch and epoch > 0:
+            # a new objective from here: forget the best value and plateau of the old one
+            best_loss, stale = math.inf, 0
+            scheduler.best, scheduler.num_bad_epochs = scheduler.mode_worse, 0
         network.train()
         running, seen = 0.0, 0
         with tqdm(
@@ -448,12 +476,13 @@ def train(
                 target = torch.as_tensor(y, device=config.device) / network.ldos_scale
                 loss = torch.nn.functional.mse_loss(network.scaled(inputs), target)
                 running += loss.item() * len(x)
-                if physics_train and (step + 1) % config.physics_every == 0:
+                if physics and (step + 1) % config.physics_every == 0:
                     turn = (step + 1) // config.physics_every - 1
                     term = physics_loss(
                         network, functional, physics_train[turn % len(physics_train)], config
                     )
-                    loss = loss + term[0]
+                    if term is not None:
+                        loss = loss + term[0]
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -466,12 +495,15 @@ def train(
             for s, t in zip(validation_sources, targets)
         ]
         objective, force_rmse = validation_loss, math.nan
-        if physics_validation:
+        if physics:
             checks = [physics_loss(network, functional, t, config) for t in physics_validation]
-            energy_mse = float(np.mean([(c[1] / 1000.0) ** 2 for c in checks]))
-            force_mse = float(np.mean([c[2] ** 2 for c in checks]))
-            objective += config.energy_weight * energy_mse + config.force_weight * force_mse
-            force_rmse = math.sqrt(force_mse)
+            if any(c is None for c in checks):  # unphysical LDOS: no energy, no forces
+                objective = math.inf
+            else:
+                energy_mse = float(np.mean([(c[1] / 1000.0) ** 2 for c in checks]))
+                force_mse = float(np.mean([c[2] ** 2 for c in checks]))
+                objective += config.energy_weight * energy_mse + config.force_weight * force_mse
+                force_rmse = math.sqrt(force_mse)
         record = {
             "epoch": epoch,
             "train_loss": running / seen,
@@ -490,7 +522,7 @@ def train(
             f"{validation_loss:.3e}  |dE_band| {record['band_meV_atom']:.2f}  |dA| "
             f"{record['total_meV_atom']:.2f} meV/atom  |dE_F| {record['fermi_meV']:.1f} meV  "
             f"lr {record['learning_rate']:.1e}"
-            + (f"  F RMSE {force_rmse:.3f} eV/A" if physics_validation else "")
+            + (f"  F RMSE {force_rmse:.3f} eV/A" if physics else "")
         )
         scheduler.step(objective)
         if objective < best_loss:
@@ -519,7 +551,8 @@ def train(
                 "snapshot_attrs": _model_attributes(validation_sources[0].snapshot),
             },
         )
-        if stale >= config.patience:
+        waiting = bool(physics_train) and epoch < config.physics_start_epoch
+        if stale >= config.patience and not waiting:
             log(f"early stop: no validation improvement for {config.patience} epochs")
             break
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
