@@ -82,6 +82,11 @@ def main() -> None:
         lr_patience=3,
         seed=0,
         threads=2,
+        # after 12 LDOS-only epochs, also fit QE's free energies and forces
+        energy_weight=1e-3,
+        force_weight=1e-4,
+        physics_start_epoch=12,
+        physics_every=20,
     )
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "al_933K.ckpt"
