@@ -442,6 +442,39 @@ void PairMLSurrogate::grid_shape(int shape[3]) const
   for (int d = 0; d < 3; ++d) shape[d] = std::max(1, static_cast<int>(std::lround(lengths[d] / h)));
 }
 
+/* ----------------------------------------------------------------------
+   An atom exactly on a grid point is left out of that point's descriptors (as in
+   compute sna/grid: its direction is undefined), so the energy jumps as it moves off.
+   Perfect lattices commensurate with the grid start that way: say so at setup.
+------------------------------------------------------------------------- */
+
+void PairMLSurrogate::warn_atoms_on_grid_points(const int shape[3])
+{
+  int count = 0;
+  for (int i = 0; i < atom->nlocal; ++i) {
+    double lamda[3];
+    if (domain->triclinic)
+      domain->x2lamda(atom->x[i], lamda);
+    else
+      for (int d = 0; d < 3; ++d) lamda[d] = (atom->x[i][d] - domain->boxlo[d]) / domain->prd[d];
+    bool on_point = true;
+    for (int d = 0; d < 3 && on_point; ++d) {
+      const double steps = lamda[d] * shape[d];
+      on_point = std::abs(steps - std::round(steps)) * domain->prd[d] / shape[d] < 1e-10;
+    }
+    count += on_point ? 1 : 0;
+  }
+  int total = 0;
+  MPI_Allreduce(&count, &total, 1, MPI_INT, MPI_SUM, world);
+  if (total > 0 && comm->me == 0)
+    error->warning(FLERR,
+                   "pair_style mlsurrogate: {} atoms sit exactly on grid points and are left out "
+                   "of those points' descriptors (as in compute sna/grid), so the energy jumps "
+                   "when they move off; displace them slightly first (e.g. displace_atoms all "
+                   "random 0.01 0.01 0.01 <seed>)",
+                   total);
+}
+
 /* ---------------------------------------------------------------------- */
 
 void PairMLSurrogate::compute(int eflag, int vflag)
@@ -464,6 +497,7 @@ void PairMLSurrogate::compute(int eflag, int vflag)
             domain->xz,   domain->yz, domain->zprd};
   int shape[3];
   grid_shape(shape);
+  if (update->setupflag) warn_atoms_on_grid_points(shape);
   mlsurrogate::GridBlock block;
   for (int d = 0; d < 3; ++d) {
     const double lo = domain->triclinic ? domain->sublo_lamda[d]

@@ -56,6 +56,7 @@ class PairMLSurrogate : public Pair {
   std::unique_ptr<mlsurrogate::GridDescriptors> kernel;
 
   void grid_shape(int shape[3]) const;
+  void warn_atoms_on_grid_points(const int shape[3]);
   void check_ion_ion();
 
   bool ionion;             // require coul/long + kspace with the valence charges

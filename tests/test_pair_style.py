@@ -169,6 +169,24 @@ def test_total_free_energy_with_lammps_ewald(smooth_model):
     assert forces[2, 0] == pytest.approx(-(plus - minus) / 2e-4, abs=2e-5)
 
 
+def test_atoms_on_grid_points_are_reported(smooth_model, tmp_path):
+    """A lattice commensurate with the grid puts atoms on grid points, where the energy
+    jumps (they are left out of those points' descriptors, as in compute sna/grid)."""
+    for displaced, expected in ((False, True), (True, False)):
+        log = tmp_path / f"log_{displaced}.lammps"
+        shift = ["displace_atoms all random 0.01 0.01 0.01 5"] if displaced else []
+        lmp = fcc_cell_lammps(*shift)
+        lmp.command(f"log {log}")
+        for command in (
+            f"pair_style mlsurrogate {smooth_model} grid 8 8 8 ionion off",
+            "pair_coeff * * Al",
+            "run 0",
+        ):
+            lmp.command(command)
+        lmp.close()
+        assert ("4 atoms sit exactly on grid points" in log.read_text()) == expected
+
+
 def test_thermo_extras_and_timing(smooth_model, tmp_path):
 
     cell, positions, grid, atoms = structure()
