@@ -9,6 +9,7 @@
 #include "domain.h"
 #include "error.h"
 #include "force.h"
+#include "kspace.h"
 #include "memory.h"
 #include "neighbor.h"
 #include "platform.h"
@@ -645,6 +646,17 @@ void PairMLSurrogate::compute(int eflag, int vflag)
           strain[a][b] += 0.5 * (global.phi_strain[3 * a + b] + global.phi_strain[3 * b + a]) +
               (a == b ? isotropic : 0.0);
       }
+    // LAMMPS's Ewald and PPPM put the neutralizing-background energy of a charged cell,
+    // -pi Q^2 k_e / (2 g^2 V), into the energy but not into the virial. Our cell of ions
+    // (Q = N_val) is charged by design, so its partner E_ii needs that term: it scales as
+    // 1/V, so W_aa gains it once (rank 0).
+    if (ionion && force->kspace && comm->me == 0) {
+      const double g = force->kspace->g_ewald;
+      const double pi = std::acos(-1.0);
+      const double background = -pi * electrons * electrons * force->qqrd2e /
+          (2.0 * g * g * domain->xprd * domain->yprd * domain->zprd);
+      for (int a = 0; a < 3; ++a) strain[a][a] -= background;
+    }
     virial[0] -= strain[0][0];
     virial[1] -= strain[1][1];
     virial[2] -= strain[2][2];
