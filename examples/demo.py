@@ -150,6 +150,7 @@ def main() -> None:
     print("2. Single point on held-out QE structures (LAMMPS, QE grid, Ewald E_ii)", flush=True)
     rows = compare_with_qe(threads=args.ranks)
     print("| structure    | A - A_QE (meV/atom) | force RMSE (eV/A) | RMS F_QE |")
+    print("|---|---:|---:|---:|")
     for name, energy_error, force_rmse, force_rms in rows:
         print(f"| {name:<12} | {energy_error:19.1f} | {force_rmse:17.3f} | {force_rms:8.3f} |")
 
