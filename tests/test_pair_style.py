@@ -116,6 +116,14 @@ def test_forces_equal_finite_differences(smooth_model):
         assert forces[atom, axis] == pytest.approx(-(plus - minus) / (2 * step), rel=1e-6)
 
 
+def energy_and_virial(lmp) -> tuple[float, np.ndarray]:
+    """pe (eV) and the virial of compute ``p`` (eV, Voigt order) after a run; closes lmp."""
+    energy, volume = lmp.get_thermo("pe"), lmp.get_thermo("vol")
+    pressure = np.array(lmp.numpy.extract_compute("p", 0, 1)[:6])
+    lmp.close()
+    return energy, pressure * volume / 1.6021765e6  # bar A^3 -> eV
+
+
 def test_virial_equals_strain_finite_differences(smooth_model):
     """W = -dA/d(strain) with grid points moving with the box (change_box ... remap)."""
 
@@ -133,10 +141,7 @@ def test_virial_equals_strain_finite_differences(smooth_model):
                 "run 0 post no",
             ),
         )
-        energy, volume = lmp.get_thermo("pe"), lmp.get_thermo("vol")
-        pressure = np.array(lmp.numpy.extract_compute("p", 0, 1)[:6])
-        lmp.close()
-        return energy, pressure * volume / 1.6021765e6  # bar A^3 -> eV
+        return energy_and_virial(lmp)
 
     _, virial = run()
     step = 1e-5
@@ -172,10 +177,7 @@ def test_total_virial_with_lammps_kspace(smooth_model, kspace):
             "run 0 post no",
             atom_style="charge",
         )
-        energy, volume = lmp.get_thermo("pe"), lmp.get_thermo("vol")
-        pressure = np.array(lmp.numpy.extract_compute("p", 0, 1)[:6])
-        lmp.close()
-        return energy, pressure * volume / 1.6021765e6  # bar A^3 -> eV
+        return energy_and_virial(lmp)
 
     _, virial = run()
     step = 1e-5
