@@ -21,6 +21,7 @@ from mlsurrogate.training import (
     TrainingConfig,
     build_model,
     load_checkpoint,
+    physical_target,
     physics_target,
     predicted_energy_forces,
     train,
@@ -185,7 +186,7 @@ def test_force_term_forces_are_minus_the_energy_gradient(checkpoint):
     network = build_model(checkpoint).network.double()
     params = CONFIG.params()
     source = SnapshotSource(SNAP[3], params)
-    target = physics_target(source, params, spacing=0.8, device="cpu")
+    target = physics_target(source, physical_target(source), params, spacing=0.8, device="cpu")
     assert target.grid == (5, 5, 5)
     functional = functional_for(source.snapshot)
     energy, forces, _ = predicted_energy_forces(network, functional, target)
@@ -195,7 +196,7 @@ def test_force_term_forces_are_minus_the_energy_gradient(checkpoint):
         with torch.no_grad():
             ldos = network(x.reshape(-1, x.shape[-1]))
         terms, _ = functional.evaluate(
-            ldos.reshape(*target.grid, -1), target.cell, target.electrons, False
+            ldos.reshape(*target.grid, -1), target.reference.cell, target.reference.electrons, False
         )
         return float(terms["electronic"])
 

@@ -210,6 +210,7 @@ class PhysicalTarget:
     cell: torch.Tensor
     core: torch.Tensor | None
     e_ii: float
+    ii_forces: np.ndarray  # [natoms, 3] eV/A
     qe_band: float
     qe_total: float
     qe_fermi: float
@@ -218,12 +219,14 @@ class PhysicalTarget:
 def physical_target(source: SnapshotSource) -> PhysicalTarget:
     snap = source.snapshot
     attrs = snap.attrs
+    ion_ion = ion_ion_energy(snap.atoms, attrs["valence_charges"])
     return PhysicalTarget(
         natoms=len(snap.atoms),
         electrons=float(attrs["num_valence_electrons"]),
         cell=torch.as_tensor(np.asarray(snap.atoms.cell), dtype=torch.float64),
         core=core_density_of(snap),
-        e_ii=ion_ion_energy(snap.atoms, attrs["valence_charges"]).energy,
+        e_ii=ion_ion.energy,
+        ii_forces=ion_ion.forces,
         qe_band=attrs["energy_band_eV"],
         qe_total=attrs["energy_total_eV"],
         qe_fermi=attrs["fermi_energy_eV"],
@@ -259,26 +262,31 @@ def energy_errors(
 class PhysicsTarget:
     """A snapshot on a coarse grid, for the energy and force terms of the loss."""
 
+    reference: PhysicalTarget  # cell, electron count, QE and E_ii values
     descriptors: torch.Tensor  # [P, K]
     jacobian: torch.Tensor  # [P, K, 3N]: dB/dR at the P coarse grid points
     grid: tuple[int, int, int]
-    cell: torch.Tensor
-    electrons: float
-    natoms: int
-    electronic_energy: float  # A_QE - E_ii (eV)
     electronic_forces: torch.Tensor  # F_QE - F_ii [3N] (eV/A)
+
+    @property
+    def electronic_energy(self) -> float:
+        """A_QE - E_ii (eV)."""
+        return self.reference.qe_total - self.reference.e_ii
 
 
 def physics_target(
-    source: SnapshotSource, params: BispectrumParams, spacing: float, device: str
+    source: SnapshotSource,
+    reference: PhysicalTarget,
+    params: BispectrumParams,
+    spacing: float,
+    device: str,
 ) -> PhysicsTarget:
-    snap = source.snapshot
-    if core_density_of(snap) is not None:
+    if reference.core is not None:
         raise ValueError(
             f"{source.path}: the energy/force terms of the loss do not handle core-corrected "
             "pseudopotentials yet; set energy_weight = force_weight = 0"
         )
-    atoms = snap.atoms
+    atoms = source.snapshot.atoms
     lengths = np.linalg.norm(np.asarray(atoms.cell), axis=1)
     grid = tuple(max(2, int(round(length / spacing))) for length in lengths)
     step = 1e-4  # A; descriptors are smooth, central differences are good to ~1e-8
@@ -293,20 +301,13 @@ def physics_target(
         columns.append(((shifted[0] - shifted[1]) / (2 * step)).astype(np.float32))
     jacobian = np.stack(columns, axis=-1)
     descriptors = compute_grid_descriptors(atoms, grid, params)  # float64: small
-    charges = snap.attrs["valence_charges"]
-    ion_ion = ion_ion_energy(atoms, charges)
+    forces = source.snapshot.reference("forces") - reference.ii_forces
     return PhysicsTarget(
+        reference=reference,
         descriptors=torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]), device=device),
         jacobian=torch.as_tensor(jacobian, device=device),
         grid=grid,
-        cell=torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64),
-        electrons=float(snap.attrs["num_valence_electrons"]),
-        natoms=len(atoms),
-        electronic_energy=float(snap.attrs["energy_total_eV"]) - ion_ion.energy,
-        electronic_forces=torch.as_tensor(
-            (snap.reference("forces") - ion_ion.forces).reshape(-1), dtype=torch.float32,
-            device=device,
-        ),
+        electronic_forces=torch.as_tensor(forces.reshape(-1), dtype=torch.float32, device=device),
     )
 
 
@@ -324,8 +325,8 @@ def predicted_energy_forces(
         # the functional differentiates internally (v_xc): a detached copy, not no_grad
         terms, gradient = functional.evaluate(
             ldos.detach().double().cpu().reshape(*target.grid, -1),
-            target.cell,
-            target.electrons,
+            target.reference.cell,
+            target.reference.electrons,
             True,
         )
     except (ValueError, RuntimeError):  # TorchScript-style errors surface as RuntimeError
@@ -346,10 +347,11 @@ def physics_loss(
         return None
     energy, forces, linear = predicted
     force_mse = ((forces - target.electronic_forces.to(forces)) ** 2).mean()
-    energy_error = (energy - target.electronic_energy) / target.natoms
+    natoms = target.reference.natoms
+    energy_error = (energy - target.electronic_energy) / natoms
     # d/dtheta of (energy error)^2 = 2 (error) dA/dtheta / N
     loss = (
-        config.energy_weight * 2.0 * energy_error * linear / target.natoms
+        config.energy_weight * 2.0 * energy_error * linear / natoms
         + config.force_weight * force_mse
     )
     return loss, 1000.0 * energy_error, float(force_mse.detach().sqrt())
@@ -418,27 +420,29 @@ def train(
             raise ValueError(f"{source.path}: its energy grid differs from {config.train[0]}")
     elements = params.elements or tuple(sorted(set(train_sources[0].snapshot.atoms.symbols)))
     num_features = num_descriptors(params, len(elements))
+    if resume:  # before any long set-up work
+        state = load_checkpoint(checkpoint)
+        if state["config"] != asdict(config):
+            raise ValueError(f"{checkpoint}: written with a different config; cannot resume")
     functional = functional_for(validation_sources[0].snapshot)
     targets = [physical_target(s) for s in validation_sources]
     physics_train: list[PhysicsTarget] = []
     physics_validation: list[PhysicsTarget] = []
     if config.uses_physics:
         log("energy/force terms: descriptor derivatives on the coarse grids (once)")
+
+        def coarse(source: SnapshotSource, reference: PhysicalTarget) -> PhysicsTarget:
+            return physics_target(source, reference, params, config.physics_spacing, config.device)
+
         physics_train = [
-            physics_target(s, params, config.physics_spacing, config.device)
+            coarse(s, physical_target(s))
             for s in tqdm(train_sources, desc="dB/dR", disable=not progress, leave=False)
         ]
-        physics_validation = [
-            physics_target(s, params, config.physics_spacing, config.device)
-            for s in validation_sources
-        ]
+        physics_validation = [coarse(s, t) for s, t in zip(validation_sources, targets)]
 
     torch.manual_seed(config.seed)  # the initial weights; a resumed run loads its own
     network = _network_for(config, num_features, len(energies))
     if resume:
-        state = load_checkpoint(checkpoint)
-        if state["config"] != asdict(config):
-            raise ValueError(f"{checkpoint}: written with a different config; cannot resume")
         network.load_state_dict(state["network"])
     else:
         fit_scalers(network, train_sources)
