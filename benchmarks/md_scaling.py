@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mlsurrogate.lammps_pair import lmp_command
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
@@ -61,10 +63,7 @@ def run_size(model: Path, cells: int, points: int, steps: int, ranks: int) -> di
         Path(work, "in.bench").write_text(
             SCRIPT.format(cells=cells, model=model, grid=grid, steps=steps)
         )
-        bin_dir = Path(sys.executable).parent
-        command = [str(bin_dir / "lmp"), "-in", "in.bench", "-log", "log.lammps", "-nocite"]
-        if ranks > 1:
-            command = [str(bin_dir / "mpiexec"), "-n", str(ranks), *command]
+        command = lmp_command(["-in", "in.bench", "-log", "log.lammps", "-nocite"], ranks)
         # a fresh Python process per size: its RUSAGE_CHILDREN peak is this run's alone
         # (largest process: the biggest rank)
         measured = subprocess.run(

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from mlsurrogate.lammps_pair import lmp_command, read_thermo
 
 SCRIPT = """
 units metal
@@ -69,23 +70,11 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as work:
         (Path(work) / "in.nve").write_text(text)
-        bin_dir = Path(sys.executable).parent
-        command = [str(bin_dir / "lmp"), "-in", "in.nve", "-log", "log.lammps", "-nocite"]
-        if args.ranks > 1:
-            command = [str(bin_dir / "mpiexec"), "-n", str(args.ranks), *command]
+        command = lmp_command(["-in", "in.nve", "-log", "log.lammps", "-nocite"], args.ranks)
         subprocess.run(command, cwd=work, check=True, stdout=subprocess.DEVNULL)
         log = (Path(work) / "log.lammps").read_text()
-    rows, natoms, reading = [], 4 * args.cells**3, False
-    for line in log.splitlines():
-        fields = line.split()
-        if fields[:2] == ["Step", "Time"]:
-            reading = True
-            continue
-        if reading and fields and fields[0].isdigit():
-            rows.append([float(v) for v in fields])
-        elif reading and fields[:1] == ["Loop"]:
-            break
-    data = np.array(rows)
+    natoms = 4 * args.cells**3
+    data = read_thermo(log)
     time_ps, total = data[:, 1], data[:, 4]
     deviation = 1000.0 * (total - total[0]) / natoms
     slope = 1000.0 * np.polyfit(time_ps, total, 1)[0] / natoms

@@ -15,18 +15,17 @@ those of ``make data`` / ``make data32``: a 108-atom SCF takes hours on 2 cores.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ase.build import bulk
 
+from mlsurrogate.lammps_pair import lmp_command
 from mlsurrogate.model import load_metadata
-from mlsurrogate.qe import QESettings, write_pw_input
+from mlsurrogate.qe import QESettings, mpi_commands, run_pw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,31 +66,18 @@ def pw_atoms(text: str) -> int:
 def time_ours(model: Path, atoms, ranks: int) -> float:
     import ase.io
 
-    bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as work:
         ase.io.write(Path(work, "structure.data"), atoms, format="lammps-data", atom_style="charge")
         Path(work, "in.point").write_text(SCRIPT.format(model=model))
-        command = [str(bin_dir / "lmp"), "-in", "in.point", "-log", "none", "-nocite"]
-        if ranks > 1:
-            command = [str(bin_dir / "mpiexec"), "-n", str(ranks), *command]
+        command = lmp_command(["-in", "in.point", "-log", "none", "-nocite"], ranks)
         start = time.perf_counter()
         subprocess.run(command, cwd=work, check=True, stdout=subprocess.DEVNULL)
         return time.perf_counter() - start
 
 
 def time_qe(atoms, ranks: int) -> float:
-    # Debian's pw.x is linked to Debian's Open MPI: its mpirun, not the venv's MPICH one
-    use_mpirun = ranks > 1 and Path("/usr/bin/mpirun").exists()
-    launcher = f"/usr/bin/mpirun -n {ranks} " if use_mpirun else ""
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    pools = f" -nk {ranks}" if launcher else ""
     with tempfile.TemporaryDirectory() as work:
-        Path(work, "pw.in").write_text(write_pw_input(atoms, QESettings()))
-        with open(Path(work, "pw.out"), "w") as out:
-            subprocess.run(
-                f"{launcher}pw.x{pools} -in pw.in", shell=True, cwd=work, env=env, stdout=out,
-                check=True,
-            )  # fmt: skip
+        run_pw(atoms, QESettings(**mpi_commands(ranks)), work, progress=False)
         return pw_wall_seconds(Path(work, "pw.out").read_text())
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from ase.build import bulk
 
 from mlsurrogate.data import Snapshot
-from mlsurrogate.qe import QESettings, ingest, run_qe
+from mlsurrogate.qe import QESettings, ingest, mpi_commands, run_qe
 
 B_295K = 0.80  # A^2, Debye-Waller factor of Al near room temperature
 
@@ -69,15 +69,7 @@ def main() -> None:
     parser.add_argument("--mpi-ranks", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
-    launcher = ""
-    if args.mpi_ranks > 1 and Path("/usr/bin/mpirun").exists():
-        # Debian's QE is built with Debian's Open MPI: use its mpirun, not another MPI's.
-        launcher = f"/usr/bin/mpirun -n {args.mpi_ranks} "
-        if os.geteuid() == 0:
-            os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    pools = f" -nk {args.mpi_ranks}" if launcher else ""
-    settings = QESettings(pw_command=f"{launcher}pw.x{pools}", pp_command=f"{launcher}pp.x")
+    settings = QESettings(**mpi_commands(args.mpi_ranks))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)

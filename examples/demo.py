@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import mlsurrogate  # noqa: E402
-from mlsurrogate.lammps_pair import pair_style_energy_forces  # noqa: E402
+from mlsurrogate.lammps_pair import (  # noqa: E402
+    lmp_command,
+    pair_style_energy_forces,
+    read_thermo,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "al_933K.pt"
@@ -41,29 +44,12 @@ MD_INPUT = ROOT / "examples" / "lammps" / "in.al_nve"
 
 def run_md(outdir: Path, steps: int, ranks: int, grid: int) -> np.ndarray:
     """Run examples/lammps/in.al_nve; return the thermo table."""
-    bin_dir = Path(sys.executable).parent
-    command = [
-        str(bin_dir / "lmp"), "-in", str(MD_INPUT), "-nocite",
-        "-var", "model", str(MODEL), "-var", "grid", str(grid), "-var", "steps", str(steps),
-    ]  # fmt: skip
-    if ranks > 1:
-        command = [str(bin_dir / "mpiexec"), "-n", str(ranks), *command]
+    args = ["-in", str(MD_INPUT), "-nocite", "-var", "model", str(MODEL)]
+    args += ["-var", "grid", str(grid), "-var", "steps", str(steps)]
+    command = lmp_command(args, ranks)
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, cwd=outdir, check=True)
-    return read_thermo(outdir / "log.lammps")
-
-
-def read_thermo(log: Path) -> np.ndarray:
-    rows, reading = [], False
-    for line in log.read_text().splitlines():
-        fields = line.split()
-        if fields[:1] == ["Step"]:
-            reading = True
-        elif reading and fields and fields[0].isdigit():
-            rows.append([float(v) for v in fields])
-        elif reading and fields[:1] == ["Loop"]:
-            break
-    return np.array(rows)
+    return read_thermo((outdir / "log.lammps").read_text())
 
 
 def compare_with_qe(threads: int) -> list[tuple[str, float, float, float]]:

