@@ -62,6 +62,15 @@ bool parse_positive_double(const char *word, double &value)
   return true;
 }
 
+// Symmetric part of a row-major 3 x 3 matrix, component k in LAMMPS's virial order
+// xx, yy, zz, xy, xz, yz
+double symmetric_part(const double *m, int k)
+{
+  constexpr int index[6][2] = {{0, 0}, {1, 1}, {2, 2}, {0, 1}, {0, 2}, {1, 2}};
+  const int a = index[k][0], b = index[k][1];
+  return 0.5 * (m[3 * a + b] + m[3 * b + a]);
+}
+
 bool valid_device_name(const std::string &name)
 {
   if (name == "cpu" || name == "cuda") return true;
@@ -481,11 +490,6 @@ void PairMLSurrogate::warn_atoms_on_grid_points(const int shape[3])
 void PairMLSurrogate::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
-  if (eflag_atom || vflag_atom)
-    error->all(FLERR,
-               "pair_style mlsurrogate has no per-atom energy or virial: the electronic free "
-               "energy belongs to the grid, not to atoms (remove compute pe/atom or "
-               "stress/atom for this pair style)");
 
   double **x = atom->x;
   double **f = atom->f;
@@ -606,8 +610,17 @@ void PairMLSurrogate::compute(int eflag, int vflag)
   allreduce(&fermi_shift, 1);
 
   // 3. local: dA/dLDOS, back-propagation to dA/dB, adjoint contraction to forces
+  const bool per_atom = eflag_atom || vflag_atom;
   std::vector<double> dE_dR(3 * (std::size_t) nall, 0.0), dE_dstrain(9, 0.0);
+  std::vector<double> strain_per_atom(vflag_atom ? 9 * (std::size_t) nall : 0);
+  std::vector<double> strain_per_point(vflag_atom ? 9 * (std::size_t) npoints : 0);
+  std::vector<double> band_points, potential_points;
   guarded([&] {
+    if (per_atom)
+      timed(FUNCTIONAL, [&] {
+        potential_points = model->potential_points(density, shape, cell.h.data());
+        if (npoints > 0) band_points = model->band_free_points(ldos, mu, voxel);
+      });
     if (npoints == 0) return;
     std::vector<double> dA_dldos, beta;
     timed(FUNCTIONAL,
@@ -616,7 +629,9 @@ void PairMLSurrogate::compute(int eflag, int vflag)
       beta = model->descriptor_gradient(descriptors.data(), npoints, nfeatures, dA_dldos);
     });
     timed(CONTRACTION, [&] {
-      kernel->gradient(cell, block, atoms, beta.data(), dE_dR.data(), dE_dstrain.data());
+      kernel->gradient(cell, block, atoms, beta.data(), dE_dR.data(), dE_dstrain.data(),
+                       vflag_atom ? strain_per_atom.data() : nullptr,
+                       vflag_atom ? strain_per_point.data() : nullptr);
     });
   });
   if (!problem.empty()) error->one(FLERR, "pair_style mlsurrogate: {}", problem);
@@ -631,37 +646,95 @@ void PairMLSurrogate::compute(int eflag, int vflag)
               terms["xc"],   terms["electrons"], terms["electronic"]};
   if (eflag_global && comm->me == 0) eng_vdwl += terms["electronic"];
 
-  // virial = -dA/dstrain (symmetric part): the descriptor part of this rank's grid
-  // points, plus on rank 0 the explicit cell dependence of the functional (see
-  // mlsurrogate.physics: D scales with the voxel volume, mu keeps N_val, Phi[n; cell])
-  if (vflag_global) {
-    double strain[3][3];
+  // virial = -dA/dstrain (symmetric part): the descriptor part of the grid points, the
+  // band term (D scales with the voxel volume: (E_band - TS) I) and the rest of the
+  // explicit cell dependence, replicated on every rank (see mlsurrogate.physics): mu
+  // keeps N_val, Phi[n; cell], and the background term below
+  std::array<double, 9> explicit_rest{};
+  if (vflag_either) {
     const double c = terms["edos_at_mu"] + fermi_shift;
-    const double isotropic =
-        terms["band_free"] - c * electrons / terms["dos_at_mu"];
     for (int a = 0; a < 3; ++a)
-      for (int b = 0; b < 3; ++b) {
-        strain[a][b] = 0.5 * (dE_dstrain[3 * a + b] + dE_dstrain[3 * b + a]);
-        if (comm->me == 0)
-          strain[a][b] += 0.5 * (global.phi_strain[3 * a + b] + global.phi_strain[3 * b + a]) +
-              (a == b ? isotropic : 0.0);
-      }
+      for (int b = 0; b < 3; ++b)
+        explicit_rest[3 * a + b] =
+            0.5 * (global.phi_strain[3 * a + b] + global.phi_strain[3 * b + a]);
+    double isotropic_rest = -c * electrons / terms["dos_at_mu"];
     // LAMMPS's Ewald and PPPM put the neutralizing-background energy of a charged cell,
     // -pi Q^2 k_e / (2 g^2 V), into the energy but not into the virial. Our cell of ions
-    // (Q = N_val) is charged by design, so its partner E_ii needs that term: it scales as
-    // 1/V, so W_aa gains it once (rank 0).
-    if (ionion && force->kspace && comm->me == 0) {
+    // (Q = N_val) is charged by design, so its partner E_ii needs that term: it scales
+    // as 1/V, so W_aa gains it once.
+    if (ionion && force->kspace) {
       const double g = force->kspace->g_ewald;
       const double pi = std::acos(-1.0);
-      const double background = -pi * electrons * electrons * force->qqrd2e /
+      isotropic_rest += pi * electrons * electrons * force->qqrd2e /
           (2.0 * g * g * domain->xprd * domain->yprd * domain->zprd);
-      for (int a = 0; a < 3; ++a) strain[a][a] -= background;
     }
-    virial[0] -= strain[0][0];
-    virial[1] -= strain[1][1];
-    virial[2] -= strain[2][2];
-    virial[3] -= strain[0][1];
-    virial[4] -= strain[0][2];
-    virial[5] -= strain[1][2];
+    for (int a = 0; a < 3; ++a) explicit_rest[4 * a] += isotropic_rest;
+  }
+  if (vflag_global)
+    for (int k = 0; k < 6; ++k) {
+      double strain = symmetric_part(dE_dstrain.data(), k);
+      if (comm->me == 0)
+        strain += symmetric_part(explicit_rest.data(), k) + (k < 3 ? terms["band_free"] : 0.0);
+      virial[k] -= strain;
+    }
+  if (per_atom)
+    tally_per_atom(cell, block, atoms, owned, band_points, potential_points, strain_per_atom,
+                   strain_per_point, explicit_rest, electrons);
+}
+
+/* ----------------------------------------------------------------------
+   Per-atom energy and virial: a convention, since the grid energy belongs to no atom.
+   Each grid point's share of A - E_ii (band_free_points + potential_points) goes to the
+   atoms by Becke's fuzzy Voronoi cells (GridDescriptors::partition). Each (point, atom)
+   term of the descriptor virial goes half to the atom and half to the point's owners
+   (LAMMPS's many-body rule with the point as the centre); the band term follows the
+   point's owners; the explicit cell terms, and points with no atom within the cutoff,
+   are shared by valence charge. Ghost atoms' shares return to their owners through
+   LAMMPS's reverse communication (newton on).
+------------------------------------------------------------------------- */
+
+void PairMLSurrogate::tally_per_atom(const mlsurrogate::Cell &cell,
+                                     const mlsurrogate::GridBlock &block,
+                                     const mlsurrogate::AtomsView &atoms,
+                                     const std::vector<std::size_t> &owned,
+                                     const std::vector<double> &band_points,
+                                     const std::vector<double> &potential_points,
+                                     const std::vector<double> &strain_per_atom,
+                                     const std::vector<double> &strain_per_point,
+                                     const std::array<double, 9> &explicit_rest, double electrons)
+{
+  constexpr int WIDTH = 8;    // energy, band energy, six virial components
+  const std::size_t npoints = owned.size();
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  std::vector<double> values(WIDTH * npoints, 0.0), share(WIDTH * (std::size_t) nall, 0.0);
+  for (std::size_t p = 0; p < npoints; ++p) {
+    double *v = &values[WIDTH * p];
+    v[0] = band_points[p] + potential_points[owned[p]];
+    v[1] = band_points[p];
+    if (vflag_atom)
+      for (int k = 0; k < 6; ++k) v[2 + k] = 0.5 * symmetric_part(&strain_per_point[9 * p], k);
+  }
+  std::vector<double> unclaimed;
+  std::string problem;
+  try {
+    unclaimed = kernel->partition(cell, block, atoms, values.data(), WIDTH, share.data());
+  } catch (const std::exception &e) {
+    problem = e.what();
+  }
+  if (!problem.empty()) error->one(FLERR, "pair_style mlsurrogate: {}", problem);
+  MPI_Allreduce(MPI_IN_PLACE, unclaimed.data(), WIDTH, MPI_DOUBLE, MPI_SUM, world);
+
+  for (int i = 0; i < nall; ++i) {
+    const double by_charge = i < nlocal ? type_charge[atom->type[i]] / electrons : 0.0;
+    const double *s = &share[WIDTH * (std::size_t) i];
+    if (eflag_atom) eatom[i] += s[0] + by_charge * unclaimed[0];
+    if (!vflag_atom) continue;
+    for (int k = 0; k < 6; ++k) {
+      const double band = k < 3 ? s[1] + by_charge * unclaimed[1] : 0.0;
+      const double strain = 0.5 * symmetric_part(&strain_per_atom[9 * (std::size_t) i], k) +
+          s[2 + k] + band + by_charge * (unclaimed[2 + k] + symmetric_part(explicit_rest.data(), k));
+      vatom[i][k] -= strain;
+    }
   }
 }

@@ -22,6 +22,9 @@
 namespace mlsurrogate {
 class TorchModel;
 class GridDescriptors;
+struct Cell;
+struct GridBlock;
+struct AtomsView;
 }
 
 namespace LAMMPS_NS {
@@ -58,6 +61,13 @@ class PairMLSurrogate : public Pair {
   void grid_shape(int shape[3]) const;
   void warn_atoms_on_grid_points(const int shape[3]);
   void check_ion_ion();
+  void tally_per_atom(const mlsurrogate::Cell &, const mlsurrogate::GridBlock &,
+                      const mlsurrogate::AtomsView &, const std::vector<std::size_t> &owned,
+                      const std::vector<double> &band_points,
+                      const std::vector<double> &potential_points,
+                      const std::vector<double> &strain_per_atom,
+                      const std::vector<double> &strain_per_point,
+                      const std::array<double, 9> &explicit_rest, double electrons);
 
   bool ionion;             // require coul/long + kspace with the valence charges
   // thermo extras (compute pair mlsurrogate): band energy, -TS, Fermi level, E_H,

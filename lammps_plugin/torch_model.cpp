@@ -226,6 +226,41 @@ TorchModel::GlobalTerms TorchModel::global_terms(const std::vector<double> &dos,
   });
 }
 
+namespace {
+
+// Methods added after the first model format: a clear error for older files.
+torch::jit::Method newer_method(const Handles &h, const std::string &name, const char *purpose) {
+  if (!h.functional.find_method(name))
+    throw std::runtime_error("the model has no functional." + name + " (" + purpose +
+                             "): it was exported by an older mlsurrogate; export it again with "
+                             "`mlsurrogate export`");
+  return h.functional.get_method(name);
+}
+
+}  // namespace
+
+std::vector<double> TorchModel::band_free_points(const std::vector<double> &ldos, double mu,
+                                                 double voxel) const {
+  return guarded([&] {
+    const Handles h = handles(impl_->module);
+    return to_vector(newer_method(h, "band_free_points", "per-atom energies")(
+                         {rows_of(ldos, h), scalar(mu, h.device), voxel})
+                         .toTensor());
+  });
+}
+
+std::vector<double> TorchModel::potential_points(const std::vector<double> &density,
+                                                 const int shape[3], const double cell[9]) const {
+  return guarded([&] {
+    const Handles h = handles(impl_->module);
+    const std::vector<double> cell_v(cell, cell + 9);
+    return to_vector(newer_method(h, "potential_points", "per-atom energies")(
+                         {tensor_of(density, {shape[0], shape[1], shape[2]}, h.device),
+                          tensor_of(cell_v, {3, 3}, h.device)})
+                         .toTensor());
+  });
+}
+
 double TorchModel::fermi_shift_part(const std::vector<double> &ldos, double mu,
                                     const std::vector<double> &phi_local) const {
   return guarded([&] {

@@ -52,6 +52,12 @@ class TorchModel {
   };
   GlobalTerms global_terms(const std::vector<double> &dos, const std::vector<double> &density,
                            const int shape[3], const double cell[9], double mu) const;
+  // Each point's share of E_band - TS (owned points) and of -E_H + E_xc - int v_xc n
+  // (full grid), eV: the per-atom energies.
+  std::vector<double> band_free_points(const std::vector<double> &ldos, double mu,
+                                       double voxel) const;
+  std::vector<double> potential_points(const std::vector<double> &density, const int shape[3],
+                                       const double cell[9]) const;
   double fermi_shift_part(const std::vector<double> &ldos, double mu,
                           const std::vector<double> &phi_local) const;
   std::vector<double> ldos_gradient(double mu, const std::vector<double> &phi_local,

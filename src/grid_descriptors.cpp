@@ -104,6 +104,22 @@ void check_cell(const Cell& cell) {
     throw std::invalid_argument("cell has zero volume (lattice vectors are linearly dependent)");
 }
 
+// Cartesian position of the p-th point of the block (last index fastest)
+void point_position(const Cell& cell, const GridBlock& block, std::size_t p, double x[3]) {
+  const std::size_t ny = block.hi[1] - block.lo[1];
+  const std::size_t nz = block.hi[2] - block.lo[2];
+  const double f[3] = {static_cast<double>(block.lo[0] + p / (ny * nz)) / block.shape[0],
+                       static_cast<double>(block.lo[1] + (p / nz) % ny) / block.shape[1],
+                       static_cast<double>(block.lo[2] + p % nz) / block.shape[2]};
+  cell.to_cartesian(f, x);
+}
+
+// Becke's cell function s(mu) = (1 - p(p(p(mu)))) / 2, p(mu) = 3 mu / 2 - mu^3 / 2
+double becke_step(double mu) {
+  for (int k = 0; k < 3; ++k) mu = 1.5 * mu - 0.5 * mu * mu * mu;
+  return 0.5 * (1.0 - mu);
+}
+
 }  // namespace
 
 double Cell::volume() const {
@@ -218,8 +234,6 @@ void GridDescriptors::for_each_batch(const Cell& cell, const GridBlock& block, A
     const double c = sna_.settings().cutoff(static_cast<int>(t));
     cutsq[t] = c * c;
   }
-  const int ny = block.hi[1] - block.lo[1];
-  const int nz = block.hi[2] - block.lo[2];
   const int nthreads = num_threads_for(npoints);
 
   auto work = [&](int t) {
@@ -233,15 +247,8 @@ void GridDescriptors::for_each_batch(const Cell& cell, const GridBlock& block, A
       for (int l = 0; l < kLanes; ++l) {
         nbrs[l].clear();
         if (l >= count) continue;
-        const std::size_t p = first + l;
-        const int ix = block.lo[0] + static_cast<int>(p / (static_cast<std::size_t>(ny) * nz));
-        const int iy = block.lo[1] + static_cast<int>((p / nz) % ny);
-        const int iz = block.lo[2] + static_cast<int>(p % nz);
-        const double f[3] = {static_cast<double>(ix) / block.shape[0],
-                             static_cast<double>(iy) / block.shape[1],
-                             static_cast<double>(iz) / block.shape[2]};
         double x[3];
-        cell.to_cartesian(f, x);
+        point_position(cell, block, first + l, x);
         bins.for_each_candidate(x, [&](std::size_t a) {
           const double* xa = &atoms.pos[3 * a];
           const Neighbor nb{a, {x[0] - xa[0], x[1] - xa[1], x[2] - xa[2]}};
@@ -291,12 +298,17 @@ void GridDescriptors::compute(const Cell& cell, const GridBlock& block, AtomsVie
 }
 
 void GridDescriptors::gradient(const Cell& cell, const GridBlock& block, AtomsView atoms,
-                               const double* beta, double* dE_dR, double* dE_dstrain) const {
+                               const double* beta, double* dE_dR, double* dE_dstrain,
+                               double* strain_per_atom, double* strain_per_point) const {
   const std::size_t K = num_descriptors();
   const int nthreads = num_threads_for(block.num_points());
   // one accumulator per thread, summed in thread order: deterministic for a thread count
   std::vector<std::vector<double>> grad(nthreads, std::vector<double>(3 * atoms.n, 0.0));
   std::vector<std::array<double, 9>> strain(nthreads, std::array<double, 9>{});
+  std::vector<std::vector<double>> atom_strain(strain_per_atom ? nthreads : 0,
+                                               std::vector<double>(9 * atoms.n, 0.0));
+  if (strain_per_point)
+    std::fill(strain_per_point, strain_per_point + 9 * block.num_points(), 0.0);
   for_each_batch(cell, block, atoms,
                  [&](int t, std::size_t first, int count, const NeighborLists& nbrs,
                      BispectrumWorkspace& ws) {
@@ -310,17 +322,73 @@ void GridDescriptors::gradient(const Cell& cell, const GridBlock& block, AtomsVi
                        sna_.neighbor_gradient(ws, nb.d, atoms.type[nb.atom], g);
                        for (int a = 0; a < 3; ++a) {
                          grad[t][3 * nb.atom + a] -= g[a];
-                         for (int c = 0; c < 3; ++c) strain[t][3 * a + c] += g[a] * nb.d[c];
+                         for (int c = 0; c < 3; ++c) {
+                           const double term = g[a] * nb.d[c];
+                           strain[t][3 * a + c] += term;
+                           if (strain_per_atom) atom_strain[t][9 * nb.atom + 3 * a + c] += term;
+                           if (strain_per_point)
+                             strain_per_point[9 * (first + l) + 3 * a + c] += term;
+                         }
                        }
                      }
                    }
                  });
   std::fill(dE_dR, dE_dR + 3 * atoms.n, 0.0);
   std::fill(dE_dstrain, dE_dstrain + 9, 0.0);
+  if (strain_per_atom) std::fill(strain_per_atom, strain_per_atom + 9 * atoms.n, 0.0);
   for (int t = 0; t < nthreads; ++t) {
     for (std::size_t i = 0; i < 3 * atoms.n; ++i) dE_dR[i] += grad[t][i];
     for (int i = 0; i < 9; ++i) dE_dstrain[i] += strain[t][i];
+    if (strain_per_atom)
+      for (std::size_t i = 0; i < 9 * atoms.n; ++i) strain_per_atom[i] += atom_strain[t][i];
   }
+}
+
+std::vector<double> GridDescriptors::partition(const Cell& cell, const GridBlock& block,
+                                               AtomsView atoms, const double* values, int width,
+                                               double* out) const {
+  block.validate();
+  check_cell(cell);
+  if (width < 1) throw std::invalid_argument("partition needs width >= 1");
+  std::vector<double> unclaimed(width, 0.0);
+  const double cutoff = sna_.settings().max_cutoff();
+  const CellList bins(atoms, cutoff);
+  auto distance = [](const double* a, const double* b) {
+    return std::sqrt((a[0] - b[0]) * (a[0] - b[0]) + (a[1] - b[1]) * (a[1] - b[1]) +
+                     (a[2] - b[2]) * (a[2] - b[2]));
+  };
+  std::vector<std::size_t> near;
+  std::vector<double> r, cell_weight;
+  for (std::size_t p = 0; p < block.num_points(); ++p) {
+    double x[3];
+    point_position(cell, block, p, x);
+    near.clear();
+    r.clear();
+    bins.for_each_candidate(x, [&](std::size_t a) {
+      const double d = distance(x, &atoms.pos[3 * a]);
+      if (d < cutoff) {
+        near.push_back(a);
+        r.push_back(d);
+      }
+    });
+    const double* v = values + p * width;
+    if (near.empty()) {
+      for (int k = 0; k < width; ++k) unclaimed[k] += v[k];
+      continue;
+    }
+    // P_i = prod_j s(mu_ij), mu_ij = (r_i - r_j) / R_ij; w_i = P_i / sum_j P_j
+    cell_weight.assign(near.size(), 1.0);
+    for (std::size_t i = 0; i < near.size(); ++i)
+      for (std::size_t j = 0; j < near.size(); ++j) {
+        const double rij = distance(&atoms.pos[3 * near[i]], &atoms.pos[3 * near[j]]);
+        if (i != j && rij > 0.0) cell_weight[i] *= becke_step((r[i] - r[j]) / rij);
+      }
+    double total = 0.0;
+    for (const double w : cell_weight) total += w;
+    for (std::size_t i = 0; i < near.size(); ++i)
+      for (int k = 0; k < width; ++k) out[near[i] * width + k] += cell_weight[i] / total * v[k];
+  }
+  return unclaimed;
 }
 
 }  // namespace mlsurrogate

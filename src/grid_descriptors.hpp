@@ -63,9 +63,20 @@ class GridDescriptors {
 
   // For E = sum_p sum_k beta[p * K + k] B_k(p): dE/dR of every atom (n x 3) and
   // dE/d(strain) (3 x 3, row-major) for a homogeneous deformation x -> (1 + eps) x that
-  // moves grid points and atoms together. Both are overwritten.
+  // moves grid points and atoms together. Both are overwritten. dE/d(strain) is a sum of
+  // (point, atom) pair terms; if given, strain_per_atom (n x 9) and strain_per_point
+  // (points x 9) receive each atom's and each point's sum of them (for per-atom virials).
   void gradient(const Cell& cell, const GridBlock& block, AtomsView atoms, const double* beta,
-                double* dE_dR, double* dE_dstrain) const;
+                double* dE_dR, double* dE_dstrain, double* strain_per_atom = nullptr,
+                double* strain_per_point = nullptr) const;
+
+  // Shares values[p * width + k] of every point of the block among the atoms within the
+  // cutoff by Becke's fuzzy Voronoi cells (A. D. Becke, J. Chem. Phys. 88, 2547 (1988),
+  // eqs. 11-21: smooth, parameter-free, weight 1 at an atom's own position) and adds them
+  // to out[i * width + k] (n x width). Returns the sums over points with no atom within
+  // the cutoff, which nothing here can claim.
+  std::vector<double> partition(const Cell& cell, const GridBlock& block, AtomsView atoms,
+                                const double* values, int width, double* out) const;
 
  private:
   template <class BatchFn>

@@ -17,6 +17,7 @@ from mlsurrogate.descriptors import (
     descriptor_gradients,
     lammps_sna_grid,
     num_descriptors,
+    partition_to_atoms,
 )
 
 TWO_ELEMENTS = {"radius": {"Al": 0.5, "Cu": 0.42}, "weight": {"Al": 1.0, "Cu": 0.73}}
@@ -190,6 +191,31 @@ def test_force_sum_matches_rigid_shift() -> None:
     minus.positions -= shift
     fd = -(energy(plus, grid, params, beta) - energy(minus, grid, params, beta)) / 2e-5
     assert forces[:, 0].sum() == pytest.approx(fd, rel=1e-6)
+
+
+def test_becke_partition_shares() -> None:
+    """Per-point values split among atoms (the pair style's per-atom energies): nothing is
+    lost, a point on an atom is that atom's alone, and far-away points stay unclaimed."""
+    atoms, grid, params = al4(), (12, 12, 12), BispectrumParams()
+    values = np.random.default_rng(4).normal(size=(*grid, 2))
+    shares, unclaimed = partition_to_atoms(atoms, grid, params, values)
+    assert shares.shape == (4, 2) and np.abs(unclaimed).max() == 0.0
+    np.testing.assert_allclose(shares.sum(0), values.sum((0, 1, 2)), rtol=1e-12)
+    # one non-zero point sitting on atom 2: all of it goes to atom 2
+    on_atom = al4()
+    on_atom.positions[2] = on_atom.cell.array.T @ np.array([3, 6, 9]) / 12
+    single = np.zeros((*grid, 1))
+    single[3, 6, 9] = 1.0
+    shares, _ = partition_to_atoms(on_atom, grid, params, single)
+    np.testing.assert_allclose(shares[:, 0], [0, 0, 1, 0], atol=1e-14)
+    # halfway between two atoms (and far from the others): half each
+    pair = ase.Atoms("Al2", positions=[[4, 10, 10], [8, 10, 10]], cell=[20] * 3, pbc=True)
+    middle = np.zeros((20, 20, 20, 1))  # 1 A spacing
+    middle[6, 10, 10] = 1.0
+    middle[0, 0, 0] = 2.0  # > cutoff (4.7 A) from both: unclaimed
+    shares, unclaimed = partition_to_atoms(pair, (20, 20, 20), params, middle)
+    np.testing.assert_allclose(shares[:, 0], [0.5, 0.5], rtol=1e-12)
+    assert unclaimed[0] == 2.0
 
 
 def test_owned_grid_range_rule() -> None:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mlsurrogate.data import Snapshot
 from mlsurrogate.descriptors import BispectrumParams
-from mlsurrogate.lammps_pair import pair_style_energy_forces
+from mlsurrogate.lammps_pair import pair_style_energy_forces, pair_style_per_atom
 from mlsurrogate.model import Model, save_model
 from mlsurrogate.training import TrainingConfig, build_model, train
 from test_build import clean_env, venv_tool
@@ -298,6 +299,20 @@ def test_mpi_ranks_give_the_serial_result(smooth_model, ranks, tmp_path):
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["energy"] == pytest.approx(serial_energy, rel=1e-10)
     np.testing.assert_allclose(result["forces"], serial_forces, rtol=1e-8, atol=1e-10)
+    _, _, energies, virials = pair_style_per_atom(smooth_model, cell, positions, grid)
+    np.testing.assert_allclose(result["atom_energies"], energies, rtol=1e-8)
+    np.testing.assert_allclose(result["atom_virials"], virials, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (CI has none)")
+def test_cuda_device_equals_cpu(smooth_model):
+    cell, positions, grid, _ = structure()
+    energy, forces = pair_style_energy_forces(smooth_model, cell, positions, grid)
+    on_gpu, gpu_forces = pair_style_energy_forces(
+        smooth_model, cell, positions, grid, options="device cuda"
+    )
+    assert on_gpu == pytest.approx(energy, rel=1e-10)
+    np.testing.assert_allclose(gpu_forces, forces, rtol=1e-8, atol=1e-10)
 
 
 def test_units_other_than_metal_are_refused(smooth_model, tmp_path):
@@ -309,14 +324,31 @@ def test_units_other_than_metal_are_refused(smooth_model, tmp_path):
     lmp.close()
 
 
-def test_per_atom_energy_is_refused(smooth_model):
-    lmp = fcc_cell_lammps(
-        f"pair_style mlsurrogate {smooth_model} grid 12 12 12 ionion off",
-        "pair_coeff * * Al",
-        "compute atomic all pe/atom",
-        "compute total all reduce sum c_atomic",
-        "thermo_style custom step pe c_total",
+def test_per_atom_energies_and_virials_add_up(smooth_model):
+    """compute pe/atom and stress/atom: the grid energy shared among atoms (Becke cells)
+    sums to pe and the per-atom virials to the global virial, with and without E_ii
+    (coul/long + ewald per-atom terms); the shares equal Model.atom_energies."""
+    cell, positions, grid, atoms = structure()
+    for ionion in (False, True):
+        pe, virial, energies, virials = pair_style_per_atom(
+            smooth_model, cell, positions, grid, ionion=ionion
+        )
+        assert energies.sum() == pytest.approx(pe, rel=1e-10)
+        np.testing.assert_allclose(virials.sum(0), virial, rtol=0, atol=1e-9 * abs(virial).max())
+        assert np.ptp(energies) > 0.1  # displaced atoms differ
+    python = Model.load(smooth_model).atom_energies(atoms, tuple(grid))
+    _, _, energies, _ = pair_style_per_atom(smooth_model, cell, positions, grid)
+    np.testing.assert_allclose(energies, python, rtol=1e-8)
+
+
+def test_per_atom_values_of_equivalent_atoms_are_equal(smooth_model):
+    """Four fcc atoms moved together stay equivalent (half-cell translations map the
+    24^3 grid onto itself): equal per-atom energies and virials."""
+    cell, _, grid, _ = structure()
+    lattice = np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]) * cell[0][0]
+    positions = (lattice + [0.013, 0.021, 0.007]).tolist()
+    pe, _, energies, virials = pair_style_per_atom(smooth_model, cell, positions, grid)
+    np.testing.assert_allclose(energies, pe / 4, rtol=1e-10)
+    np.testing.assert_allclose(
+        virials, virials[[0, 0, 0, 0]], rtol=0, atol=1e-9 * abs(virials).max()
     )
-    with pytest.raises(Exception, match="no per-atom energy or virial"):
-        lmp.command("run 0")
-    lmp.close()

@@ -299,3 +299,22 @@ def test_strain_derivative_at_fixed_density(xc):
         assert float(derivative[a, b]) == pytest.approx(
             (plus - minus) / (2 * step), rel=1e-6, abs=1e-6
         )
+
+
+@pytest.mark.parametrize("xc", ["lda_pz", "pbe"])
+def test_point_shares_sum_to_the_energy(xc):
+    """The per-point shares behind per-atom energies add up to E_band - TS and to A - E_ii."""
+    functional, ldos, cell, attrs, _ = load(SNAPSHOTS[1])
+    functional = LdosEnergy(functional.energies, functional.temperature_k, xc)
+    terms, _ = functional.evaluate(ldos, cell, 12.0, False)
+    rows = ldos.reshape(-1, ldos.shape[-1])
+    voxel = float(torch.linalg.det(cell)) / rows.shape[0]
+    mu = terms["fermi_level"]
+    band = functional.band_free_points(rows, mu, voxel)
+    potential = functional.potential_points(
+        functional.density(rows, mu).reshape(ldos.shape[:3]), cell
+    )
+    assert float(band.sum()) == pytest.approx(float(terms["band_free"]), rel=1e-12)
+    assert float(band.sum() + potential.sum()) == pytest.approx(
+        float(terms["electronic"]), rel=1e-12
+    )

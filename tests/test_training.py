@@ -68,6 +68,16 @@ def test_resume_continues_exactly(checkpoint, tmp_path):
         train(replace(CONFIG, learning_rate=2e-3), path, resume=True, progress=False)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_training_on_the_gpu_matches_the_cpu(checkpoint, tmp_path):
+    """device = "cuda": the same run within float32 round-off of the CPU run."""
+    cpu = load_checkpoint(checkpoint)["history"]
+    gpu = train(replace(CONFIG, device="cuda"), tmp_path / "ck.pt", progress=False)
+    assert len(gpu) == len(cpu)
+    for ours, reference in zip(gpu, cpu):
+        assert ours["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-3)
+
+
 def test_training_reduces_the_loss(checkpoint):
     history = load_checkpoint(checkpoint)["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]

