@@ -43,6 +43,7 @@ def main() -> None:
         train=snapshots(TRAIN),
         validation=snapshots(VALIDATION),
         hidden=[100, 100],
+        activation="silu",  # smooth: exact forces, and the force term sees curvature
         max_epochs=args.epochs,
         patience=15,
         lr_patience=4,

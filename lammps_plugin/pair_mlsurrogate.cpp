@@ -71,6 +71,13 @@ double symmetric_part(const double *m, int k)
   return 0.5 * (m[3 * a + b] + m[3 * b + a]);
 }
 
+// Lengths of the three box vectors a, b, c (triclinic boxes included)
+std::array<double, 3> box_vector_lengths(const Domain &domain)
+{
+  return {domain.xprd, std::sqrt(domain.xy * domain.xy + domain.yprd * domain.yprd),
+          std::sqrt(domain.xz * domain.xz + domain.yz * domain.yz + domain.zprd * domain.zprd)};
+}
+
 bool valid_device_name(const std::string &name)
 {
   if (name == "cpu" || name == "cuda") return true;
@@ -445,11 +452,39 @@ void PairMLSurrogate::grid_shape(int shape[3]) const
     error->all(FLERR,
                "pair_style mlsurrogate: no grid size: give 'grid nx ny nz' or 'spacing h' (the "
                "model has no grid_spacing)");
-  const double lengths[3] = {domain->xprd,
-                             std::sqrt(domain->xy * domain->xy + domain->yprd * domain->yprd),
-                             std::sqrt(domain->xz * domain->xz + domain->yz * domain->yz +
-                                       domain->zprd * domain->zprd)};
+  const std::array<double, 3> lengths = box_vector_lengths(*domain);
   for (int d = 0; d < 3; ++d) shape[d] = std::max(1, static_cast<int>(std::lround(lengths[d] / h)));
+}
+
+/* ----------------------------------------------------------------------
+   The grid must resolve what the descriptors see: a spacing beyond half the descriptor
+   cutoff samples each atom's neighbourhood with a handful of points (an error); beyond
+   3x the training spacing the LDOS integrals lose accuracy (for the bundled model 3.75x
+   moved the energy by 23 meV/atom, README "Grid for MD"): a warning.
+------------------------------------------------------------------------- */
+
+void PairMLSurrogate::check_grid_spacing(const int shape[3])
+{
+  const std::array<double, 3> lengths = box_vector_lengths(*domain);
+  int coarsest = 0;
+  for (int d = 1; d < 3; ++d)
+    if (lengths[d] / shape[d] > lengths[coarsest] / shape[coarsest]) coarsest = d;
+  const double h = lengths[coarsest] / shape[coarsest];
+  const double trained = model->number_attr("grid_spacing", 0.0);
+  const std::string fix = fmt::format(
+      "use more grid points (grid nx ny nz) or 'spacing h'{}",
+      trained > 0.0 ? fmt::format("; the model was trained at {:.3f} A", trained) : "");
+  if (h > 0.5 * cutmax)
+    error->all(FLERR,
+               "pair_style mlsurrogate: grid spacing {:.3f} A along box vector {} is more than "
+               "half the descriptor cutoff {:.3f} A ({} points for {:.3f} A): {}",
+               h, coarsest + 1, cutmax, shape[coarsest], lengths[coarsest], fix);
+  if (trained > 0.0 && h > 3.0 * trained && comm->me == 0)
+    error->warning(FLERR,
+                   "pair_style mlsurrogate: grid spacing {:.3f} A along box vector {} is more "
+                   "than 3x the training spacing {:.3f} A: energies and forces lose accuracy "
+                   "(see benchmarks/grid_convergence.py); {}",
+                   h, coarsest + 1, trained, fix);
 }
 
 /* ----------------------------------------------------------------------
@@ -502,7 +537,10 @@ void PairMLSurrogate::compute(int eflag, int vflag)
             domain->xz,   domain->yz, domain->zprd};
   int shape[3];
   grid_shape(shape);
-  if (update->setupflag) warn_atoms_on_grid_points(shape);
+  if (update->setupflag) {
+    check_grid_spacing(shape);
+    warn_atoms_on_grid_points(shape);
+  }
   mlsurrogate::GridBlock block;
   for (int d = 0; d < 3; ++d) {
     const double lo = domain->triclinic ? domain->sublo_lamda[d]

@@ -59,6 +59,7 @@ class PairMLSurrogate : public Pair {
   std::unique_ptr<mlsurrogate::GridDescriptors> kernel;
 
   void grid_shape(int shape[3]) const;
+  void check_grid_spacing(const int shape[3]);
   void warn_atoms_on_grid_points(const int shape[3]);
   void check_ion_ion();
   void tally_per_atom(const mlsurrogate::Cell &, const mlsurrogate::GridBlock &,

@@ -227,6 +227,26 @@ def test_atoms_on_grid_points_are_reported(smooth_model, tmp_path):
         assert ("4 atoms sit exactly on grid points" in log.read_text()) == expected
 
 
+def test_too_coarse_grids_are_reported(smooth_model, tmp_path):
+    """Coarser than half the descriptor cutoff: an error; than 3x the training spacing: a
+    warning naming both spacings."""
+    trained = Model.load(smooth_model).metadata["grid_spacing_A"]
+    coarse = int(4.05 / (3.5 * trained))
+    assert 4.05 / coarse < 0.5 * 4.67637  # between the two limits
+    log = tmp_path / "log.lammps"
+    lmp = fcc_cell_lammps("displace_atoms all random 0.01 0.01 0.01 5")
+    lmp.command(f"log {log}")
+    lmp.command(f"pair_style mlsurrogate {smooth_model} grid {coarse} {coarse} {coarse} ionion off")
+    lmp.command("pair_coeff * * Al")
+    lmp.command("run 0")
+    assert f"more than 3x the training spacing {trained:.3f} A" in log.read_text()
+    lmp.command(f"pair_style mlsurrogate {smooth_model} grid 8 1 8 ionion off")
+    lmp.command("pair_coeff * * Al")
+    with pytest.raises(Exception, match="spacing 4.050 A along box vector 2 is more than half"):
+        lmp.command("run 0")
+    lmp.close()
+
+
 def test_thermo_extras_and_timing(smooth_model, tmp_path):
 
     cell, positions, grid, atoms = structure()
