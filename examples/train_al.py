@@ -1,6 +1,6 @@
 """Train, export and use an aluminium LDOS model from the bundled QE data.
 
-    python examples/train_al.py [--epochs N] [--output-dir DIR]
+    python examples/train_al.py [--epochs N] [--seed S] [--output-dir DIR]
 
 Trains on 7 of the 10 bundled 4-atom Al snapshots (933 K; LDOS, then also QE's free
 energies and forces), validates on one (early stopping), holds out two, exports the
@@ -34,6 +34,7 @@ def snapshots(indices: list[int]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=0, help="weights and shuffling")
     parser.add_argument("--output-dir", default="example_output")
     args = parser.parse_args()
     out = Path(args.output_dir)
@@ -47,13 +48,14 @@ def main() -> None:
         max_epochs=args.epochs,
         patience=15,
         lr_patience=4,
-        seed=0,
+        seed=args.seed,
         threads=2,
         # after 30 LDOS-only epochs, also fit QE's free energies and forces
         energy_weight=1e-3,
         force_weight=1e-4,
         physics_start_epoch=30,
         physics_every=10,
+        weight_averaging=0.998,  # validate and export an average over ~5 epochs of steps
     )
     start = time.perf_counter()
     history = mlsurrogate.train(config, out / "al.ckpt")

@@ -226,9 +226,10 @@ def test_force_term_forces_are_minus_the_energy_gradient(checkpoint):
 
 
 def test_energy_force_terms_train_and_resume_exactly(tmp_path):
+    """With the energy/force terms and weight averaging on (both have state to resume)."""
     config = replace(
         CONFIG, max_epochs=2, energy_weight=1.0, force_weight=1e-3, physics_every=5,
-        physics_spacing=0.8,
+        physics_spacing=0.8, weight_averaging=0.9,
     )  # fmt: skip
     uninterrupted = train(config, tmp_path / "a.pt", progress=False, log=lambda line: None)
     assert all(np.isfinite(r["force_rmse"]) for r in uninterrupted)
@@ -237,6 +238,16 @@ def test_energy_force_terms_train_and_resume_exactly(tmp_path):
     assert json.dumps(resumed) == json.dumps(uninterrupted)
     with pytest.raises(ValueError, match="force_weight must be >= 0"):
         train(replace(config, force_weight=-1.0), tmp_path / "c.pt", progress=False)
+    with pytest.raises(ValueError, match="weight_averaging must be in"):
+        train(replace(config, weight_averaging=1.0), tmp_path / "c.pt", progress=False)
+    # the averaged weights, not the live ones, are what is kept (and exported)
+    state = load_checkpoint(tmp_path / "a.pt")
+    objectives = [r["validation_objective"] for r in state["history"]]
+    best, live = state["best_network"], state["network"]
+    assert any(not torch.equal(best[k], live[k]) for k in best)
+    if objectives[-1] < objectives[0]:
+        averaged = {k.removeprefix("module."): v for k, v in state["averaged"].items()}
+        assert all(torch.equal(best[k], averaged[k]) for k in best)
 
 
 def test_bad_training_input(tmp_path):

@@ -65,6 +65,9 @@ class TrainingConfig:
     physics_every: int = 20  # mini-batches between energy/force terms
     physics_start_epoch: int = 0  # LDOS-only epochs first: the terms need a physical LDOS
     physics_spacing: float = 0.5  # A, grid of the energy/force terms
+    # decay of an exponential moving average of the weights, which is what is validated,
+    # kept as best and exported (0: the weights themselves)
+    weight_averaging: float = 0.0
     descriptor_params: dict[str, Any] = field(default_factory=lambda: asdict(BispectrumParams()))
 
     @classmethod
@@ -113,6 +116,8 @@ class TrainingConfig:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not self.physics_spacing > 0:
             raise ValueError(f"physics_spacing must be > 0 A, got {self.physics_spacing}")
+        if not 0.0 <= self.weight_averaging < 1.0:
+            raise ValueError(f"weight_averaging must be in [0, 1), got {self.weight_averaging}")
 
     @property
     def uses_physics(self) -> bool:
@@ -447,6 +452,17 @@ def train(
     else:
         fit_scalers(network, train_sources)
     network.to(config.device)
+    # the averaged copy (Polyak averaging) smooths the step-to-step noise of SGD, which
+    # moves the integrated energies by several meV/atom between epochs
+    averaged = (
+        torch.optim.swa_utils.AveragedModel(
+            network,
+            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.weight_averaging),
+        )
+        if config.weight_averaging > 0
+        else None
+    )
+    evaluated = averaged.module if averaged is not None else network
     optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=config.lr_factor, patience=config.lr_patience
@@ -456,6 +472,8 @@ def train(
     if resume:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if averaged is not None:
+            averaged.load_state_dict(state["averaged"])
         torch.set_rng_state(state["torch_rng"])
         history = state["history"]
         best_loss, best_state, stale = state["best_loss"], state["best_network"], state["stale"]
@@ -490,17 +508,20 @@ def train(
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                if averaged is not None:
+                    averaged.update_parameters(network)
                 seen += len(x)
                 bar.update(len(x))
         network.eval()
-        validation_loss = _loss_over(network, validation_sources, config.device)
+        evaluated.eval()
+        validation_loss = _loss_over(evaluated, validation_sources, config.device)
         errors = [
-            energy_errors(network, functional, s, t, config.device)
+            energy_errors(evaluated, functional, s, t, config.device)
             for s, t in zip(validation_sources, targets)
         ]
         objective, force_rmse = validation_loss, math.nan
         if physics:
-            checks = [physics_loss(network, functional, t, config) for t in physics_validation]
+            checks = [physics_loss(evaluated, functional, t, config) for t in physics_validation]
             if any(c is None for c in checks):  # unphysical LDOS: no energy, no forces
                 objective = math.inf
             else:
@@ -531,7 +552,7 @@ def train(
         scheduler.step(objective)
         if objective < best_loss:
             best_loss, stale = objective, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
         else:
             stale += 1
         _save_checkpoint(
@@ -542,6 +563,7 @@ def train(
                 "config": asdict(config),
                 "epoch": epoch,
                 "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+                "averaged": averaged.state_dict() if averaged is not None else None,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
