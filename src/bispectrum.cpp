@@ -129,6 +129,71 @@ void axpy_lanes(int n, const double* coef, const double* x, double* y) {
   for (int i = 0; i < n; i += kLanes) MLS_STORE(y + i, MLS_LOAD(y + i) + c * MLS_LOAD(x + i));
 }
 
+static_assert(kLanes == 4, "the gradient recursion keeps (u, du/dx, du/dy, du/dz) in one Lanes");
+
+// The u recursion of Bispectrum::wigner_u on 4-wide values (u, du/dx, du/dy, du/dz) per
+// entry, arrays [u index][4]; da/db hold (0, d/dx, d/dy, d/dz) of a and b.
+MLS_MULTIVERSION
+void u_gradient_recursion(int twojmax, const int* u_offset, const int* rec_offset,
+                          const double* rec_a, const double* rec_b, double ar, double ai,
+                          double br, double bi, const double* da_re, const double* da_im,
+                          const double* db_re, const double* db_im, double* ur, double* ui) {
+  const Lanes dar = MLS_LOAD(da_re), dai = MLS_LOAD(da_im);
+  const Lanes dbr = MLS_LOAD(db_re), dbi = MLS_LOAD(db_im);
+  const Lanes zero = {};
+  MLS_STORE(ur, zero);
+  MLS_STORE(ui, zero);
+  ur[0] = 1.0;
+  for (int j = 1; j <= twojmax; ++j) {
+    for (int mb = 0; 2 * mb <= j; ++mb) {
+      const int in = (u_offset[j - 1] + mb * j) * 4, out = (u_offset[j] + mb * (j + 1)) * 4;
+      const double* ca = rec_a + rec_offset[j] + mb * j;
+      const double* cb = rec_b + rec_offset[j] + mb * j;
+      MLS_STORE(ur + out + 4 * j, zero);
+      MLS_STORE(ui + out + 4 * j, zero);
+      for (int ma = 0; ma < j; ++ma) {
+        const Lanes pr = MLS_LOAD(ur + in + 4 * ma), pi = MLS_LOAD(ui + in + 4 * ma);
+        const double vr = ur[in + 4 * ma], vi = ui[in + 4 * ma];
+        MLS_STORE(ur + out + 4 * ma, ca[ma] * (ar * pr + ai * pi + dar * vr + dai * vi));
+        MLS_STORE(ui + out + 4 * ma, ca[ma] * (ar * pi - ai * pr + dar * vi - dai * vr));
+      }
+      for (int ma = 0; ma < j; ++ma) {
+        const Lanes pr = MLS_LOAD(ur + in + 4 * ma), pi = MLS_LOAD(ui + in + 4 * ma);
+        const double vr = ur[in + 4 * ma], vi = ui[in + 4 * ma];
+        double* cr = ur + out + 4 * (ma + 1);
+        double* ci = ui + out + 4 * (ma + 1);
+        MLS_STORE(cr, MLS_LOAD(cr) - cb[ma] * (br * pr + bi * pi + dbr * vr + dbi * vi));
+        MLS_STORE(ci, MLS_LOAD(ci) - cb[ma] * (br * pi - bi * pr + dbr * vi - dbi * vr));
+      }
+    }
+    for (int mb = j / 2 + 1; mb <= j; ++mb) {
+      const int out = (u_offset[j] + mb * (j + 1)) * 4, in = (u_offset[j] + (j - mb) * (j + 1)) * 4;
+      double sign = (mb % 2 == 0) ? 1.0 : -1.0;
+      for (int ma = 0; ma <= j; ++ma, sign = -sign) {
+        MLS_STORE(ur + out + 4 * ma, sign * MLS_LOAD(ur + in + 4 * (j - ma)));
+        MLS_STORE(ui + out + 4 * ma, -sign * MLS_LOAD(ui + in + 4 * (j - ma)));
+      }
+    }
+  }
+}
+
+// sum over the half plane of layer j of Re(conj(u) y) for 4-wide u and scalar y
+MLS_MULTIVERSION
+void half_plane_dot_wide(int j, const double* u_re, const double* u_im, const double* y_re,
+                         const double* y_im, double out[4]) {
+  Lanes sum = {};
+  const int full = ((j + 1) / 2) * (j + 1);
+  for (int i = 0; i < full; ++i)
+    sum += MLS_LOAD(u_re + 4 * i) * y_re[i] + MLS_LOAD(u_im + 4 * i) * y_im[i];
+  if (j % 2 == 0)
+    for (int ma = 0; 2 * ma <= j; ++ma) {
+      const int i = full + ma;
+      sum += half_plane_weight(j, j / 2, ma) *
+             (MLS_LOAD(u_re + 4 * i) * y_re[i] + MLS_LOAD(u_im + 4 * i) * y_im[i]);
+    }
+  MLS_STORE(out, sum);
+}
+
 }  // namespace
 
 int BispectrumSettings::num_elements() const {
@@ -303,8 +368,8 @@ BispectrumWorkspace Bispectrum::make_workspace() const {
   ws.ylane_im.assign(nu, 0.0);
   ws.u_re.assign(num_u_, 0.0);
   ws.u_im.assign(num_u_, 0.0);
-  ws.du_re.assign(3 * static_cast<std::size_t>(num_u_), 0.0);
-  ws.du_im.assign(3 * static_cast<std::size_t>(num_u_), 0.0);
+  ws.ud_re.assign(4 * static_cast<std::size_t>(num_u_), 0.0);
+  ws.ud_im.assign(4 * static_cast<std::size_t>(num_u_), 0.0);
   ws.linear.assign(static_cast<std::size_t>(num_linear_) * kLanes, 0.0);
   ws.beta_linear.assign(static_cast<std::size_t>(num_linear_) * kLanes, 0.0);
   ws.coef.assign(static_cast<std::size_t>(nelem_) * kLanes, 0.0);
@@ -325,51 +390,50 @@ void Bispectrum::begin_centers(BispectrumWorkspace& ws) const {
   }
 }
 
-// Hyperspherical harmonics u^j_{ma,mb} of the point (theta0, theta, phi) of the 3-sphere
-// that d maps to, by the recursion of VMK 4.8.2 in terms of the Cayley-Klein parameters
-// a = (z0 - i z)/r0, b = (y - i x)/r0 (Thompson 2015, eqs. 3-4); columns mb > j/2 follow
-// from u^j_{j-ma,j-mb} = (-1)^(ma-mb) conj(u^j_{ma,mb}) (VMK 4.4 eq. 2).
-template <bool with_derivative>
-void Bispectrum::wigner_u(const double d[3], double rcut, BispectrumWorkspace& ws) const {
+// Cayley-Klein parameters a = (z0 - i z)/r0, b = (y - i x)/r0 of the point (theta0,
+// theta, phi) of the 3-sphere that d maps to (Thompson 2015, eqs. 3-4), and optionally
+// their derivatives with respect to d.
+Bispectrum::CayleyKlein Bispectrum::cayley_klein(const double d[3], double rcut,
+                                                 bool with_derivative) const {
   const double x = d[0], y = d[1], z = d[2];
   const double r = std::sqrt(x * x + y * y + z * z);
   const double rscale = s_.rfac0 * kPi / (rcut - s_.rmin0);
   const double theta0 = (r - s_.rmin0) * rscale;
   const double z0 = r * std::cos(theta0) / std::sin(theta0);
   const double r0inv = 1.0 / std::sqrt(r * r + z0 * z0);
-  const double ar = z0 * r0inv, ai = -z * r0inv, br = y * r0inv, bi = -x * r0inv;
-
-  double dar[3] = {0, 0, 0}, dai[3] = {0, 0, 0}, dbr[3] = {0, 0, 0}, dbi[3] = {0, 0, 0};
-  if constexpr (with_derivative) {
-    const double dz0dr = z0 / r - r * rscale * (r * r + z0 * z0) / (r * r);
-    const double dr0invdr = -r0inv * r0inv * r0inv * (r + z0 * dz0dr);
-    for (int k = 0; k < 3; ++k) {
-      const double unit = d[k] / r;
-      const double dr0inv = dr0invdr * unit;
-      dar[k] = dz0dr * unit * r0inv + z0 * dr0inv;
-      dai[k] = -z * dr0inv;
-      dbr[k] = y * dr0inv;
-      dbi[k] = -x * dr0inv;
-    }
-    dai[2] -= r0inv;
-    dbr[1] += r0inv;
-    dbi[0] -= r0inv;
+  CayleyKlein ck{z0 * r0inv, -z * r0inv, y * r0inv, -x * r0inv, {}, {}, {}, {}};
+  if (!with_derivative) return ck;
+  const double dz0dr = z0 / r - r * rscale * (r * r + z0 * z0) / (r * r);
+  const double dr0invdr = -r0inv * r0inv * r0inv * (r + z0 * dz0dr);
+  for (int k = 0; k < 3; ++k) {
+    const double unit = d[k] / r;
+    const double dr0inv = dr0invdr * unit;
+    ck.dar[k] = dz0dr * unit * r0inv + z0 * dr0inv;
+    ck.dai[k] = -z * dr0inv;
+    ck.dbr[k] = y * dr0inv;
+    ck.dbi[k] = -x * dr0inv;
   }
+  ck.dai[2] -= r0inv;
+  ck.dbr[1] += r0inv;
+  ck.dbi[0] -= r0inv;
+  return ck;
+}
 
+// Hyperspherical harmonics u^j_{ma,mb} of d by the recursion of VMK 4.8.2 in a and b;
+// columns mb > j/2 follow from u^j_{j-ma,j-mb} = (-1)^(ma-mb) conj(u^j_{ma,mb}) (VMK 4.4
+// eq. 2).
+void Bispectrum::wigner_u(const double d[3], double rcut, BispectrumWorkspace& ws) const {
+  const CayleyKlein ck = cayley_klein(d, rcut, false);
+  const double ar = ck.ar, ai = ck.ai, br = ck.br, bi = ck.bi;
   double* ur = ws.u_re.data();
   double* ui = ws.u_im.data();
-  const std::size_t stride = num_u_;
   ur[0] = 1.0;
   ui[0] = 0.0;
-  if constexpr (with_derivative)
-    for (int k = 0; k < 3; ++k) ws.du_re[k * stride] = ws.du_im[k * stride] = 0.0;
-
   // Layer j, column mb <= j/2, from layer j-1, column mb (contiguous in ma):
   //   u^j_{ma,mb} = sqrt((j-ma)/(j-mb)) conj(a) u^{j-1}_{ma,mb}
   //               - sqrt(ma/(j-mb)) conj(b) u^{j-1}_{ma-1,mb}
   // written as two sweeps over ma so that each is a plain vectorizable loop.
-  const int J = s_.twojmax;
-  for (int j = 1; j <= J; ++j) {
+  for (int j = 1; j <= s_.twojmax; ++j) {
     for (int mb = 0; 2 * mb <= j; ++mb) {
       const int in = u_index(j - 1, mb, 0), out = u_index(j, mb, 0);
       const double* __restrict ca = rec_a_.data() + rec_offset_[j] + mb * j;
@@ -387,44 +451,36 @@ void Bispectrum::wigner_u(const double d[3], double rcut, BispectrumWorkspace& w
         cr[ma + 1] -= cb[ma] * (br * pr[ma] + bi * pi[ma]);
         ci[ma + 1] -= cb[ma] * (br * pi[ma] - bi * pr[ma]);
       }
-      if constexpr (with_derivative)
-        for (int k = 0; k < 3; ++k) {
-          const double* __restrict dpr = ws.du_re.data() + k * stride + in;
-          const double* __restrict dpi = ws.du_im.data() + k * stride + in;
-          double* __restrict dcr = ws.du_re.data() + k * stride + out;
-          double* __restrict dci = ws.du_im.data() + k * stride + out;
-          dcr[j] = dci[j] = 0.0;
-          for (int ma = 0; ma < j; ++ma) {
-            dcr[ma] = ca[ma] * (dar[k] * pr[ma] + dai[k] * pi[ma] + ar * dpr[ma] + ai * dpi[ma]);
-            dci[ma] = ca[ma] * (dar[k] * pi[ma] - dai[k] * pr[ma] + ar * dpi[ma] - ai * dpr[ma]);
-          }
-          for (int ma = 0; ma < j; ++ma) {
-            dcr[ma + 1] -= cb[ma] * (dbr[k] * pr[ma] + dbi[k] * pi[ma] + br * dpr[ma] + bi * dpi[ma]);
-            dci[ma + 1] -= cb[ma] * (dbr[k] * pi[ma] - dbi[k] * pr[ma] + br * dpi[ma] - bi * dpr[ma]);
-          }
-        }
     }
-    // columns mb > j/2: u^j_{ma,mb} = (-1)^(ma-mb) conj(u^j_{j-ma,j-mb}), a reversed column
     for (int mb = j / 2 + 1; mb <= j; ++mb) {
       const int out = u_index(j, mb, 0), in = u_index(j, j - mb, 0);
       double sign = (mb % 2 == 0) ? 1.0 : -1.0;
       for (int ma = 0; ma <= j; ++ma, sign = -sign) {
         ur[out + ma] = sign * ur[in + j - ma];
         ui[out + ma] = -sign * ui[in + j - ma];
-        if constexpr (with_derivative)
-          for (int k = 0; k < 3; ++k) {
-            ws.du_re[k * stride + out + ma] = sign * ws.du_re[k * stride + in + j - ma];
-            ws.du_im[k * stride + out + ma] = -sign * ws.du_im[k * stride + in + j - ma];
-          }
       }
     }
   }
 }
 
+// u and du/dd together: the same recursion on 4-wide values (u, du/dx, du/dy, du/dz),
+// the product rule folded in: (a P)' = a P' + a' p, with a' = 0 in the value lane.
+void Bispectrum::wigner_u_gradient(const double d[3], double rcut,
+                                   BispectrumWorkspace& ws) const {
+  const CayleyKlein ck = cayley_klein(d, rcut, true);
+  const double da_re[4] = {0.0, ck.dar[0], ck.dar[1], ck.dar[2]};
+  const double da_im[4] = {0.0, ck.dai[0], ck.dai[1], ck.dai[2]};
+  const double db_re[4] = {0.0, ck.dbr[0], ck.dbr[1], ck.dbr[2]};
+  const double db_im[4] = {0.0, ck.dbi[0], ck.dbi[1], ck.dbi[2]};
+  u_gradient_recursion(s_.twojmax, u_offset_.data(), rec_offset_.data(), rec_a_.data(),
+                       rec_b_.data(), ck.ar, ck.ai, ck.br, ck.bi, da_re, da_im, db_re, db_im,
+                       ws.ud_re.data(), ws.ud_im.data());
+}
+
 void Bispectrum::add_neighbor(BispectrumWorkspace& ws, int lane, const double d[3],
                               int type) const {
   const double rcut = s_.cutoff(type);
-  wigner_u<false>(d, rcut, ws);
+  wigner_u(d, rcut, ws);
   double f, df;
   switching(s_, std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), rcut, f, df);
   const double scale = f * s_.weight[type];
@@ -556,25 +612,24 @@ void Bispectrum::select_lane(BispectrumWorkspace& ws, int lane) const {
 void Bispectrum::neighbor_gradient(BispectrumWorkspace& ws, const double d[3], int type,
                                    double grad[3]) const {
   const double rcut = s_.cutoff(type);
-  wigner_u<true>(d, rcut, ws);
+  wigner_u_gradient(d, rcut, ws);
   const double r = std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]);
   double f, df;
   switching(s_, r, rcut, f, df);
   const std::size_t base = static_cast<std::size_t>(element_of(type)) * num_u_;
   const double* yr = ws.ylane_re.data() + base;
   const double* yi = ws.ylane_im.data() + base;
-  double g_u = 0.0;
-  double g_du[3] = {0, 0, 0};
+  double g[4] = {0, 0, 0, 0};  // sum Re(conj(u) y), then of du/dx, du/dy, du/dz
   for (int j = 0; j <= s_.twojmax; ++j) {
     const int off = u_offset_[j];
-    g_u += half_plane_dot(j, ws.u_re.data() + off, ws.u_im.data() + off, yr + off, yi + off);
-    for (int k = 0; k < 3; ++k)
-      g_du[k] += half_plane_dot(j, ws.du_re.data() + k * num_u_ + off,
-                                ws.du_im.data() + k * num_u_ + off, yr + off, yi + off);
+    double part[4];
+    half_plane_dot_wide(j, ws.ud_re.data() + 4 * off, ws.ud_im.data() + 4 * off, yr + off,
+                        yi + off, part);
+    for (int k = 0; k < 4; ++k) g[k] += part[k];
   }
   // U gets w * f(r) * u(d): product rule, then the factor 2 of the half-plane sums
   const double w = s_.weight[type];
-  for (int k = 0; k < 3; ++k) grad[k] = 2.0 * w * (df * d[k] / r * g_u + f * g_du[k]);
+  for (int k = 0; k < 3; ++k) grad[k] = 2.0 * w * (df * d[k] / r * g[0] + f * g[1 + k]);
 }
 
 }  // namespace mlsurrogate

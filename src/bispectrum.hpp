@@ -51,7 +51,7 @@ struct BispectrumWorkspace {
   std::vector<double> z_re, z_im;        // one Z block, half plane, [entry][lane]
   std::vector<double> ylane_re, ylane_im;  // [element][u index]: Y of the selected lane
   std::vector<double> u_re, u_im;        // one neighbour's u
-  std::vector<double> du_re, du_im;      // one neighbour's du/dd, [3][u index]
+  std::vector<double> ud_re, ud_im;      // one neighbour's (u, du/dd), [u index][4]
   std::vector<double> linear;            // [lane][component]: linear components
   std::vector<double> beta_linear;       // [lane][component]: dE/dB of linear components
   std::vector<double> coef;              // [element][lane]: adjoint weights of one Z block
@@ -99,8 +99,13 @@ class Bispectrum {
   int u_index(int j, int mb, int ma) const { return u_offset_[j] + mb * (j + 1) + ma; }
   int block_id(int j1, int j2, int j) const;
   int element_of(int type) const { return s_.chem_map.empty() ? 0 : s_.chem_map[type]; }
-  template <bool with_derivative>
+  struct CayleyKlein {  // a = ar + i ai, b = br + i bi and their derivatives by d
+    double ar, ai, br, bi;
+    double dar[3], dai[3], dbr[3], dbi[3];
+  };
+  CayleyKlein cayley_klein(const double d[3], double rcut, bool with_derivative) const;
   void wigner_u(const double d[3], double rcut, BispectrumWorkspace& ws) const;
+  void wigner_u_gradient(const double d[3], double rcut, BispectrumWorkspace& ws) const;
   void z_block(const Block& blk, int e1, int e2, BispectrumWorkspace& ws) const;
   void linear_components(BispectrumWorkspace& ws) const;
 
