@@ -9,9 +9,8 @@ the wall time of the whole process (start-up and model loading included). QE: pw
 with the project's reference settings (Al.pz-vbc, 20 Ry, 933 K Fermi-Dirac, k-spacing
 0.2 1/A) on the same ranks (k-point pools), its own WALL time. ``--pw-out`` takes the
 time from existing pw.x outputs (matched by atom count) instead of running pw.x, e.g.
-those of ``make data`` / ``make data32``: a 108-atom SCF takes hours on 2 cores. An
-unfinished output gives a lower bound: its last "total cpu time" (rank 0) and the SCF
-iterations done, printed with ">".
+those of ``make data`` / ``make data32``: a 108-atom SCF takes hours on 2 cores;
+``--ours-only`` skips pw.x.
 """
 
 from __future__ import annotations
@@ -53,18 +52,12 @@ def structure(cells: int):
     return atoms
 
 
-def pw_seconds(text: str) -> tuple[float, str]:
-    """pw.x's WALL time and "" for a finished run; for an unfinished one its last CPU
-    time so far (a lower bound) and a note saying so."""
+def pw_wall_seconds(text: str) -> float:
     match = re.search(r"PWSCF\s*:.*CPU\s+(?:(\d+)h)?\s*(?:(\d+)m)?\s*([0-9.]+)s WALL", text)
-    if match:
-        hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-        return 3600 * hours + 60 * minutes + seconds, ""
-    so_far = re.findall(r"total cpu time spent up to now is\s+([0-9.]+) secs", text)
-    if not so_far:
-        raise ValueError("pw.x output without any timing: the run did not start")
-    iterations = text.count("total energy  ")
-    return float(so_far[-1]), f"unfinished after {iterations} SCF iterations"
+    if not match:
+        raise ValueError("no 'PWSCF ... WALL' line: the pw.x run did not finish")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return 3600 * hours + 60 * minutes + seconds
 
 
 def pw_atoms(text: str) -> int:
@@ -86,7 +79,7 @@ def time_ours(model: Path, atoms, ranks: int) -> float:
 def time_qe(atoms, ranks: int) -> float:
     with tempfile.TemporaryDirectory() as work:
         run_pw(atoms, QESettings(**mpi_commands(ranks)), work, progress=False)
-        return pw_seconds(Path(work, "pw.out").read_text())[0]
+        return pw_wall_seconds(Path(work, "pw.out").read_text())
 
 
 def main() -> None:
@@ -95,14 +88,16 @@ def main() -> None:
     parser.add_argument("--cells", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--pw-out", nargs="*", default=[], help="pw.x outputs to take times from")
+    parser.add_argument(
+        "--ours-only", action="store_true", help="time mlsurrogate only (no pw.x run)"
+    )
     args = parser.parse_args()
     model = Path(args.model).resolve()
     spacing = load_metadata(model)["grid_spacing_A"]
     known = {}
     for path in args.pw_out:
         text = Path(path).read_text(errors="replace")
-        seconds, note = pw_seconds(text)
-        known[pw_atoms(text)] = (seconds, ", ".join(filter(None, [Path(path).name, note])))
+        known[pw_atoms(text)] = (pw_wall_seconds(text), Path(path).name)
     print("| atoms | grid | mlsurrogate s | pw.x s | pw.x / mlsurrogate |")
     print("|---:|---:|---:|---:|---:|")
     for cells in args.cells:
@@ -110,12 +105,13 @@ def main() -> None:
         grid = int(round(4.05 * cells / spacing))
         ours = time_ours(model, atoms, args.ranks)
         qe, source = known.get(len(atoms), (None, None))
+        if qe is None and args.ours_only:
+            print(f"| {len(atoms)} | {grid}^3 | {ours:.1f} | - | - |", flush=True)
+            continue
         if qe is None:
             qe, source = time_qe(atoms, args.ranks), "run now"
-        bound = ">" if "unfinished" in source else ""
         print(
-            f"| {len(atoms)} | {grid}^3 | {ours:.1f} | {bound}{qe:.0f} ({source}) "
-            f"| {bound}{qe / ours:.0f}x |",
+            f"| {len(atoms)} | {grid}^3 | {ours:.1f} | {qe:.0f} ({source}) | {qe / ours:.0f}x |",
             flush=True,
         )
     print(f"{args.ranks} MPI ranks for both; pw.x times include its start-up, ours too")
