@@ -122,7 +122,8 @@ void half_plane_dot_lanes(int j, const double* a_re, const double* a_im, const d
   MLS_STORE(out, sum);
 }
 
-// y[i][lane] += coef[lane] * x[i][lane] for n = entries * kLanes values
+// y[i][lane] += coef[lane] * x[i][lane] for n = entries * kLanes values (lanes are
+// centres, or the neighbours of add_neighbors)
 MLS_MULTIVERSION
 void axpy_lanes(int n, const double* coef, const double* x, double* y) {
   const Lanes c = MLS_LOAD(coef);
@@ -131,19 +132,33 @@ void axpy_lanes(int n, const double* coef, const double* x, double* y) {
 
 static_assert(kLanes == 4, "the gradient recursion keeps (u, du/dx, du/dy, du/dz) in one Lanes");
 
-// The u recursion of Bispectrum::wigner_u on 4-wide values (u, du/dx, du/dy, du/dz) per
-// entry, arrays [u index][4]; da/db hold (0, d/dx, d/dy, d/dz) of a and b.
-MLS_MULTIVERSION
-void u_gradient_recursion(int twojmax, const int* u_offset, const int* rec_offset,
-                          const double* rec_a, const double* rec_b, double ar, double ai,
-                          double br, double bi, const double* da_re, const double* da_im,
-                          const double* db_re, const double* db_im, double* ur, double* ui) {
-  const Lanes dar = MLS_LOAD(da_re), dai = MLS_LOAD(da_im);
-  const Lanes dbr = MLS_LOAD(db_re), dbi = MLS_LOAD(db_im);
+// Hyperspherical harmonics u^j_{ma,mb} by the recursion of VMK 4.8.2 in the Cayley-Klein
+// parameters a, b, on 4-wide values, arrays [u index][4]. Layer j, column mb <= j/2, from
+// layer j-1, column mb:
+//   u^j_{ma,mb} = sqrt((j-ma)/(j-mb)) conj(a) u^{j-1}_{ma,mb}
+//               - sqrt(ma/(j-mb)) conj(b) u^{j-1}_{ma-1,mb}
+// columns mb > j/2 from u^j_{j-ma,j-mb} = (-1)^(ma-mb) conj(u^j_{ma,mb}) (VMK 4.4 eq. 2).
+// Without gradient the lanes are four neighbours (a, b per lane). With gradient they are
+// (u, du/dx, du/dy, du/dz) of one neighbour: a, b equal in all lanes and da, db holding
+// (0, d/dx, d/dy, d/dz), the product rule (a P)' = a P' + a' p folded in.
+template <bool with_gradient>
+MLS_MULTIVERSION void u_recursion(int twojmax, const int* u_offset, const int* rec_offset,
+                                  const double* rec_a, const double* rec_b, const double* a_re,
+                                  const double* a_im, const double* b_re, const double* b_im,
+                                  const double* da_re, const double* da_im, const double* db_re,
+                                  const double* db_im, double* ur, double* ui) {
+  const Lanes ar = MLS_LOAD(a_re), ai = MLS_LOAD(a_im), br = MLS_LOAD(b_re), bi = MLS_LOAD(b_im);
+  Lanes dar = {}, dai = {}, dbr = {}, dbi = {};
+  if constexpr (with_gradient) {
+    dar = MLS_LOAD(da_re);
+    dai = MLS_LOAD(da_im);
+    dbr = MLS_LOAD(db_re);
+    dbi = MLS_LOAD(db_im);
+  }
   const Lanes zero = {};
-  MLS_STORE(ur, zero);
+  const Lanes first = with_gradient ? Lanes{1.0, 0.0, 0.0, 0.0} : zero + 1.0;
+  MLS_STORE(ur, first);
   MLS_STORE(ui, zero);
-  ur[0] = 1.0;
   for (int j = 1; j <= twojmax; ++j) {
     for (int mb = 0; 2 * mb <= j; ++mb) {
       const int in = (u_offset[j - 1] + mb * j) * 4, out = (u_offset[j] + mb * (j + 1)) * 4;
@@ -153,17 +168,27 @@ void u_gradient_recursion(int twojmax, const int* u_offset, const int* rec_offse
       MLS_STORE(ui + out + 4 * j, zero);
       for (int ma = 0; ma < j; ++ma) {
         const Lanes pr = MLS_LOAD(ur + in + 4 * ma), pi = MLS_LOAD(ui + in + 4 * ma);
-        const double vr = ur[in + 4 * ma], vi = ui[in + 4 * ma];
-        MLS_STORE(ur + out + 4 * ma, ca[ma] * (ar * pr + ai * pi + dar * vr + dai * vi));
-        MLS_STORE(ui + out + 4 * ma, ca[ma] * (ar * pi - ai * pr + dar * vi - dai * vr));
+        Lanes cr = ar * pr + ai * pi, ci = ar * pi - ai * pr;
+        if constexpr (with_gradient) {
+          const double vr = ur[in + 4 * ma], vi = ui[in + 4 * ma];
+          cr += dar * vr + dai * vi;
+          ci += dar * vi - dai * vr;
+        }
+        MLS_STORE(ur + out + 4 * ma, ca[ma] * cr);
+        MLS_STORE(ui + out + 4 * ma, ca[ma] * ci);
       }
       for (int ma = 0; ma < j; ++ma) {
         const Lanes pr = MLS_LOAD(ur + in + 4 * ma), pi = MLS_LOAD(ui + in + 4 * ma);
-        const double vr = ur[in + 4 * ma], vi = ui[in + 4 * ma];
-        double* cr = ur + out + 4 * (ma + 1);
-        double* ci = ui + out + 4 * (ma + 1);
-        MLS_STORE(cr, MLS_LOAD(cr) - cb[ma] * (br * pr + bi * pi + dbr * vr + dbi * vi));
-        MLS_STORE(ci, MLS_LOAD(ci) - cb[ma] * (br * pi - bi * pr + dbr * vi - dbi * vr));
+        Lanes cr = br * pr + bi * pi, ci = br * pi - bi * pr;
+        if constexpr (with_gradient) {
+          const double vr = ur[in + 4 * ma], vi = ui[in + 4 * ma];
+          cr += dbr * vr + dbi * vi;
+          ci += dbr * vi - dbi * vr;
+        }
+        double* outr = ur + out + 4 * (ma + 1);
+        double* outi = ui + out + 4 * (ma + 1);
+        MLS_STORE(outr, MLS_LOAD(outr) - cb[ma] * cr);
+        MLS_STORE(outi, MLS_LOAD(outi) - cb[ma] * ci);
       }
     }
     for (int mb = j / 2 + 1; mb <= j; ++mb) {
@@ -256,7 +281,7 @@ Bispectrum::Bispectrum(const BispectrumSettings& settings) : s_(settings) {
   for (int j = 0; j <= J; ++j) u_offset_[j + 1] = u_offset_[j] + (j + 1) * (j + 1);
   num_u_ = u_offset_[J + 1];
 
-  // coefficients of the U recursion (see wigner_u), per layer j and column mb <= j/2
+  // coefficients of the U recursion (see u_recursion), per layer j and column mb <= j/2
   rec_offset_.assign(J + 2, 0);
   for (int j = 1; j <= J; ++j) {
     rec_offset_[j] = static_cast<int>(rec_a_.size());
@@ -366,10 +391,10 @@ BispectrumWorkspace Bispectrum::make_workspace() const {
   ws.z_im.assign(nz * kLanes, 0.0);
   ws.ylane_re.assign(nu, 0.0);
   ws.ylane_im.assign(nu, 0.0);
-  ws.u_re.assign(num_u_, 0.0);
-  ws.u_im.assign(num_u_, 0.0);
-  ws.ud_re.assign(4 * static_cast<std::size_t>(num_u_), 0.0);
-  ws.ud_im.assign(4 * static_cast<std::size_t>(num_u_), 0.0);
+  ws.u4_re.assign(4 * static_cast<std::size_t>(num_u_), 0.0);
+  ws.u4_im.assign(4 * static_cast<std::size_t>(num_u_), 0.0);
+  ws.acc_re.assign(4 * nu, 0.0);
+  ws.acc_im.assign(4 * nu, 0.0);
   ws.linear.assign(static_cast<std::size_t>(num_linear_) * kLanes, 0.0);
   ws.beta_linear.assign(static_cast<std::size_t>(num_linear_) * kLanes, 0.0);
   ws.coef.assign(static_cast<std::size_t>(nelem_) * kLanes, 0.0);
@@ -419,77 +444,70 @@ Bispectrum::CayleyKlein Bispectrum::cayley_klein(const double d[3], double rcut,
   return ck;
 }
 
-// Hyperspherical harmonics u^j_{ma,mb} of d by the recursion of VMK 4.8.2 in a and b;
-// columns mb > j/2 follow from u^j_{j-ma,j-mb} = (-1)^(ma-mb) conj(u^j_{ma,mb}) (VMK 4.4
-// eq. 2).
-void Bispectrum::wigner_u(const double d[3], double rcut, BispectrumWorkspace& ws) const {
-  const CayleyKlein ck = cayley_klein(d, rcut, false);
-  const double ar = ck.ar, ai = ck.ai, br = ck.br, bi = ck.bi;
-  double* ur = ws.u_re.data();
-  double* ui = ws.u_im.data();
-  ur[0] = 1.0;
-  ui[0] = 0.0;
-  // Layer j, column mb <= j/2, from layer j-1, column mb (contiguous in ma):
-  //   u^j_{ma,mb} = sqrt((j-ma)/(j-mb)) conj(a) u^{j-1}_{ma,mb}
-  //               - sqrt(ma/(j-mb)) conj(b) u^{j-1}_{ma-1,mb}
-  // written as two sweeps over ma so that each is a plain vectorizable loop.
-  for (int j = 1; j <= s_.twojmax; ++j) {
-    for (int mb = 0; 2 * mb <= j; ++mb) {
-      const int in = u_index(j - 1, mb, 0), out = u_index(j, mb, 0);
-      const double* __restrict ca = rec_a_.data() + rec_offset_[j] + mb * j;
-      const double* __restrict cb = rec_b_.data() + rec_offset_[j] + mb * j;
-      const double* __restrict pr = ur + in;
-      const double* __restrict pi = ui + in;
-      double* __restrict cr = ur + out;
-      double* __restrict ci = ui + out;
-      cr[j] = ci[j] = 0.0;
-      for (int ma = 0; ma < j; ++ma) {
-        cr[ma] = ca[ma] * (ar * pr[ma] + ai * pi[ma]);
-        ci[ma] = ca[ma] * (ar * pi[ma] - ai * pr[ma]);
-      }
-      for (int ma = 0; ma < j; ++ma) {
-        cr[ma + 1] -= cb[ma] * (br * pr[ma] + bi * pi[ma]);
-        ci[ma + 1] -= cb[ma] * (br * pi[ma] - bi * pr[ma]);
-      }
-    }
-    for (int mb = j / 2 + 1; mb <= j; ++mb) {
-      const int out = u_index(j, mb, 0), in = u_index(j, j - mb, 0);
-      double sign = (mb % 2 == 0) ? 1.0 : -1.0;
-      for (int ma = 0; ma <= j; ++ma, sign = -sign) {
-        ur[out + ma] = sign * ur[in + j - ma];
-        ui[out + ma] = -sign * ui[in + j - ma];
-      }
-    }
-  }
-}
-
-// u and du/dd together: the same recursion on 4-wide values (u, du/dx, du/dy, du/dz),
-// the product rule folded in: (a P)' = a P' + a' p, with a' = 0 in the value lane.
+// u and du/dd of one neighbour, [u index][4] (see u_recursion)
 void Bispectrum::wigner_u_gradient(const double d[3], double rcut,
                                    BispectrumWorkspace& ws) const {
   const CayleyKlein ck = cayley_klein(d, rcut, true);
+  const double a_re[4] = {ck.ar, ck.ar, ck.ar, ck.ar}, a_im[4] = {ck.ai, ck.ai, ck.ai, ck.ai};
+  const double b_re[4] = {ck.br, ck.br, ck.br, ck.br}, b_im[4] = {ck.bi, ck.bi, ck.bi, ck.bi};
   const double da_re[4] = {0.0, ck.dar[0], ck.dar[1], ck.dar[2]};
   const double da_im[4] = {0.0, ck.dai[0], ck.dai[1], ck.dai[2]};
   const double db_re[4] = {0.0, ck.dbr[0], ck.dbr[1], ck.dbr[2]};
   const double db_im[4] = {0.0, ck.dbi[0], ck.dbi[1], ck.dbi[2]};
-  u_gradient_recursion(s_.twojmax, u_offset_.data(), rec_offset_.data(), rec_a_.data(),
-                       rec_b_.data(), ck.ar, ck.ai, ck.br, ck.bi, da_re, da_im, db_re, db_im,
-                       ws.ud_re.data(), ws.ud_im.data());
+  u_recursion<true>(s_.twojmax, u_offset_.data(), rec_offset_.data(), rec_a_.data(),
+                    rec_b_.data(), a_re, a_im, b_re, b_im, da_re, da_im, db_re, db_im,
+                    ws.u4_re.data(), ws.u4_im.data());
 }
 
-void Bispectrum::add_neighbor(BispectrumWorkspace& ws, int lane, const double d[3],
-                              int type) const {
-  const double rcut = s_.cutoff(type);
-  wigner_u(d, rcut, ws);
-  double f, df;
-  switching(s_, std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), rcut, f, df);
-  const double scale = f * s_.weight[type];
-  double* tr = ws.utot_re.data() + static_cast<std::size_t>(element_of(type)) * num_u_ * kLanes + lane;
-  double* ti = ws.utot_im.data() + static_cast<std::size_t>(element_of(type)) * num_u_ * kLanes + lane;
-  for (int i = 0; i < num_u_; ++i) {
-    tr[i * kLanes] += scale * ws.u_re[i];
-    ti[i * kLanes] += scale * ws.u_im[i];
+void Bispectrum::add_neighbors(BispectrumWorkspace& ws, int lane, std::size_t count,
+                               const double* d, const int* types) const {
+  // four neighbours at a time through the recursion, weighted into per-element 4-wide
+  // sums; the lanes of those go into the centre's U at the end
+  std::fill(ws.acc_re.begin(), ws.acc_re.end(), 0.0);
+  std::fill(ws.acc_im.begin(), ws.acc_im.end(), 0.0);
+  for (std::size_t first = 0; first < count; first += 4) {
+    double a_re[4] = {1, 1, 1, 1}, a_im[4] = {}, b_re[4] = {}, b_im[4] = {};
+    double scale[4] = {};  // f(r) w of each lane; 0 pads a short group
+    int element[4] = {};
+    for (std::size_t k = 0; k < 4 && first + k < count; ++k) {
+      const double* dk = d + 3 * (first + k);
+      const int type = types[first + k];
+      const double rcut = s_.cutoff(type);
+      const CayleyKlein ck = cayley_klein(dk, rcut, false);
+      a_re[k] = ck.ar;
+      a_im[k] = ck.ai;
+      b_re[k] = ck.br;
+      b_im[k] = ck.bi;
+      double f, df;
+      switching(s_, std::sqrt(dk[0] * dk[0] + dk[1] * dk[1] + dk[2] * dk[2]), rcut, f, df);
+      scale[k] = f * s_.weight[type];
+      element[k] = element_of(type);
+    }
+    u_recursion<false>(s_.twojmax, u_offset_.data(), rec_offset_.data(), rec_a_.data(),
+                       rec_b_.data(), a_re, a_im, b_re, b_im, nullptr, nullptr, nullptr,
+                       nullptr, ws.u4_re.data(), ws.u4_im.data());
+    for (int e = 0; e < nelem_; ++e) {
+      double masked[4];
+      bool any = false;
+      for (int k = 0; k < 4; ++k) {
+        masked[k] = element[k] == e ? scale[k] : 0.0;
+        any = any || masked[k] != 0.0;
+      }
+      if (!any) continue;
+      const std::size_t off = static_cast<std::size_t>(e) * num_u_ * 4;
+      axpy_lanes(4 * num_u_, masked, ws.u4_re.data(), ws.acc_re.data() + off);
+      axpy_lanes(4 * num_u_, masked, ws.u4_im.data(), ws.acc_im.data() + off);
+    }
   }
+  for (int e = 0; e < nelem_; ++e)
+    for (int i = 0; i < num_u_; ++i) {
+      const std::size_t src = (static_cast<std::size_t>(e) * num_u_ + i) * 4;
+      const std::size_t dst = (static_cast<std::size_t>(e) * num_u_ + i) * kLanes + lane;
+      const double* ar = &ws.acc_re[src];
+      const double* ai = &ws.acc_im[src];
+      ws.utot_re[dst] += (ar[0] + ar[1]) + (ar[2] + ar[3]);
+      ws.utot_im[dst] += (ai[0] + ai[1]) + (ai[2] + ai[3]);
+    }
 }
 
 void Bispectrum::z_block(const Block& blk, int e1, int e2, BispectrumWorkspace& ws) const {
@@ -623,7 +641,7 @@ void Bispectrum::neighbor_gradient(BispectrumWorkspace& ws, const double d[3], i
   for (int j = 0; j <= s_.twojmax; ++j) {
     const int off = u_offset_[j];
     double part[4];
-    half_plane_dot_wide(j, ws.ud_re.data() + 4 * off, ws.ud_im.data() + 4 * off, yr + off,
+    half_plane_dot_wide(j, ws.u4_re.data() + 4 * off, ws.u4_im.data() + 4 * off, yr + off,
                         yi + off, part);
     for (int k = 0; k < 4; ++k) g[k] += part[k];
   }

@@ -50,8 +50,8 @@ struct BispectrumWorkspace {
   std::vector<double> y_re, y_im;        // [element][u index][lane]: adjoint weights
   std::vector<double> z_re, z_im;        // one Z block, half plane, [entry][lane]
   std::vector<double> ylane_re, ylane_im;  // [element][u index]: Y of the selected lane
-  std::vector<double> u_re, u_im;        // one neighbour's u
-  std::vector<double> ud_re, ud_im;      // one neighbour's (u, du/dd), [u index][4]
+  std::vector<double> u4_re, u4_im;      // [u index][4]: u of 4 neighbours, or (u, du/dd)
+  std::vector<double> acc_re, acc_im;    // [element][u index][4]: weighted neighbour sums
   std::vector<double> linear;            // [lane][component]: linear components
   std::vector<double> beta_linear;       // [lane][component]: dE/dB of linear components
   std::vector<double> coef;              // [element][lane]: adjoint weights of one Z block
@@ -67,10 +67,11 @@ class Bispectrum {
 
   // Start kLanes new centres: U = self term only.
   void begin_centers(BispectrumWorkspace& ws) const;
-  // Add to centre `lane` a neighbour of the given type at displacement
-  // d = x_centre - x_atom (the sign convention of compute sna/grid). Caller ensures
-  // 1e-20 < |d|^2 < cutoff^2.
-  void add_neighbor(BispectrumWorkspace& ws, int lane, const double d[3], int type) const;
+  // Add to centre `lane` its `count` neighbours of the given types at displacements
+  // d (count x 3), d = x_centre - x_atom (the sign convention of compute sna/grid).
+  // Caller ensures 1e-20 < |d|^2 < cutoff^2.
+  void add_neighbors(BispectrumWorkspace& ws, int lane, std::size_t count, const double* d,
+                     const int* types) const;
   // All components (linear, then quadratic if enabled) of each centre; out[lane] may be
   // null for unused lanes.
   void components(BispectrumWorkspace& ws, double* const out[kLanes]) const;
@@ -104,7 +105,6 @@ class Bispectrum {
     double dar[3], dai[3], dbr[3], dbi[3];
   };
   CayleyKlein cayley_klein(const double d[3], double rcut, bool with_derivative) const;
-  void wigner_u(const double d[3], double rcut, BispectrumWorkspace& ws) const;
   void wigner_u_gradient(const double d[3], double rcut, BispectrumWorkspace& ws) const;
   void z_block(const Block& blk, int e1, int e2, BispectrumWorkspace& ws) const;
   void linear_components(BispectrumWorkspace& ws) const;
@@ -117,7 +117,7 @@ class Bispectrum {
   int num_descriptors_ = 0;
   std::vector<int> u_offset_;
   std::vector<int> rec_offset_;          // U recursion coefficients of layer j start here
-  std::vector<double> rec_a_, rec_b_;   // [j][mb <= j/2][ma < j], see wigner_u
+  std::vector<double> rec_a_, rec_b_;   // [j][mb <= j/2][ma < j], see u_recursion
   std::vector<double> cg_;
   std::vector<Block> blocks_;
   std::vector<int> block_lookup_;

@@ -239,6 +239,8 @@ void GridDescriptors::for_each_batch(const Cell& cell, const GridBlock& block, A
   auto work = [&](int t) {
     BispectrumWorkspace ws = sna_.make_workspace();
     NeighborLists nbrs;
+    std::vector<double> displacements;
+    std::vector<int> types;
     const std::size_t begin = npoints * t / nthreads;
     const std::size_t end = npoints * (t + 1) / nthreads;
     for (std::size_t first = begin; first < end; first += kLanes) {
@@ -255,7 +257,13 @@ void GridDescriptors::for_each_batch(const Cell& cell, const GridBlock& block, A
           const double rsq = nb.d[0] * nb.d[0] + nb.d[1] * nb.d[1] + nb.d[2] * nb.d[2];
           if (rsq < cutsq[atoms.type[a]] && rsq > kCoincidentSq) nbrs[l].push_back(nb);
         });
-        for (const Neighbor& nb : nbrs[l]) sna_.add_neighbor(ws, l, nb.d, atoms.type[nb.atom]);
+        displacements.clear();
+        types.clear();
+        for (const Neighbor& nb : nbrs[l]) {
+          displacements.insert(displacements.end(), nb.d, nb.d + 3);
+          types.push_back(atoms.type[nb.atom]);
+        }
+        sna_.add_neighbors(ws, l, types.size(), displacements.data(), types.data());
       }
       fn(t, first, count, nbrs, ws);
     }
