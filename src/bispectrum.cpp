@@ -164,31 +164,33 @@ MLS_MULTIVERSION void u_recursion(int twojmax, const int* u_offset, const int* r
       const int in = (u_offset[j - 1] + mb * j) * 4, out = (u_offset[j] + mb * (j + 1)) * 4;
       const double* ca = rec_a + rec_offset[j] + mb * j;
       const double* cb = rec_b + rec_offset[j] + mb * j;
+      // conj(x) u^{j-1}_{ma,mb}, plus conj(x') times its value lane with gradient
+      struct Product {
+        Lanes re, im;
+      };
+      auto conj_times = [&](Lanes xr, Lanes xi, Lanes dxr, Lanes dxi, int ma) {
+        const Lanes pr = MLS_LOAD(ur + in + 4 * ma), pi = MLS_LOAD(ui + in + 4 * ma);
+        Product p{xr * pr + xi * pi, xr * pi - xi * pr};
+        if constexpr (with_gradient) {
+          const double vr = ur[in + 4 * ma], vi = ui[in + 4 * ma];
+          p.re += dxr * vr + dxi * vi;
+          p.im += dxr * vi - dxi * vr;
+        }
+        return p;
+      };
       MLS_STORE(ur + out + 4 * j, zero);
       MLS_STORE(ui + out + 4 * j, zero);
       for (int ma = 0; ma < j; ++ma) {
-        const Lanes pr = MLS_LOAD(ur + in + 4 * ma), pi = MLS_LOAD(ui + in + 4 * ma);
-        Lanes cr = ar * pr + ai * pi, ci = ar * pi - ai * pr;
-        if constexpr (with_gradient) {
-          const double vr = ur[in + 4 * ma], vi = ui[in + 4 * ma];
-          cr += dar * vr + dai * vi;
-          ci += dar * vi - dai * vr;
-        }
-        MLS_STORE(ur + out + 4 * ma, ca[ma] * cr);
-        MLS_STORE(ui + out + 4 * ma, ca[ma] * ci);
+        const Product p = conj_times(ar, ai, dar, dai, ma);
+        MLS_STORE(ur + out + 4 * ma, ca[ma] * p.re);
+        MLS_STORE(ui + out + 4 * ma, ca[ma] * p.im);
       }
       for (int ma = 0; ma < j; ++ma) {
-        const Lanes pr = MLS_LOAD(ur + in + 4 * ma), pi = MLS_LOAD(ui + in + 4 * ma);
-        Lanes cr = br * pr + bi * pi, ci = br * pi - bi * pr;
-        if constexpr (with_gradient) {
-          const double vr = ur[in + 4 * ma], vi = ui[in + 4 * ma];
-          cr += dbr * vr + dbi * vi;
-          ci += dbr * vi - dbi * vr;
-        }
+        const Product p = conj_times(br, bi, dbr, dbi, ma);
         double* outr = ur + out + 4 * (ma + 1);
         double* outi = ui + out + 4 * (ma + 1);
-        MLS_STORE(outr, MLS_LOAD(outr) - cb[ma] * cr);
-        MLS_STORE(outi, MLS_LOAD(outi) - cb[ma] * ci);
+        MLS_STORE(outr, MLS_LOAD(outr) - cb[ma] * p.re);
+        MLS_STORE(outi, MLS_LOAD(outi) - cb[ma] * p.im);
       }
     }
     for (int mb = j / 2 + 1; mb <= j; ++mb) {
