@@ -91,34 +91,25 @@ inline double half_plane_weight(int j, int mb, int ma) {
   return 2 * ma == j ? 0.5 : 1.0;
 }
 
-// sum over the half plane of layer j of Re(conj(a) b), arrays [mb][ma]
-double half_plane_dot(int j, const double* a_re, const double* a_im, const double* b_re,
-                      const double* b_im) {
-  double sum = 0.0;
-  const int full = ((j + 1) / 2) * (j + 1);  // columns mb < j/2
-  for (int i = 0; i < full; ++i) sum += a_re[i] * b_re[i] + a_im[i] * b_im[i];
-  if (j % 2 == 0)
-    for (int ma = 0; 2 * ma <= j; ++ma) {
-      const int i = full + ma;
-      sum += half_plane_weight(j, j / 2, ma) * (a_re[i] * b_re[i] + a_im[i] * b_im[i]);
-    }
-  return sum;
-}
-
-// the same for kLanes centres, arrays [mb][ma][lane]
-MLS_MULTIVERSION
-void half_plane_dot_lanes(int j, const double* a_re, const double* a_im, const double* b_re,
-                          const double* b_im, double out[kLanes]) {
+// sum over the half plane of layer j of Re(conj(a) b), kLanes sums at once: a is
+// [mb][ma][lane]; b is the same (kLanes centres) or, broadcast, [mb][ma] (one Y against
+// the 4-wide (u, du/dd) of a neighbour)
+template <bool broadcast_b>
+MLS_MULTIVERSION void half_plane_dot_lanes(int j, const double* a_re, const double* a_im,
+                                           const double* b_re, const double* b_im,
+                                           double out[kLanes]) {
+  auto b = [](const double* p, int i) -> Lanes {
+    if constexpr (broadcast_b) return Lanes{} + p[i];
+    return MLS_LOAD(p + kLanes * i);
+  };
+  auto term = [&](int i) {
+    return MLS_LOAD(a_re + kLanes * i) * b(b_re, i) + MLS_LOAD(a_im + kLanes * i) * b(b_im, i);
+  };
   Lanes sum = {};
-  const int full = ((j + 1) / 2) * (j + 1) * kLanes;
-  for (int i = 0; i < full; i += kLanes)
-    sum += MLS_LOAD(a_re + i) * MLS_LOAD(b_re + i) + MLS_LOAD(a_im + i) * MLS_LOAD(b_im + i);
+  const int full = ((j + 1) / 2) * (j + 1);  // columns mb < j/2
+  for (int i = 0; i < full; ++i) sum += term(i);
   if (j % 2 == 0)
-    for (int ma = 0; 2 * ma <= j; ++ma) {
-      const int i = full + ma * kLanes;
-      sum += half_plane_weight(j, j / 2, ma) *
-             (MLS_LOAD(a_re + i) * MLS_LOAD(b_re + i) + MLS_LOAD(a_im + i) * MLS_LOAD(b_im + i));
-    }
+    for (int ma = 0; 2 * ma <= j; ++ma) sum += half_plane_weight(j, j / 2, ma) * term(full + ma);
   MLS_STORE(out, sum);
 }
 
@@ -202,23 +193,6 @@ MLS_MULTIVERSION void u_recursion(int twojmax, const int* u_offset, const int* r
       }
     }
   }
-}
-
-// sum over the half plane of layer j of Re(conj(u) y) for 4-wide u and scalar y
-MLS_MULTIVERSION
-void half_plane_dot_wide(int j, const double* u_re, const double* u_im, const double* y_re,
-                         const double* y_im, double out[4]) {
-  Lanes sum = {};
-  const int full = ((j + 1) / 2) * (j + 1);
-  for (int i = 0; i < full; ++i)
-    sum += MLS_LOAD(u_re + 4 * i) * y_re[i] + MLS_LOAD(u_im + 4 * i) * y_im[i];
-  if (j % 2 == 0)
-    for (int ma = 0; 2 * ma <= j; ++ma) {
-      const int i = full + ma;
-      sum += half_plane_weight(j, j / 2, ma) *
-             (MLS_LOAD(u_re + 4 * i) * y_re[i] + MLS_LOAD(u_im + 4 * i) * y_im[i]);
-    }
-  MLS_STORE(out, sum);
 }
 
 }  // namespace
@@ -539,7 +513,7 @@ void Bispectrum::linear_components(BispectrumWorkspace& ws) const {
         for (int e3 = 0; e3 < n; ++e3) {
           const std::size_t off = (static_cast<std::size_t>(e3) * num_u_ + u_offset_[tr.j]) * kLanes;
           double b[kLanes];
-          half_plane_dot_lanes(tr.j, ws.utot_re.data() + off, ws.utot_im.data() + off,
+          half_plane_dot_lanes<false>(tr.j, ws.utot_re.data() + off, ws.utot_im.data() + off,
                                ws.z_re.data(), ws.z_im.data(), b);
           const bool self = (e1 == center_elem_ && e2 == center_elem_ && e3 == center_elem_);
           const double shift = (s_.bzeroflag && (self || s_.wselfallflag)) ? bzero_[tr.j] : 0.0;
@@ -643,8 +617,8 @@ void Bispectrum::neighbor_gradient(BispectrumWorkspace& ws, const double d[3], i
   for (int j = 0; j <= s_.twojmax; ++j) {
     const int off = u_offset_[j];
     double part[4];
-    half_plane_dot_wide(j, ws.u4_re.data() + 4 * off, ws.u4_im.data() + 4 * off, yr + off,
-                        yi + off, part);
+    half_plane_dot_lanes<true>(j, ws.u4_re.data() + 4 * off, ws.u4_im.data() + 4 * off,
+                               yr + off, yi + off, part);
     for (int k = 0; k < 4; ++k) g[k] += part[k];
   }
   // U gets w * f(r) * u(d): product rule, then the factor 2 of the half-plane sums

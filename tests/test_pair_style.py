@@ -18,6 +18,7 @@ from mlsurrogate.descriptors import BispectrumParams
 from mlsurrogate.lammps_pair import pair_style_energy_forces, pair_style_per_atom
 from mlsurrogate.model import Model, save_model
 from mlsurrogate.training import TrainingConfig, build_model, train
+from mlsurrogate.units import LAMMPS_METAL_BAR_A3_PER_EV
 from test_build import clean_env, venv_tool
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
@@ -122,7 +123,7 @@ def energy_and_virial(lmp) -> tuple[float, np.ndarray]:
     energy, volume = lmp.get_thermo("pe"), lmp.get_thermo("vol")
     pressure = np.array(lmp.numpy.extract_compute("p", 0, 1)[:6])
     lmp.close()
-    return energy, pressure * volume / 1.6021765e6  # bar A^3 -> eV
+    return energy, pressure * volume / LAMMPS_METAL_BAR_A3_PER_EV
 
 
 def test_virial_equals_strain_finite_differences(smooth_model):

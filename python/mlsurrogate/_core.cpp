@@ -63,6 +63,14 @@ PeriodicInput periodic_input(const BispectrumSettings& s, const DoubleArray& cel
   return in;
 }
 
+// Per-image rows (width values each) summed onto the original atoms: out (natoms x width)
+void fold_images(const PeriodicInput& in, const std::vector<double>& per_image, int width,
+                 double* out) {
+  std::fill(out, out + width * in.natoms, 0.0);
+  for (std::size_t i = 0; i < in.images.owner.size(); ++i)
+    for (int k = 0; k < width; ++k) out[width * in.images.owner[i] + k] += per_image[width * i + k];
+}
+
 py::array_t<double> grid_descriptors(const BispectrumSettings& s, const DoubleArray& cell,
                                      const DoubleArray& positions, const IntArray& types,
                                      std::array<int, 3> shape, std::array<int, 3> lo,
@@ -98,9 +106,7 @@ std::pair<py::array_t<double>, py::array_t<double>> grid_descriptor_gradient(
   {
     py::gil_scoped_release release;
     calc.gradient(in.cell, in.block, in.images.view(), b, image_grad.data(), e);
-    std::fill(g, g + 3 * in.natoms, 0.0);
-    for (std::size_t i = 0; i < in.images.owner.size(); ++i)
-      for (int k = 0; k < 3; ++k) g[3 * in.images.owner[i] + k] += image_grad[3 * i + k];
+    fold_images(in, image_grad, 3, g);
   }
   return {grad, strain};
 }
@@ -122,9 +128,7 @@ std::pair<py::array_t<double>, py::array_t<double>> grid_partition(
     py::gil_scoped_release release;
     const std::vector<double> rest =
         calc.partition(in.cell, in.block, in.images.view(), v, width, image_share.data());
-    std::fill(out, out + width * in.natoms, 0.0);
-    for (std::size_t i = 0; i < in.images.owner.size(); ++i)
-      for (int k = 0; k < width; ++k) out[width * in.images.owner[i] + k] += image_share[width * i + k];
+    fold_images(in, image_share, width, out);
     std::copy(rest.begin(), rest.end(), unclaimed.mutable_data());
   }
   return {share, unclaimed};

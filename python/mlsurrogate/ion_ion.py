@@ -16,7 +16,7 @@ import ase
 import numpy as np
 
 from mlsurrogate.lammps_reference import lammps_box
-from mlsurrogate.units import COULOMB_EV_ANGSTROM
+from mlsurrogate.units import COULOMB_EV_ANGSTROM, LAMMPS_METAL_BAR_A3_PER_EV
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,8 @@ def ion_ion_energy(
         )
     finally:
         lmp.close()
-    bar_to_ev_per_a3 = 1.0 / 1.602176634e6
     pressure = np.array([[pxx, pxy, pxz], [pxy, pyy, pyz], [pxz, pyz, pzz]])
-    virial_lammps = pressure * volume * bar_to_ev_per_a3
+    virial_lammps = pressure * volume / LAMMPS_METAL_BAR_A3_PER_EV
     # LAMMPS adds the neutralizing-background energy -pi Q^2 e^2 / (2 g^2 V) of a charged
     # cell to the energy but not to the virial; it scales as 1/V, so W_aa gains it.
     background = -math.pi * sum(charges) ** 2 * COULOMB_EV_ANGSTROM / (2 * splitting**2 * volume)

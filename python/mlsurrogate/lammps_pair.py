@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlsurrogate.units import LAMMPS_METAL_BAR_A3_PER_EV
+
 
 def lmp_command(args: list[str], ranks: int = 1) -> list[str]:
     """``lmp args`` of this environment, under its ``mpiexec -n ranks`` when ranks > 1
@@ -144,7 +146,6 @@ def pair_style_per_atom(
     )
     lmp = _pair_style_session(model, cell, positions, grid, ionion, commands, options)
     try:
-        bar_a3 = 1.6021765e6  # bar A^3 per eV (LAMMPS metal nktv2p)
         energy, volume = float(lmp.get_thermo("pe")), float(lmp.get_thermo("vol"))
         pressure = np.array(lmp.numpy.extract_compute("total", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR))
         atom_energy = np.asarray(
@@ -156,9 +157,9 @@ def pair_style_per_atom(
         n = len(positions)
         return (
             energy,
-            pressure[:6] * volume / bar_a3,
+            pressure[:6] * volume / LAMMPS_METAL_BAR_A3_PER_EV,
             _gather_per_atom(lmp, atom_energy, n),
-            -_gather_per_atom(lmp, atom_stress, n) / bar_a3,
+            -_gather_per_atom(lmp, atom_stress, n) / LAMMPS_METAL_BAR_A3_PER_EV,
         )
     finally:
         lmp.close()
