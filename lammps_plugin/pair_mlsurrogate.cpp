@@ -329,6 +329,7 @@ void PairMLSurrogate::init_style()
 
   std::string problem;
   try {
+    model->num_energies();  // needs the network and functional submodules
     const std::vector<std::string> elements = model->string_list_attr("elements");
     const std::vector<double> charges = model->number_list_attr("valence_charges");
     mlsurrogate::BispectrumSettings settings;

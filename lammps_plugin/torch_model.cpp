@@ -13,7 +13,7 @@ struct TorchModel::Impl {
 };
 
 TorchModel::TorchModel(const std::string &path, const std::string &device)
-    : impl_(new Impl), path_(path), device_(device) {
+    : impl_(std::make_unique<Impl>()), path_(path), device_(device) {
   try {
     impl_->module = torch::jit::load(path, torch::Device(device));
     impl_->module.eval();
@@ -135,8 +135,10 @@ Handles handles(const torch::jit::Module &module) {
     throw std::runtime_error("not an mlsurrogate model (no 'functional' or 'network' submodule)");
   torch::jit::Module functional = module.attr("functional").toModule();
   const torch::Tensor energies = functional.attr("energies").toTensor();
-  const torch::Tensor mean = module.attr("network").toModule().attr("feature_mean").toTensor();
-  return {functional, energies.device(), mean.scalar_type(),
+  // a single network or an ensemble of them: the dtype of its (first) weights
+  const auto weights = module.attr("network").toModule().parameters();
+  if (weights.size() == 0) throw std::runtime_error("the model's network has no weights");
+  return {functional, energies.device(), (*weights.begin()).scalar_type(),
           static_cast<int>(energies.numel())};
 }
 

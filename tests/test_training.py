@@ -15,14 +15,17 @@ from mlsurrogate import cli
 from mlsurrogate.data import Snapshot, add_descriptors
 from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors, num_descriptors
 from mlsurrogate.evaluate import evaluate_model, functional_for
+from mlsurrogate.lammps_pair import pair_style_energy_forces
 from mlsurrogate.model import Model, load_metadata, save_model
 from mlsurrogate.training import (
     SnapshotSource,
     TrainingConfig,
     build_model,
+    density_weights,
     load_checkpoint,
     physical_target,
     physics_target,
+    point_loss,
     predicted_energy_forces,
     train,
 )
@@ -151,6 +154,45 @@ def test_exported_model_loads_in_lammps_without_python(exported, tmp_path):
     assert "Cu" in out and "ERROR" in out, out
 
 
+def test_ensemble_predicts_the_mean_ldos_in_python_and_lammps(checkpoint, exported, tmp_path):
+    other = tmp_path / "seed8.pt"
+    train(replace(CONFIG, seed=8), other, progress=False, log=lambda line: None)
+    ensemble_path = tmp_path / "ensemble.pt"
+    assert cli.main(["export", str(checkpoint), str(other), "-o", str(ensemble_path)]) == 0
+    members = [build_model(checkpoint), build_model(other)]
+    scripted = torch.jit.load(str(ensemble_path))
+    features = num_descriptors(BispectrumParams(twojmax=4))
+    descriptors = (
+        torch.randn(40, features, dtype=torch.float64) * 0.1 + members[0].network.feature_mean
+    )
+    each = [m(descriptors) for m in members]
+    assert not torch.allclose(each[0], each[1])
+    torch.testing.assert_close(scripted(descriptors), (each[0] + each[1]) / 2, rtol=1e-12, atol=0)
+    upstream = torch.randn_like(each[0])
+    torch.testing.assert_close(
+        scripted.descriptor_gradient(descriptors, upstream),
+        sum(m.descriptor_gradient(descriptors, upstream) for m in members) / 2,
+        rtol=1e-10,
+        atol=1e-14,
+    )
+    assert len(load_metadata(ensemble_path)["training"]) == 2
+    # the pair style evaluates the ensemble like any model: its energy is Python's
+    with Snapshot(SNAP[5]) as snap:
+        atoms = snap.atoms
+    model = Model.load(ensemble_path)
+    terms = model.energy_terms(atoms, model.predict_ldos(atoms, (8, 8, 8)))
+    cell = np.diag(atoms.cell.lengths()).tolist()
+    energy, _ = pair_style_energy_forces(
+        str(ensemble_path), cell, atoms.positions.tolist(), [8, 8, 8]
+    )
+    assert energy == pytest.approx(terms["electronic"], rel=1e-8)
+    # members must share the descriptors
+    mismatched = replace(CONFIG, descriptor_params=asdict(BispectrumParams(twojmax=2)))
+    train(mismatched, tmp_path / "two.pt", progress=False, log=lambda line: None)
+    with pytest.raises(ValueError, match="differ from"):
+        build_model([checkpoint, tmp_path / "two.pt"])
+
+
 def test_evaluate_cli_table_and_plots(exported, tmp_path, capsys):
     plots = tmp_path / "plots"
     assert cli.main(["evaluate", str(exported), SNAP[8], SNAP[9], "--plots", str(plots)]) == 0
@@ -225,19 +267,55 @@ def test_force_term_forces_are_minus_the_energy_gradient(checkpoint):
     assert target.electronic_forces.shape == (3 * len(atoms),)
 
 
+def test_density_weights_give_the_density_over_its_mean(checkpoint):
+    source = SnapshotSource(SNAP[3], CONFIG.params())
+    snap = source.snapshot
+    functional = functional_for(snap)
+    weights = density_weights(source, functional)
+    _, ldos = source.all_points()
+    relative = ldos.astype(np.float64) @ weights
+    # the Fermi level holds N_val electrons: the relative density averages to one
+    assert relative.mean() == pytest.approx(1.0, abs=1e-9)
+    rows = torch.as_tensor(ldos, dtype=torch.float64)
+    voxel = snap.atoms.get_volume() / len(rows)
+    electrons = float(snap.attrs["num_valence_electrons"])
+    mu = functional.fermi_level(functional.dos(rows, voxel), electrons)
+    density = functional.density(rows, mu).numpy()
+    np.testing.assert_allclose(relative, density * snap.atoms.get_volume() / electrons, rtol=1e-12)
+    # the loss term is the squared relative density error of each point's prediction
+    network = build_model(checkpoint).network.float()
+    x, y = source.all_points()
+    x, y = torch.as_tensor(x[:100]), torch.as_tensor(y[:100])
+    table = torch.as_tensor(weights, dtype=torch.float32).expand(100, -1)
+    with torch.no_grad():
+        error = network(x) - y
+        expected = float(
+            ((error / network.ldos_scale) ** 2).mean() + 2.0 * ((error @ table[0]) ** 2).mean()
+        )
+        assert float(point_loss(network, x, y, table, 2.0)) == pytest.approx(expected, rel=1e-5)
+
+
 def test_energy_force_terms_train_and_resume_exactly(tmp_path):
-    """With the energy/force terms and weight averaging on (both have state to resume)."""
+    """With the energy, force and density terms and weight averaging on (state to resume)."""
     config = replace(
-        CONFIG, max_epochs=2, energy_weight=1.0, force_weight=1e-3, physics_every=5,
-        physics_spacing=0.8, weight_averaging=0.9,
+        CONFIG, max_epochs=3, energy_weight=1.0, force_weight=1e-3, physics_every=5,
+        physics_spacing=0.8, weight_averaging=0.9, density_weight=0.1, physics_start_epoch=1,
+        physics_lr_factor=0.5,
     )  # fmt: skip
     uninterrupted = train(config, tmp_path / "a.pt", progress=False, log=lambda line: None)
-    assert all(np.isfinite(r["force_rmse"]) for r in uninterrupted)
+    assert all(np.isfinite(r["force_rmse"]) for r in uninterrupted[1:])
+    # the learning rate is cut when the terms start
+    rates = [r["learning_rate"] for r in uninterrupted]
+    assert rates[0] == CONFIG.learning_rate and rates[1] == 0.5 * CONFIG.learning_rate
     train(config, tmp_path / "b.pt", stop_after_epoch=0, progress=False, log=lambda line: None)
     resumed = train(config, tmp_path / "b.pt", resume=True, progress=False, log=lambda line: None)
     assert json.dumps(resumed) == json.dumps(uninterrupted)
     with pytest.raises(ValueError, match="force_weight must be >= 0"):
         train(replace(config, force_weight=-1.0), tmp_path / "c.pt", progress=False)
+    with pytest.raises(ValueError, match="density_weight must be >= 0"):
+        train(replace(config, density_weight=-1.0), tmp_path / "c.pt", progress=False)
+    with pytest.raises(ValueError, match="physics_lr_factor must be in"):
+        train(replace(config, physics_lr_factor=0.0), tmp_path / "c.pt", progress=False)
     with pytest.raises(ValueError, match="weight_averaging must be in"):
         train(replace(config, weight_averaging=1.0), tmp_path / "c.pt", progress=False)
     # the averaged weights, not the live ones, are what is kept (and exported)

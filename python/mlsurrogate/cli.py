@@ -197,7 +197,7 @@ def _export(args: argparse.Namespace) -> int:
     from mlsurrogate.training import build_model
 
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
-    path = save_model(build_model(args.checkpoint, dtype), args.output)
+    path = save_model(build_model(args.checkpoints, dtype), args.output)
     print(f"wrote {path}")
     return 0
 
@@ -357,9 +357,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="write the TorchScript model file the pair style loads",
         description="Export the best network of a checkpoint with its scalers, descriptor "
         "parameters, energy grid, temperature, elements, valence charges, masses, XC "
-        "functional and energy functional as one TorchScript file (metadata.json inside).",
+        "functional and energy functional as one TorchScript file (metadata.json inside). "
+        "Several checkpoints (same data and descriptors, e.g. different seeds) are exported "
+        "as an ensemble that predicts their mean LDOS.",
     )
-    ex.add_argument("checkpoint", help="checkpoint written by mlsurrogate train")
+    ex.add_argument("checkpoints", nargs="+", help="checkpoint(s) written by mlsurrogate train")
     ex.add_argument("-o", "--output", required=True, help="model file (.pt)")
     ex.add_argument(
         "--dtype",

@@ -82,6 +82,23 @@ class LdosNetwork(torch.nn.Module):
         return self.scaled(descriptors) * self.ldos_scale
 
 
+class LdosEnsemble(torch.nn.Module):
+    """The mean LDOS of several networks (same descriptors and energy grid; e.g. trained
+    with different seeds): averaging cancels much of each network's own energy offset."""
+
+    def __init__(self, members: Sequence[LdosNetwork]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least 2 networks")
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
+        outputs: list[torch.Tensor] = []
+        for member in self.members:
+            outputs.append(member(descriptors))
+        return torch.stack(outputs).mean(0)
+
+
 class SurrogateModel(torch.nn.Module):
     """Network + energy functional + metadata; TorchScript-exportable."""
 
@@ -95,7 +112,7 @@ class SurrogateModel(torch.nn.Module):
 
     def __init__(
         self,
-        network: LdosNetwork,
+        network: LdosNetwork | LdosEnsemble,
         functional: LdosEnergy,
         params: BispectrumParams,
         elements: Sequence[str],
@@ -230,7 +247,7 @@ class Model:
         """LDOS [..., nE] from descriptors [..., K] (float64)."""
         flat = torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]), dtype=torch.float64)
         with torch.no_grad():
-            ldos = self.module(flat.to(self.module.network.feature_mean.dtype))
+            ldos = self.module(flat.to(next(self.module.parameters()).dtype))
         return ldos.double().cpu().numpy().reshape(*descriptors.shape[:-1], -1)
 
     def predict_ldos(

@@ -35,7 +35,14 @@ from mlsurrogate.data import Snapshot, atomic_output, params_from_json
 from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors, num_descriptors
 from mlsurrogate.evaluate import core_density_of, functional_for
 from mlsurrogate.ion_ion import ion_ion_energy
-from mlsurrogate.model import MODEL_FORMAT, MODEL_FORMAT_VERSION, LdosNetwork, SurrogateModel
+from mlsurrogate.model import (
+    MODEL_FORMAT,
+    MODEL_FORMAT_VERSION,
+    LdosEnsemble,
+    LdosNetwork,
+    SurrogateModel,
+)
+from mlsurrogate.physics import integration_weights
 
 CHECKPOINT_FORMAT = "mlsurrogate-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -64,7 +71,12 @@ class TrainingConfig:
     force_weight: float = 0.0  # A^2/eV^2 on the mean squared force error
     physics_every: int = 20  # mini-batches between energy/force terms
     physics_start_epoch: int = 0  # LDOS-only epochs first: the terms need a physical LDOS
+    # learning rate multiplied by this when the terms start: Adam steps every weight by
+    # about the learning rate whatever a term's weight, and weights that only the energy
+    # term drives coherently (e.g. output biases) overshoot by hundreds of meV/atom
+    physics_lr_factor: float = 1.0
     physics_spacing: float = 0.5  # A, grid of the energy/force terms
+    density_weight: float = 0.0  # on (density error / mean density)^2 per grid point
     # decay of an exponential moving average of the weights, which is what is validated,
     # kept as best and exported (0: the weights themselves)
     weight_averaging: float = 0.0
@@ -106,12 +118,14 @@ class TrainingConfig:
             raise ValueError("no validation snapshots (validation = [...])")
         if self.physics_start_epoch < 0:
             raise ValueError(f"physics_start_epoch must be >= 0, got {self.physics_start_epoch}")
+        if not 0.0 < self.physics_lr_factor <= 1.0:
+            raise ValueError(f"physics_lr_factor must be in (0, 1], got {self.physics_lr_factor}")
         for key in ("batch_size", "max_epochs", "buffer_planes", "physics_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for key in ("energy_weight", "force_weight"):
+        for key in ("energy_weight", "force_weight", "density_weight"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not self.physics_spacing > 0:
@@ -167,21 +181,55 @@ class SnapshotSource:
 
 def batches(
     sources: Sequence[SnapshotSource], batch_size: int, buffer_planes: int, seed: int, epoch: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Shuffled mini-batches of grid points over all sources; order from (seed, epoch)."""
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Shuffled mini-batches (descriptors, LDOS, source index) of grid points over all
+    sources; order from (seed, epoch)."""
     rng = np.random.default_rng([seed, epoch])
     chunks = [(s, ix) for s, source in enumerate(sources) for ix in range(source.grid_shape[0])]
     order = rng.permutation(len(chunks))
     for start in range(0, len(order), buffer_planes):
-        planes = [
-            sources[chunks[i][0]].plane(chunks[i][1]) for i in order[start : start + buffer_planes]
-        ]
+        picked = [chunks[i] for i in order[start : start + buffer_planes]]
+        planes = [sources[s].plane(ix) for s, ix in picked]
         x = np.concatenate([p[0] for p in planes])
         y = np.concatenate([p[1] for p in planes])
+        owner = np.concatenate([np.full(len(p[0]), s) for (s, _), p in zip(picked, planes)])
         permutation = rng.permutation(len(x))
         for first in range(0, len(x), batch_size):
             index = permutation[first : first + batch_size]
-            yield x[index], y[index]
+            yield x[index], y[index], owner[index]
+
+
+def density_weights(source: SnapshotSource, functional: Any) -> np.ndarray:
+    """w_j with sum_j w_j d_j(r) = n(r) / (mean density) at the Fermi level of the
+    snapshot's DFT LDOS (its own electron count)."""
+    snap = source.snapshot
+    volume = snap.atoms.get_volume()
+    points = int(np.prod(source.grid_shape))
+    dos = sum(
+        snap.ldos[ix].astype(np.float64).reshape(-1, len(snap.energies)).sum(0)
+        for ix in range(source.grid_shape[0])
+    )
+    electrons = float(snap.attrs["num_valence_electrons"])
+    mu = functional.fermi_level(torch.as_tensor(dos * volume / points), electrons)
+    return (integration_weights(functional.energies, mu) * volume / electrons).numpy()
+
+
+def point_loss(
+    network: LdosNetwork,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    density_rows: torch.Tensor | None,
+    density_weight: float,
+) -> torch.Tensor:
+    """Mean squared LDOS error (in units of the output scale), plus ``density_weight``
+    times the mean squared relative density error when ``density_rows`` (each point's
+    ``density_weights``) are given."""
+    error = network.scaled(x) - y / network.ldos_scale
+    loss = (error**2).mean()
+    if density_rows is not None:
+        density_error = (error * density_rows).sum(1) * network.ldos_scale
+        loss = loss + density_weight * (density_error**2).mean()
+    return loss
 
 
 def fit_scalers(network: LdosNetwork, sources: Sequence[SnapshotSource]) -> None:
@@ -362,15 +410,28 @@ def physics_loss(
     return loss, 1000.0 * energy_error, float(force_mse.detach().sqrt())
 
 
-def _loss_over(network: LdosNetwork, sources: Sequence[SnapshotSource], device: str) -> float:
+def _loss_over(
+    network: LdosNetwork,
+    sources: Sequence[SnapshotSource],
+    density_table: torch.Tensor | None,
+    density_weight: float,
+    device: str,
+) -> float:
+    """``point_loss`` over all points of the sources (each weighted by its points)."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for source in sources:
+        for index, source in enumerate(sources):
             x, y = source.all_points()
-            scaled = network.scaled(torch.as_tensor(x, device=device))
-            target = torch.as_tensor(y, device=device) / network.ldos_scale
-            total += float(((scaled - target) ** 2).sum())
-            count += target.numel()
+            rows = None if density_table is None else density_table[index].expand(len(x), -1)
+            loss = point_loss(
+                network,
+                torch.as_tensor(x, device=device),
+                torch.as_tensor(y, device=device),
+                rows,
+                density_weight,
+            )
+            total += float(loss) * len(x)
+            count += len(x)
     return total / count
 
 
@@ -431,6 +492,17 @@ def train(
             raise ValueError(f"{checkpoint}: written with a different config; cannot resume")
     functional = functional_for(validation_sources[0].snapshot)
     targets = [physical_target(s) for s in validation_sources]
+
+    def density_table(sources: list[SnapshotSource]) -> torch.Tensor | None:
+        if config.density_weight == 0:
+            return None
+        rows = np.stack([density_weights(s, functional) for s in sources])
+        return torch.as_tensor(rows, dtype=torch.float32, device=config.device)
+
+    train_density, validation_density = (
+        density_table(train_sources),
+        density_table(validation_sources),
+    )
     physics_train: list[PhysicsTarget] = []
     physics_validation: list[PhysicsTarget] = []
     if config.uses_physics:
@@ -482,7 +554,9 @@ def train(
     total_points = sum(int(np.prod(s.grid_shape)) for s in train_sources)
     for epoch in range(start_epoch, config.max_epochs):
         physics = bool(physics_train) and epoch >= config.physics_start_epoch
-        if physics and epoch == config.physics_start_epoch and epoch > 0:
+        if physics and epoch == config.physics_start_epoch:
+            for group in optimizer.param_groups:
+                group["lr"] *= config.physics_lr_factor
             # a new objective from here: forget the best value and plateau of the old one
             best_loss, stale = math.inf, 0
             scheduler.best, scheduler.num_bad_epochs = scheduler.mode_worse, 0
@@ -491,12 +565,16 @@ def train(
         with tqdm(
             total=total_points, desc=f"epoch {epoch}", unit="pt", disable=not progress, leave=False
         ) as bar:
-            for step, (x, y) in enumerate(
+            for step, (x, y, owner) in enumerate(
                 batches(train_sources, config.batch_size, config.buffer_planes, config.seed, epoch)
             ):
-                inputs = torch.as_tensor(x, device=config.device)
-                target = torch.as_tensor(y, device=config.device) / network.ldos_scale
-                loss = torch.nn.functional.mse_loss(network.scaled(inputs), target)
+                loss = point_loss(
+                    network,
+                    torch.as_tensor(x, device=config.device),
+                    torch.as_tensor(y, device=config.device),
+                    None if train_density is None else train_density[torch.as_tensor(owner)],
+                    config.density_weight,
+                )
                 running += loss.item() * len(x)
                 if physics and (step + 1) % config.physics_every == 0:
                     turn = (step + 1) // config.physics_every - 1
@@ -514,7 +592,9 @@ def train(
                 bar.update(len(x))
         network.eval()
         evaluated.eval()
-        validation_loss = _loss_over(evaluated, validation_sources, config.device)
+        validation_loss = _loss_over(
+            evaluated, validation_sources, validation_density, config.density_weight, config.device
+        )
         errors = [
             energy_errors(evaluated, functional, s, t, config.device)
             for s, t in zip(validation_sources, targets)
@@ -605,17 +685,33 @@ def _model_attributes(snap: Snapshot) -> dict[str, Any]:
 
 
 def build_model(
-    checkpoint: str | os.PathLike[str], dtype: torch.dtype = torch.float64
+    checkpoints: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    dtype: torch.dtype = torch.float64,
 ) -> SurrogateModel:
-    """The best network of a checkpoint with its functional and metadata."""
+    """The best network of a checkpoint with its functional and metadata; with several
+    checkpoints (the same data and descriptors, e.g. different seeds), their ensemble."""
     from mlsurrogate.evaluate import xc_of
     from mlsurrogate.physics import LdosEnergy
 
-    state = load_checkpoint(checkpoint)
+    paths = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
+    if not paths:
+        raise ValueError("no checkpoint to export")
+    states = [load_checkpoint(path) for path in paths]
+    networks = []
+    for path, other in zip(paths, states):
+        for key in ("num_features", "elements", "snapshot_attrs"):
+            if other[key] != states[0][key]:
+                raise ValueError(f"{path}: its {key} differ from {paths[0]}'s; cannot ensemble")
+        if not np.array_equal(other["energies"], states[0]["energies"]):
+            raise ValueError(f"{path}: its energy grid differs from {paths[0]}'s")
+        member_config = TrainingConfig(**other["config"])
+        if member_config.params() != TrainingConfig(**states[0]["config"]).params():
+            raise ValueError(f"{path}: its descriptor parameters differ from {paths[0]}'s")
+        network = _network_for(member_config, other["num_features"], len(other["energies"]))
+        network.load_state_dict(other["best_network"] or other["network"])
+        networks.append(network.to(dtype).eval())
+    state = states[0]
     config = TrainingConfig(**state["config"])
-    network = _network_for(config, state["num_features"], len(state["energies"]))
-    network.load_state_dict(state["best_network"] or state["network"])
-    network = network.to(dtype).eval()
     info = state["snapshot_attrs"]
     if any(info["core_correction"].values()):
         raise ValueError("export of models with nonlinear core corrections is not supported yet")
@@ -633,11 +729,11 @@ def build_model(
         "elements": elements,
         "descriptor_params": asdict(config.params()),
         "energies_eV": [float(e) for e in state["energies"]],
-        "training": {"config": state["config"], "history": state["history"]},
+        "training": [{"config": st["config"], "history": st["history"]} for st in states],
         **info,
     }
     return SurrogateModel(
-        network,
+        networks[0] if len(networks) == 1 else LdosEnsemble(networks),
         functional,
         config.params(),
         elements,
