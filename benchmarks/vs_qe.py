@@ -9,8 +9,11 @@ the wall time of the whole process (start-up and model loading included). QE: pw
 with the project's reference settings (Al.pz-vbc, 20 Ry, 933 K Fermi-Dirac, k-spacing
 0.2 1/A) on the same ranks (k-point pools), its own WALL time. ``--pw-out`` takes the
 time from existing pw.x outputs (matched by atom count) instead of running pw.x, e.g.
-those of ``make data`` / ``make data32``: a 108-atom SCF takes hours on 2 cores;
-``--ours-only`` skips pw.x.
+those of ``make data`` / ``make data32``; several outputs with the same atom count are
+the pieces of one run continued with ``restart_mode = 'restart'`` (after ``max_seconds``)
+and their times add up: a 108-atom SCF takes hours on 2 cores. ``--pw-time cpu`` takes
+pw.x's CPU time instead (rank 0; equal to its wall time on an otherwise idle machine, and
+not inflated when pieces ran niced beside other work). ``--ours-only`` skips pw.x.
 """
 
 from __future__ import annotations
@@ -52,12 +55,20 @@ def structure(cells: int):
     return atoms
 
 
-def pw_wall_seconds(text: str) -> float:
-    match = re.search(r"PWSCF\s*:.*CPU\s+(?:(\d+)h)?\s*(?:(\d+)m)?\s*([0-9.]+)s WALL", text)
-    if not match:
+def _seconds(*parts: str | None) -> float:
+    """Days, hours, minutes, seconds (each possibly missing) -> seconds."""
+    return sum(unit * float(part or 0) for unit, part in zip((86400, 3600, 60, 1), parts))
+
+
+def pw_seconds(text: str) -> dict[str, float]:
+    """{"cpu": ..., "wall": ...} of pw.x's final 'PWSCF : ... CPU ... WALL' line (QE prints
+    "5.76s", "2m36.51s", "1h36m" or "1d 2h 5m": minutes are its resolution past an hour)."""
+    clock = r"(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:([0-9.]+)s)?"
+    match = re.search(rf"PWSCF\s*:\s*{clock}\s*CPU\s+{clock}\s*WALL", text)
+    if not match or not any(match.groups()[4:]):
         raise ValueError("no 'PWSCF ... WALL' line: the pw.x run did not finish")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    return 3600 * hours + 60 * minutes + seconds
+    groups = match.groups()
+    return {"cpu": _seconds(*groups[:4]), "wall": _seconds(*groups[4:])}
 
 
 def pw_atoms(text: str) -> int:
@@ -79,7 +90,7 @@ def time_ours(model: Path, atoms, ranks: int) -> float:
 def time_qe(atoms, ranks: int) -> float:
     with tempfile.TemporaryDirectory() as work:
         run_pw(atoms, QESettings(**mpi_commands(ranks)), work, progress=False)
-        return pw_wall_seconds(Path(work, "pw.out").read_text())
+        return pw_seconds(Path(work, "pw.out").read_text())["wall"]
 
 
 def main() -> None:
@@ -88,16 +99,20 @@ def main() -> None:
     parser.add_argument("--cells", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--pw-out", nargs="*", default=[], help="pw.x outputs to take times from")
+    parser.add_argument("--pw-time", choices=["wall", "cpu"], default="wall")
     parser.add_argument(
         "--ours-only", action="store_true", help="time mlsurrogate only (no pw.x run)"
     )
     args = parser.parse_args()
     model = Path(args.model).resolve()
     spacing = load_metadata(model)["grid_spacing_A"]
-    known = {}
+    known: dict[int, tuple[float, str]] = {}
     for path in args.pw_out:
         text = Path(path).read_text(errors="replace")
-        known[pw_atoms(text)] = (pw_wall_seconds(text), Path(path).name)
+        natoms, seconds = pw_atoms(text), pw_seconds(text)[args.pw_time]
+        total, names = known.get(natoms, (0.0, ""))
+        name = Path(path).name
+        known[natoms] = (total + seconds, f"{names} + {name}" if names else name)
     print("| atoms | grid | mlsurrogate s | pw.x s | pw.x / mlsurrogate |")
     print("|---:|---:|---:|---:|---:|")
     for cells in args.cells:
