@@ -29,7 +29,7 @@ from ase.build import bulk
 
 from mlsurrogate.lammps_pair import lmp_command
 from mlsurrogate.model import load_metadata
-from mlsurrogate.qe import QESettings, mpi_commands, run_pw
+from mlsurrogate.qe import QESettings, mpi_commands, read_pw_clock, run_pw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,22 +55,6 @@ def structure(cells: int):
     return atoms
 
 
-def _seconds(*parts: str | None) -> float:
-    """Days, hours, minutes, seconds (each possibly missing) -> seconds."""
-    return sum(unit * float(part or 0) for unit, part in zip((86400, 3600, 60, 1), parts))
-
-
-def pw_seconds(text: str) -> dict[str, float]:
-    """{"cpu": ..., "wall": ...} of pw.x's final 'PWSCF : ... CPU ... WALL' line (QE prints
-    "5.76s", "2m36.51s", "1h36m" or "1d 2h 5m": minutes are its resolution past an hour)."""
-    clock = r"(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:([0-9.]+)s)?"
-    match = re.search(rf"PWSCF\s*:\s*{clock}\s*CPU\s+{clock}\s*WALL", text)
-    if not match or not any(match.groups()[4:]):
-        raise ValueError("no 'PWSCF ... WALL' line: the pw.x run did not finish")
-    groups = match.groups()
-    return {"cpu": _seconds(*groups[:4]), "wall": _seconds(*groups[4:])}
-
-
 def pw_atoms(text: str) -> int:
     return int(re.search(r"number of atoms/cell\s*=\s*(\d+)", text).group(1))
 
@@ -90,7 +74,7 @@ def time_ours(model: Path, atoms, ranks: int) -> float:
 def time_qe(atoms, ranks: int) -> float:
     with tempfile.TemporaryDirectory() as work:
         run_pw(atoms, QESettings(**mpi_commands(ranks)), work, progress=False)
-        return pw_seconds(Path(work, "pw.out").read_text())["wall"]
+        return read_pw_clock(Path(work, "pw.out"))["wall"]
 
 
 def main() -> None:
@@ -108,8 +92,8 @@ def main() -> None:
     spacing = load_metadata(model)["grid_spacing_A"]
     known: dict[int, tuple[float, str]] = {}
     for path in args.pw_out:
-        text = Path(path).read_text(errors="replace")
-        natoms, seconds = pw_atoms(text), pw_seconds(text)[args.pw_time]
+        natoms = pw_atoms(Path(path).read_text(errors="replace"))
+        seconds = read_pw_clock(path)[args.pw_time]
         total, names = known.get(natoms, (0.0, ""))
         name = Path(path).name
         known[natoms] = (total + seconds, f"{names} + {name}" if names else name)

@@ -20,6 +20,7 @@ from mlsurrogate.qe import (
     ingest,
     mpi_commands,
     read_cube,
+    read_pw_clock,
     read_pw_output,
     read_pw_xml,
     read_upf,
@@ -77,6 +78,23 @@ def test_pw_input_has_exact_smearing_and_kgrid():
     cubic = bulk("Al", "fcc", a=4.05, cubic=True)
     assert "8 8 8 0 0 0" in write_pw_input(cubic, QESettings())
     assert "4 4 4 0 0 0" in write_pw_input(cubic.repeat(2), QESettings())
+
+
+def test_pw_clock_in_every_format_qe_prints(tiny_qe_run, tmp_path):
+    real = read_pw_clock(tiny_qe_run / "pw.out")
+    assert 0 < real["cpu"] < 600 and 0 < real["wall"] < 600
+    lines = {
+        "     PWSCF        :  2m36.51s CPU   2m40.20s WALL": (156.51, 160.2),
+        "     PWSCF        :    1h36m CPU    1h40m WALL": (5760.0, 6000.0),
+        "     PWSCF        :    1d 2h 5m CPU    1d 3h 0m WALL": (93900.0, 97200.0),
+    }
+    earlier = "     PWSCF        :      1.00s CPU      1.00s WALL"  # the last line counts
+    for line, (cpu, wall) in lines.items():
+        (tmp_path / "pw.out").write_text(f"{earlier}\n{line}\n")
+        assert read_pw_clock(tmp_path / "pw.out") == pytest.approx({"cpu": cpu, "wall": wall})
+    (tmp_path / "pw.out").write_text("     iteration #  2     ecut=    20.00 Ry\n")
+    with pytest.raises(QEError, match="did not end"):
+        read_pw_clock(tmp_path / "pw.out")
 
 
 def test_readers_on_real_output(tiny_qe_run):

@@ -659,6 +659,27 @@ def read_pw_output(path: str | os.PathLike[str]) -> dict[str, float]:
     return printed
 
 
+def _seconds(*parts: str | None) -> float:
+    """Days, hours, minutes, seconds (each possibly missing) -> seconds."""
+    return sum(unit * float(part or 0) for unit, part in zip((86400, 3600, 60, 1), parts))
+
+
+def read_pw_clock(path: str | os.PathLike[str]) -> dict[str, float]:
+    """{"cpu": s, "wall": s} of the final 'PWSCF : ... CPU ... WALL' line of a pw.x output
+    (QE prints "5.76s", "2m36.51s", "1h36m" or "1d 2h 5m": minutes past an hour)."""
+    path = Path(path)
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise QEError(f"cannot read pw.x output {path}: {exc.strerror}") from exc
+    clock = r"(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:([0-9.]+)s)?"
+    matches = list(re.finditer(rf"PWSCF\s*:\s*{clock}\s*CPU\s+{clock}\s*WALL", text))
+    if not matches or not any(matches[-1].groups()[4:]):
+        raise QEError(f"{path}: no 'PWSCF ... CPU ... WALL' line: the pw.x run did not end")
+    groups = matches[-1].groups()
+    return {"cpu": _seconds(*groups[:4]), "wall": _seconds(*groups[4:])}
+
+
 @dataclass
 class Cube:
     """A Gaussian cube file as QE writes it (atomic units, values as in the file)."""
