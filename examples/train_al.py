@@ -47,12 +47,12 @@ def train_member(seed: int, epochs: int, checkpoint: Path) -> int:
         lr_patience=4,
         seed=seed,
         threads=1,  # the members share the cores
-        # after 30 LDOS-only epochs, also fit QE's free energies and forces, on a grid
-        # fine enough (0.34 A) that its A is within 0.1 meV/atom of the QE grid's
+        # after 30 LDOS-only epochs, also fit QE's free energies and forces (at a tenth of
+        # the learning rate, physics_lr_factor's default), on a grid fine enough (0.34 A)
+        # that its A is within 0.1 meV/atom of the QE grid's
         energy_weight=1e-3,
         force_weight=1e-4,
         physics_start_epoch=30,
-        physics_lr_factor=0.1,  # Adam would move the energy by ~100s of meV/atom at once
         physics_every=10,
         physics_spacing=0.34,
         weight_averaging=0.998,  # validate and export an average over ~5 epochs of steps

@@ -87,6 +87,11 @@ def main() -> None:
         force_weight=1e-4,
         physics_start_epoch=12,
         physics_every=20,
+        # the recipe of the bundled model, made before the learning-rate cut existed;
+        # retrained with the cut (0.1) it was no better on the validation snapshot
+        # (objective 9.00e-4 vs 9.14e-4, free energy 5.9 vs 4.7 meV/atom, forces 0.34
+        # vs 0.32 eV/A on the coarse grid), so the bundled model stays as it is
+        physics_lr_factor=1.0,
     )
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "al_933K.ckpt"

@@ -74,7 +74,7 @@ class TrainingConfig:
     # learning rate multiplied by this when the terms start: Adam steps every weight by
     # about the learning rate whatever a term's weight, and weights that only the energy
     # term drives coherently (e.g. output biases) overshoot by hundreds of meV/atom
-    physics_lr_factor: float = 1.0
+    physics_lr_factor: float = 0.1
     physics_spacing: float = 0.5  # A, grid of the energy/force terms
     density_weight: float = 0.0  # on (density error / mean density)^2 per grid point
     # decay of an exponential moving average of the weights, which is what is validated,
