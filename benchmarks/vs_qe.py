@@ -11,7 +11,8 @@ with the project's reference settings (Al.pz-vbc, 20 Ry, 933 K Fermi-Dirac, k-sp
 time from existing pw.x outputs (matched by atom count) instead of running pw.x, e.g.
 those of ``make data`` / ``make data32``; several outputs with the same atom count are
 the pieces of one run continued with ``restart_mode = 'restart'`` (after ``max_seconds``)
-and their times add up: a 108-atom SCF takes hours on 2 cores. ``--pw-time cpu`` takes
+and their times add up (printed as a lower bound, ">", until one piece reports a
+converged SCF): a 108-atom SCF takes hours on 2 cores. ``--pw-time cpu`` takes
 pw.x's CPU time instead (rank 0; equal to its wall time on an otherwise idle machine, and
 not inflated when pieces ran niced beside other work). ``--ours-only`` skips pw.x.
 """
@@ -90,13 +91,19 @@ def main() -> None:
     args = parser.parse_args()
     model = Path(args.model).resolve()
     spacing = load_metadata(model)["grid_spacing_A"]
-    known: dict[int, tuple[float, str]] = {}
+    known: dict[int, tuple[float, str]] = {}  # atoms -> (seconds, source)
+    converged: set[int] = set()
     for path in args.pw_out:
-        natoms = pw_atoms(Path(path).read_text(errors="replace"))
-        seconds = read_pw_clock(path)[args.pw_time]
+        text = Path(path).read_text(errors="replace")
+        natoms = pw_atoms(text)
+        if "convergence has been achieved" in text:
+            converged.add(natoms)
         total, names = known.get(natoms, (0.0, ""))
         name = Path(path).name
-        known[natoms] = (total + seconds, f"{names} + {name}" if names else name)
+        known[natoms] = (
+            total + read_pw_clock(path)[args.pw_time],
+            f"{names} + {name}" if names else name,
+        )
     print("| atoms | grid | mlsurrogate s | pw.x s | pw.x / mlsurrogate |")
     print("|---:|---:|---:|---:|---:|")
     for cells in args.cells:
@@ -107,10 +114,14 @@ def main() -> None:
         if qe is None and args.ours_only:
             print(f"| {len(atoms)} | {grid}^3 | {ours:.1f} | - | - |", flush=True)
             continue
+        bound = ""
         if qe is None:
             qe, source = time_qe(atoms, args.ranks), "run now"
+        elif len(atoms) not in converged:  # pieces so far of an unfinished SCF
+            bound, source = ">", f"{source}, SCF not converged yet"
         print(
-            f"| {len(atoms)} | {grid}^3 | {ours:.1f} | {qe:.0f} ({source}) | {qe / ours:.0f}x |",
+            f"| {len(atoms)} | {grid}^3 | {ours:.1f} | {bound}{qe:.0f} ({source}) "
+            f"| {bound}{qe / ours:.0f}x |",
             flush=True,
         )
     print(f"{args.ranks} MPI ranks for both; pw.x times include its start-up, ours too")

@@ -697,21 +697,21 @@ def build_model(
     if not paths:
         raise ValueError("no checkpoint to export")
     states = [load_checkpoint(path) for path in paths]
+    state = states[0]
+    config = TrainingConfig(**state["config"])
     networks = []
     for path, other in zip(paths, states):
         for key in ("num_features", "elements", "snapshot_attrs"):
-            if other[key] != states[0][key]:
+            if other[key] != state[key]:
                 raise ValueError(f"{path}: its {key} differ from {paths[0]}'s; cannot ensemble")
-        if not np.array_equal(other["energies"], states[0]["energies"]):
+        if not np.array_equal(other["energies"], state["energies"]):
             raise ValueError(f"{path}: its energy grid differs from {paths[0]}'s")
         member_config = TrainingConfig(**other["config"])
-        if member_config.params() != TrainingConfig(**states[0]["config"]).params():
+        if member_config.params() != config.params():
             raise ValueError(f"{path}: its descriptor parameters differ from {paths[0]}'s")
         network = _network_for(member_config, other["num_features"], len(other["energies"]))
         network.load_state_dict(other["best_network"] or other["network"])
         networks.append(network.to(dtype).eval())
-    state = states[0]
-    config = TrainingConfig(**state["config"])
     info = state["snapshot_attrs"]
     if any(info["core_correction"].values()):
         raise ValueError("export of models with nonlinear core corrections is not supported yet")
