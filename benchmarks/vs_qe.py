@@ -4,8 +4,9 @@
 
 fcc Al (a = 4.05 A), cells^3 cubic cells (4, 32, 108 atoms) with 0.1 A random
 displacements. Ours: one energy + forces (``run 0``) in the ``lmp`` executable on
-``--ranks`` MPI ranks at the model's training grid spacing (QE's FFT grid), Ewald E_ii;
-the wall time of the whole process (start-up and model loading included). QE: pw.x SCF
+``--ranks`` MPI ranks at the model's training grid spacing (that of QE's FFT grid in the
+training cells; pw.x may round its own FFT size up to one with small prime factors), Ewald
+E_ii; the wall time of the whole process (start-up and model loading included). QE: pw.x SCF
 with the project's reference settings (Al.pz-vbc, 20 Ry, 933 K Fermi-Dirac, k-spacing
 0.2 1/A) on the same ranks (k-point pools), its own WALL time. ``--pw-out`` takes the
 time from existing pw.x outputs (matched by atom count) instead of running pw.x, e.g.
