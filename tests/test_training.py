@@ -27,6 +27,8 @@ from mlsurrogate.training import (
     physics_target,
     point_loss,
     predicted_energy_forces,
+    predicted_strain_derivatives,
+    strained,
     train,
 )
 from test_build import run_clean, venv_tool
@@ -241,7 +243,8 @@ def test_force_term_forces_are_minus_the_energy_gradient(checkpoint):
     target = physics_target(source, physical_target(source), params, spacing=0.8, device="cpu")
     assert target.grid == (5, 5, 5)
     functional = functional_for(source.snapshot)
-    energy, forces, _ = predicted_energy_forces(network, functional, target)
+    predicted = predicted_energy_forces(network, functional, target)
+    energy, forces = predicted.energy, predicted.forces
 
     def free_energy(atoms) -> float:
         x = torch.as_tensor(compute_grid_descriptors(atoms, target.grid, params))
@@ -265,6 +268,56 @@ def test_force_term_forces_are_minus_the_energy_gradient(checkpoint):
         assert float(forces[coordinate].detach()) == pytest.approx(difference, rel=1e-5, abs=1e-6)
     # QE's electronic forces (F_QE - F_ii) are what the term fits; they balance F_ii
     assert target.electronic_forces.shape == (3 * len(atoms),)
+
+
+@pytest.fixture(scope="module")
+def smooth_checkpoint(tmp_path_factory) -> Path:
+    """SiLU: finite differences across LeakyReLU kinks are off by ~1e-3 relative."""
+    path = tmp_path_factory.mktemp("train") / "silu.pt"
+    config = replace(CONFIG, activation="silu", max_epochs=1)
+    train(config, path, progress=False, log=lambda line: None)
+    return path
+
+
+def test_stress_term_strain_derivatives_are_those_of_the_energy(smooth_checkpoint):
+    """dA/dh of the stress term (descriptor part through dB/dh, the functional's explicit
+    cell part) equals central differences of A with the descriptors recomputed on the
+    strained cell; the target is -V sigma_QE + W_ii."""
+    network = build_model(smooth_checkpoint).network.double()
+    params = CONFIG.params()
+    source = SnapshotSource(SNAP[3], params)
+    reference = physical_target(source)
+    target = physics_target(source, reference, params, spacing=0.8, device="cpu", with_stress=True)
+    functional = functional_for(source.snapshot)
+    predicted = predicted_energy_forces(network, functional, target)
+    values, graphs = predicted_strain_derivatives(predicted, functional, target)
+
+    def free_energy(atoms) -> float:
+        x = torch.as_tensor(compute_grid_descriptors(atoms, target.grid, params))
+        with torch.no_grad():
+            ldos = network(x.reshape(-1, x.shape[-1]))
+        cell = torch.as_tensor(np.asarray(atoms.cell))
+        terms, _ = functional.evaluate(
+            ldos.reshape(*target.grid, -1), cell, target.reference.electrons, False
+        )
+        return float(terms["electronic"])
+
+    atoms = source.snapshot.atoms
+    step = 1e-4
+    for component in range(6):
+        plus, minus = (free_energy(strained(atoms, component, s * step)) for s in (1.0, -1.0))
+        difference = (plus - minus) / (2 * step)
+        assert float(values[component]) == pytest.approx(difference, rel=1e-5, abs=1e-4)
+    # the off-diagonal strains are not trivially zero here (displaced atoms)
+    assert abs(float(values[3])) > 1e-2
+    assert graphs.shape == (6,) and graphs.requires_grad
+    volume = atoms.get_volume()
+    stress = source.snapshot.reference("stress")
+    np.testing.assert_allclose(
+        target.electronic_strain_derivative.numpy()[[0, 3]],
+        [-volume * stress[0, 0] + reference.ii_virial[0, 0],
+         -volume * stress[0, 1] + reference.ii_virial[0, 1]],
+    )  # fmt: skip
 
 
 def test_density_weights_give_the_density_over_its_mean(checkpoint):
@@ -300,10 +353,11 @@ def test_energy_force_terms_train_and_resume_exactly(tmp_path):
     config = replace(
         CONFIG, max_epochs=3, energy_weight=1.0, force_weight=1e-3, physics_every=5,
         physics_spacing=0.8, weight_averaging=0.9, density_weight=0.1, physics_start_epoch=1,
-        physics_lr_factor=0.5,
+        physics_lr_factor=0.5, stress_weight=1e-3,
     )  # fmt: skip
     uninterrupted = train(config, tmp_path / "a.pt", progress=False, log=lambda line: None)
     assert all(np.isfinite(r["force_rmse"]) for r in uninterrupted[1:])
+    assert all(np.isfinite(r["stress_rmse_GPa"]) for r in uninterrupted[1:])
     # the learning rate is cut when the terms start
     rates = [r["learning_rate"] for r in uninterrupted]
     assert rates[0] == CONFIG.learning_rate and rates[1] == 0.5 * CONFIG.learning_rate
@@ -312,6 +366,8 @@ def test_energy_force_terms_train_and_resume_exactly(tmp_path):
     assert json.dumps(resumed) == json.dumps(uninterrupted)
     with pytest.raises(ValueError, match="force_weight must be >= 0"):
         train(replace(config, force_weight=-1.0), tmp_path / "c.pt", progress=False)
+    with pytest.raises(ValueError, match="stress_weight must be >= 0"):
+        train(replace(config, stress_weight=-1.0), tmp_path / "c.pt", progress=False)
     with pytest.raises(ValueError, match="density_weight must be >= 0"):
         train(replace(config, density_weight=-1.0), tmp_path / "c.pt", progress=False)
     with pytest.raises(ValueError, match="physics_lr_factor must be in"):

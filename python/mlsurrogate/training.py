@@ -16,6 +16,13 @@ use dB/dR of the coarse grid (central finite differences of the descriptors, com
 once) and dA/dLDOS of the functional at the current prediction (held fixed while
 differentiating the loss, a first-order approximation of its parameter gradient; the
 loss value itself is exact).
+
+The optional stress term (``stress_weight``) fits the strain derivatives of A to QE's
+stress: for each of the six symmetric strains (x -> (I + h S) x of atoms, cell and grid
+together) dA/dh = sum_r dA/dB . dB/dh (dB/dh once, by finite differences like dB/dR)
++ the functional's explicit cell dependence (central differences in the cell at fixed
+LDOS); the target is -V sigma_QE + W_ii (QE's sign: sigma = -(1/V) dE/deps; W_ii the
+E_ii virial). Its parameter gradient is first order, as for the forces.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from mlsurrogate.model import (
     SurrogateModel,
 )
 from mlsurrogate.physics import integration_weights
+from mlsurrogate.units import GPA_PER_EV_PER_CUBIC_ANGSTROM
 
 CHECKPOINT_FORMAT = "mlsurrogate-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -69,6 +77,8 @@ class TrainingConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     energy_weight: float = 0.0  # 1/eV^2 on (free energy error per atom)^2
     force_weight: float = 0.0  # A^2/eV^2 on the mean squared force error
+    # 1/eV^2 on the mean over the six strains of ((dA/deps - target) / N)^2
+    stress_weight: float = 0.0
     physics_every: int = 20  # mini-batches between energy/force terms
     physics_start_epoch: int = 0  # LDOS-only epochs first: the terms need a physical LDOS
     # learning rate multiplied by this when the terms start: Adam steps every weight by
@@ -125,7 +135,7 @@ class TrainingConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for key in ("energy_weight", "force_weight", "density_weight"):
+        for key in ("energy_weight", "force_weight", "stress_weight", "density_weight"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not self.physics_spacing > 0:
@@ -135,7 +145,7 @@ class TrainingConfig:
 
     @property
     def uses_physics(self) -> bool:
-        return self.energy_weight > 0 or self.force_weight > 0
+        return self.energy_weight > 0 or self.force_weight > 0 or self.stress_weight > 0
 
 
 class SnapshotSource:
@@ -264,6 +274,8 @@ class PhysicalTarget:
     core: torch.Tensor | None
     e_ii: float
     ii_forces: np.ndarray  # [natoms, 3] eV/A
+    ii_virial: np.ndarray  # [3, 3] eV, -dE_ii/deps
+    qe_stress: np.ndarray  # [3, 3] eV/A^3, QE's sign: -(1/V) dE/deps
     qe_band: float
     qe_total: float
     qe_fermi: float
@@ -280,6 +292,8 @@ def physical_target(source: SnapshotSource) -> PhysicalTarget:
         core=core_density_of(snap),
         e_ii=ion_ion.energy,
         ii_forces=ion_ion.forces,
+        ii_virial=ion_ion.virial,
+        qe_stress=snap.reference("stress"),
         qe_band=attrs["energy_band_eV"],
         qe_total=attrs["energy_total_eV"],
         qe_fermi=attrs["fermi_energy_eV"],
@@ -320,11 +334,36 @@ class PhysicsTarget:
     jacobian: torch.Tensor  # [P, K, 3N]: dB/dR at the P coarse grid points
     grid: tuple[int, int, int]
     electronic_forces: torch.Tensor  # F_QE - F_ii [3N] (eV/A)
+    # dB/dh [P, K, 6] for the strains of STRAINS (None: no stress term)
+    strain_jacobian: torch.Tensor | None
+    electronic_strain_derivative: torch.Tensor  # target dA/dh [6]: -V sigma_QE + W_ii (eV)
 
     @property
     def electronic_energy(self) -> float:
         """A_QE - E_ii (eV)."""
         return self.reference.qe_total - self.reference.e_ii
+
+
+# The six symmetric strains of the stress term, LAMMPS's Voigt order xx yy zz xy xz yz.
+STRAINS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+STRAIN_STEP = 1e-4  # of the functional's central differences in the cell (float64)
+
+
+def strain_matrix(component: int) -> np.ndarray:
+    """S of x -> (I + h S) x: dE/dh = dE/deps_ab for a symmetric strain (ab = ba)."""
+    a, b = STRAINS[component]
+    matrix = np.zeros((3, 3))
+    matrix[a, b] = matrix[b, a] = 1.0 if a == b else 0.5
+    return matrix
+
+
+def strained(atoms: Any, component: int, h: float) -> Any:
+    """A copy of ``atoms`` with atoms and cell deformed by I + h S (fractional
+    coordinates, hence the grid, move with the cell)."""
+    moved = atoms.copy()
+    deformation = np.eye(3) + h * strain_matrix(component)
+    moved.set_cell(np.asarray(atoms.cell) @ deformation.T, scale_atoms=True)
+    return moved
 
 
 def physics_target(
@@ -333,6 +372,7 @@ def physics_target(
     params: BispectrumParams,
     spacing: float,
     device: str,
+    with_stress: bool = False,
 ) -> PhysicsTarget:
     if reference.core is not None:
         raise ValueError(
@@ -342,35 +382,71 @@ def physics_target(
     atoms = source.snapshot.atoms
     lengths = np.linalg.norm(np.asarray(atoms.cell), axis=1)
     grid = tuple(max(2, int(round(length / spacing))) for length in lengths)
-    step = 1e-4  # A; descriptors are smooth, central differences are good to ~1e-8
-    columns = []
-    for coordinate in range(3 * len(atoms)):
+    step = 1e-4  # A (or strain); descriptors are smooth, central differences good to ~1e-8
+
+    def derivative(move: Any) -> np.ndarray:
+        """d(descriptors)/d(step) [P, K] for ``move(atoms, signed step)``."""
         shifted = []
         for sign in (1.0, -1.0):
-            moved = atoms.copy()
-            moved.positions[coordinate // 3, coordinate % 3] += sign * step
-            values = compute_grid_descriptors(moved, grid, params)
+            values = compute_grid_descriptors(move(atoms, sign * step), grid, params)
             shifted.append(values.reshape(-1, values.shape[-1]))
-        columns.append(((shifted[0] - shifted[1]) / (2 * step)).astype(np.float32))
-    jacobian = np.stack(columns, axis=-1)
+        return ((shifted[0] - shifted[1]) / (2 * step)).astype(np.float32)
+
+    def displaced(coordinate: int) -> Any:
+        def move(atoms: Any, delta: float) -> Any:
+            moved = atoms.copy()
+            moved.positions[coordinate // 3, coordinate % 3] += delta
+            return moved
+
+        return move
+
+    jacobian = np.stack([derivative(displaced(c)) for c in range(3 * len(atoms))], axis=-1)
+    strain_jacobian = None
+    if with_stress:
+        strain_jacobian = torch.as_tensor(
+            np.stack(
+                [
+                    derivative(lambda atoms, h, c=c: strained(atoms, c, h))
+                    for c in range(len(STRAINS))
+                ],
+                axis=-1,
+            ),
+            device=device,
+        )
     descriptors = compute_grid_descriptors(atoms, grid, params)  # float64: small
     forces = source.snapshot.reference("forces") - reference.ii_forces
+    volume = abs(float(np.linalg.det(np.asarray(atoms.cell))))
+    strain_target = [
+        -volume * reference.qe_stress[a, b] + reference.ii_virial[a, b] for a, b in STRAINS
+    ]
     return PhysicsTarget(
         reference=reference,
         descriptors=torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]), device=device),
         jacobian=torch.as_tensor(jacobian, device=device),
         grid=grid,
         electronic_forces=torch.as_tensor(forces.reshape(-1), dtype=torch.float32, device=device),
+        strain_jacobian=strain_jacobian,
+        electronic_strain_derivative=torch.as_tensor(strain_target, dtype=torch.float64),
     )
+
+
+@dataclass
+class CoarsePrediction:
+    """The network's free energy and its derivatives on a target's coarse grid."""
+
+    energy: float  # electronic free energy A (eV)
+    forces: torch.Tensor  # -dA/dR [3N] (eV/A), with graph
+    linear: torch.Tensor  # sum_r dA/dd(r) . d(r): its parameter gradient is dA/dtheta
+    ldos: torch.Tensor  # [P, E], with graph
+    beta: torch.Tensor  # dA/dB [P, K] at the fixed cell, with graph
 
 
 def predicted_energy_forces(
     network: LdosNetwork, functional: Any, target: PhysicsTarget
-) -> tuple[float, torch.Tensor, torch.Tensor] | None:
-    """The network's electronic free energy A (eV) and forces -dA/dR [3N] (eV/A) on the
-    target's coarse grid, and sum_r dA/dd(r) . d(r) (its parameter gradient is dA/dtheta);
-    None while the predicted LDOS is unphysical (e.g. holds fewer than N_val electrons).
-    The forces keep their graph, so a loss on them can be back-propagated."""
+) -> CoarsePrediction | None:
+    """A, forces and the pieces the stress term reuses; None while the predicted LDOS is
+    unphysical (e.g. holds fewer than N_val electrons). Graphs are kept, so losses on
+    the forces can be back-propagated (dA/dLDOS held fixed)."""
     dtype = network.feature_mean.dtype
     x = target.descriptors.detach().to(dtype).requires_grad_(True)
     ldos = network(x)
@@ -387,18 +463,69 @@ def predicted_energy_forces(
     linear = (gradient.detach().reshape(ldos.shape).to(ldos) * ldos).sum()
     beta = torch.autograd.grad(linear, x, create_graph=True)[0]  # dA/dB at every point
     forces = -torch.einsum("pk,pkc->c", beta, target.jacobian.to(dtype))
-    return float(terms["electronic"]), forces, linear
+    return CoarsePrediction(float(terms["electronic"]), forces, linear, ldos, beta)
+
+
+def predicted_strain_derivatives(
+    prediction: CoarsePrediction, functional: Any, target: PhysicsTarget
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """dA/dh (eV, float64 [6]) for the strains of STRAINS and a tensor [6] whose parameter
+    gradient is that of dA/dh (first order, as for the forces); None while the LDOS is
+    unphysical in a strained cell.
+
+    dA/dh = sum_r beta(r) . dB(r)/dh + dA/dh|_LDOS: the descriptor part exactly, the
+    explicit cell part (voxel volume, Hartree and gradient terms, mu at fixed N_val) by
+    central differences of the functional alone, all in float64."""
+    assert target.strain_jacobian is not None
+    ldos, cell = prediction.ldos, target.reference.cell
+    fixed = ldos.detach().double().cpu().reshape(*target.grid, -1)
+    descriptor_part = torch.einsum(
+        "pk,pkc->c", prediction.beta, target.strain_jacobian.to(ldos.dtype)
+    )
+    explicit, explicit_graph = [], []
+    for component in range(len(STRAINS)):
+        energies, linears = [], []
+        for sign in (1.0, -1.0):
+            deformation = torch.eye(3, dtype=cell.dtype) + sign * STRAIN_STEP * torch.as_tensor(
+                strain_matrix(component), dtype=cell.dtype
+            )
+            try:
+                terms, gradient = functional.evaluate(
+                    fixed, cell @ deformation.T, target.reference.electrons, True
+                )
+            except (ValueError, RuntimeError):  # TorchScript-style errors: RuntimeError
+                return None
+            energies.append(float(terms["electronic"]))
+            linears.append((gradient.reshape(ldos.shape).to(ldos) * ldos).sum())
+        explicit.append((energies[0] - energies[1]) / (2.0 * STRAIN_STEP))
+        explicit_graph.append((linears[0] - linears[1]) / (2.0 * STRAIN_STEP))
+    values = descriptor_part.detach().double().cpu() + torch.tensor(explicit, dtype=torch.float64)
+    return values, descriptor_part + torch.stack(explicit_graph)
+
+
+@dataclass
+class PhysicsErrors:
+    """A snapshot's errors in the energy, force and stress terms (squared, as fitted)."""
+
+    energy_sq: float  # ((A - A_QE) / N)^2, (eV/atom)^2
+    force_mse: float  # mean |F - F_QE|^2, (eV/A)^2
+    stress_mse: float  # mean over the strains of ((dA/dh - target) / N)^2; 0 without
+    gpa_per_ev_atom: float  # stress (GPa) of 1 eV/atom of dA/dh in this cell
+
+    @property
+    def stress_mse_gpa(self) -> float:
+        return self.stress_mse * self.gpa_per_ev_atom**2
 
 
 def physics_loss(
     network: LdosNetwork, functional: Any, target: PhysicsTarget, config: TrainingConfig
-) -> tuple[torch.Tensor, float, float] | None:
-    """(the loss term to back-propagate, free energy error meV/atom, force RMSE eV/A), or
-    None while the predicted LDOS is unphysical."""
+) -> tuple[torch.Tensor, PhysicsErrors] | None:
+    """The loss term to back-propagate and the errors, or None while the predicted LDOS
+    is unphysical."""
     predicted = predicted_energy_forces(network, functional, target)
     if predicted is None:
         return None
-    energy, forces, linear = predicted
+    energy, forces, linear = predicted.energy, predicted.forces, predicted.linear
     force_mse = ((forces - target.electronic_forces.to(forces)) ** 2).mean()
     natoms = target.reference.natoms
     energy_error = (energy - target.electronic_energy) / natoms
@@ -407,7 +534,23 @@ def physics_loss(
         config.energy_weight * 2.0 * energy_error * linear / natoms
         + config.force_weight * force_mse
     )
-    return loss, 1000.0 * energy_error, float(force_mse.detach().sqrt())
+    stress_mse = 0.0
+    if config.stress_weight > 0 and target.strain_jacobian is not None:
+        strain = predicted_strain_derivatives(predicted, functional, target)
+        if strain is None:
+            return None
+        values, graphs = strain
+        errors = (values - target.electronic_strain_derivative) / natoms  # eV/atom
+        # d/dtheta of mean (error)^2 = 2 mean (error d(dA/dh)/dtheta) / N
+        loss = loss + config.stress_weight * 2.0 * (errors.to(graphs) * graphs).mean() / natoms
+        stress_mse = float(errors.pow(2).mean())
+    volume = abs(float(torch.linalg.det(target.reference.cell)))
+    return loss, PhysicsErrors(
+        energy_sq=energy_error**2,
+        force_mse=float(force_mse.detach()),
+        stress_mse=stress_mse,
+        gpa_per_ev_atom=natoms / volume * GPA_PER_EV_PER_CUBIC_ANGSTROM,
+    )
 
 
 def _loss_over(
@@ -509,7 +652,14 @@ def train(
         log("energy/force terms: descriptor derivatives on the coarse grids (once)")
 
         def coarse(source: SnapshotSource, reference: PhysicalTarget) -> PhysicsTarget:
-            return physics_target(source, reference, params, config.physics_spacing, config.device)
+            return physics_target(
+                source,
+                reference,
+                params,
+                config.physics_spacing,
+                config.device,
+                with_stress=config.stress_weight > 0,
+            )
 
         physics_train = [
             coarse(s, physical_target(s))
@@ -599,22 +749,31 @@ def train(
             energy_errors(evaluated, functional, s, t, config.device)
             for s, t in zip(validation_sources, targets)
         ]
-        objective, force_rmse = validation_loss, math.nan
+        objective, force_rmse, stress_rmse = validation_loss, math.nan, math.nan
         if physics:
             checks = [physics_loss(evaluated, functional, t, config) for t in physics_validation]
             if any(c is None for c in checks):  # unphysical LDOS: no energy, no forces
                 objective = math.inf
             else:
-                energy_mse = float(np.mean([(c[1] / 1000.0) ** 2 for c in checks]))
-                force_mse = float(np.mean([c[2] ** 2 for c in checks]))
-                objective += config.energy_weight * energy_mse + config.force_weight * force_mse
-                force_rmse = math.sqrt(force_mse)
+                found = [c[1] for c in checks if c is not None]
+                objective += sum(
+                    weight * float(np.mean([getattr(e, key) for e in found]))
+                    for weight, key in (
+                        (config.energy_weight, "energy_sq"),
+                        (config.force_weight, "force_mse"),
+                        (config.stress_weight, "stress_mse"),
+                    )
+                )
+                force_rmse = math.sqrt(np.mean([e.force_mse for e in found]))
+                if config.stress_weight > 0:
+                    stress_rmse = math.sqrt(np.mean([e.stress_mse_gpa for e in found]))
         record = {
             "epoch": epoch,
             "train_loss": running / seen,
             "validation_loss": validation_loss,
             "validation_objective": objective,
             "force_rmse": force_rmse,
+            "stress_rmse_GPa": stress_rmse,
             "learning_rate": optimizer.param_groups[0]["lr"],
             **{
                 key: float(np.mean([abs(e[key]) for e in errors]))
@@ -628,6 +787,7 @@ def train(
             f"{record['total_meV_atom']:.2f} meV/atom  |dE_F| {record['fermi_meV']:.1f} meV  "
             f"lr {record['learning_rate']:.1e}"
             + (f"  F RMSE {force_rmse:.3f} eV/A" if physics else "")
+            + (f"  stress RMSE {stress_rmse:.2f} GPa" if physics and config.stress_weight else "")
         )
         scheduler.step(objective)
         if objective < best_loss:
