@@ -1,8 +1,9 @@
 """Generate the aluminium dataset with Quantum ESPRESSO (``make data``).
 
-fcc Al, a = 4.05 A, ``--supercell`` 1 (4 atoms, the bundled set) or 2 (32 atoms, a
-recipe users can run), with the project's reference settings: Al.pz-vbc.UPF, ecutwfc 20 Ry,
-Fermi-Dirac smearing at 933 K, k-spacing 0.2 1/A (8x8x8 for 4 atoms, 4x4x4 for 32).
+fcc Al, a = 4.05 A (``--lattice``: other densities, e.g. for the stress term),
+``--supercell`` 1 (4 atoms, the bundled set) or 2 (32 atoms, a recipe users can run),
+with the project's reference settings: Al.pz-vbc.UPF, ecutwfc 20 Ry, Fermi-Dirac
+smearing at 933 K, k-spacing 0.2 1/A (8x8x8 for 4 atoms, 4x4x4 for 32).
 
 Snapshot i gets Gaussian displacements of the size thermal motion has at a temperature
 T_i spread evenly over 300..1000 K or given with ``--temperatures`` (the random draws do
@@ -33,8 +34,10 @@ from mlsurrogate.qe import QESettings, ingest, mpi_commands, run_qe
 B_295K = 0.80  # A^2, Debye-Waller factor of Al near room temperature
 
 
-def displaced_cell(supercell: int, temperature: float, rng: np.random.Generator):
-    atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat(supercell)
+def displaced_cell(
+    supercell: int, temperature: float, rng: np.random.Generator, lattice: float = 4.05
+):
+    atoms = bulk("Al", "fcc", a=lattice, cubic=True).repeat(supercell)
     sigma = math.sqrt(B_295K / (8 * math.pi**2) * temperature / 295.0)
     shift = rng.normal(0.0, sigma, atoms.positions.shape)
     atoms.positions += shift - shift.mean(axis=0)
@@ -62,12 +65,15 @@ def main() -> None:
         "--temperatures", type=float, nargs="+", help="displacement temperatures (K) instead of "
         "--snapshots values spread evenly over 300..1000 K"
     )  # fmt: skip
+    parser.add_argument("--lattice", type=float, default=4.05, help="fcc lattice constant (A)")
     parser.add_argument("--seed", type=int, default=933)
     parser.add_argument("--output", default="data/al_fcc4_933K", help="snapshot directory")
     parser.add_argument("--workdir", default="build/qe_runs", help="QE run directories")
     parser.add_argument("--mantissa-bits", type=int, default=7, help="23 keeps the LDOS exact")
     parser.add_argument("--mpi-ranks", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
+    if not 3.0 < args.lattice < 6.0:
+        parser.error(f"--lattice {args.lattice}: expected an fcc Al lattice constant in A (4.05)")
 
     settings = QESettings(**mpi_commands(args.mpi_ranks))
     output = Path(args.output)
@@ -75,7 +81,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     temperatures = args.temperatures or np.linspace(300.0, 1000.0, args.snapshots)
     for index, temperature in enumerate(temperatures):
-        atoms = displaced_cell(args.supercell, temperature, rng)
+        atoms = displaced_cell(args.supercell, temperature, rng, args.lattice)
         name = f"snapshot_{index:02d}"
         if (output / f"{name}.h5").exists():
             # Resuming a long run: the structure was drawn above, so later ones stay the same.
@@ -84,7 +90,10 @@ def main() -> None:
         rundir = Path(args.workdir) / output.name / name
         if rundir.exists():
             shutil.rmtree(rundir)
-        print(f"{name}: displacements for {temperature:.0f} K, {len(atoms)} atoms")
+        print(
+            f"{name}: displacements for {temperature:.0f} K, {len(atoms)} atoms, "
+            f"a = {args.lattice} A"
+        )
         run_qe(atoms, settings, rundir)
         exact = ingest(rundir, rundir / "exact.h5")
         stored = ingest(rundir, output / f"{name}.h5", ldos_mantissa_bits=args.mantissa_bits)
