@@ -35,11 +35,13 @@ def snapshots(indices: list[int]) -> list[str]:
     return [str(DATA / f"snapshot_{i:02d}.h5") for i in indices]
 
 
-def train_member(seed: int, epochs: int, checkpoint: Path) -> int:
-    """One network of the ensemble; returns the number of epochs it ran."""
-    config = mlsurrogate.TrainingConfig(
-        train=snapshots(TRAIN),
-        validation=snapshots(VALIDATION),
+def recipe(
+    train: list[str], validation: list[str], seed: int, epochs: int = 150, **changes
+) -> mlsurrogate.TrainingConfig:
+    """This example's training settings (also used by benchmarks/stress_term.py)."""
+    settings = dict(
+        train=train,
+        validation=validation,
         hidden=[100, 100],
         activation="silu",  # smooth: exact forces, and the force term sees curvature
         max_epochs=epochs,
@@ -57,6 +59,12 @@ def train_member(seed: int, epochs: int, checkpoint: Path) -> int:
         physics_spacing=0.34,
         weight_averaging=0.998,  # validate and export an average over ~5 epochs of steps
     )
+    return mlsurrogate.TrainingConfig(**(settings | changes))
+
+
+def train_member(seed: int, epochs: int, checkpoint: Path) -> int:
+    """One network of the ensemble; returns the number of epochs it ran."""
+    config = recipe(snapshots(TRAIN), snapshots(VALIDATION), seed, epochs)
     history = mlsurrogate.train(
         config,
         checkpoint,
