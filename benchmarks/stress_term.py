@@ -24,7 +24,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import mlsurrogate
 from mlsurrogate.evaluate import evaluate_model, functional_for
@@ -76,8 +75,8 @@ def train_one(stress_weight: float, train: list[str], checkpoint: Path) -> Path:
 def stresses(model: Path, path: str) -> tuple[np.ndarray, np.ndarray, float]:
     """(model, QE) stress in GPa (Voigt xx yy zz xy xz yz, QE's sign, on QE's grid) and
     the lattice constant."""
-    network = torch.jit.load(str(model)).network
-    params = mlsurrogate.Model.load(model).params
+    loaded = mlsurrogate.Model.load(model)
+    network, params = loaded.module.network, loaded.params
     source = SnapshotSource(path, params)
     reference = physical_target(source)
     lattice = float(np.linalg.norm(source.snapshot.atoms.cell[0]))  # cubic cells

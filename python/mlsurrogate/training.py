@@ -755,16 +755,16 @@ def train(
             if any(c is None for c in checks):  # unphysical LDOS: no energy, no forces
                 objective = math.inf
             else:
-                found = [c[1] for c in checks if c is not None]
-                objective += sum(
-                    weight * float(np.mean([getattr(e, key) for e in found]))
-                    for weight, key in (
-                        (config.energy_weight, "energy_sq"),
-                        (config.force_weight, "force_mse"),
-                        (config.stress_weight, "stress_mse"),
-                    )
+                found = [c[1] for c in checks]
+                energy_mse = float(np.mean([e.energy_sq for e in found]))
+                force_mse = float(np.mean([e.force_mse for e in found]))
+                stress_mse = float(np.mean([e.stress_mse for e in found]))
+                objective += (
+                    config.energy_weight * energy_mse
+                    + config.force_weight * force_mse
+                    + config.stress_weight * stress_mse
                 )
-                force_rmse = math.sqrt(np.mean([e.force_mse for e in found]))
+                force_rmse = math.sqrt(force_mse)
                 if config.stress_weight > 0:
                     stress_rmse = math.sqrt(np.mean([e.stress_mse_gpa for e in found]))
         record = {
