@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -151,9 +150,7 @@ def test_potentials_are_derivatives_of_the_energies():
 
 def test_torchscript_equals_eager():
     functional, ldos, cell, _, _ = load(SNAPSHOTS[1])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in torch 2.13
-        scripted = torch.jit.script(functional)
+    scripted = torch.jit.script(functional)
     eager_terms, eager_gradient = functional.evaluate(ldos, cell, 12.0, True)
     script_terms, script_gradient = scripted.evaluate(ldos, cell, 12.0, True)
     for key, value in eager_terms.items():
