@@ -65,8 +65,9 @@ $(INSTALL_STAMP): $(VENV_STAMP) $(BUILD_INPUTS)
 # Debian's QE 6.7 (linked to Debian's Open MPI; run as separate processes). It links
 # libblas.so.3/liblapack.so.3, which on a bare Debian are the unoptimized reference
 # builds; libopenblas0-serial (one thread: QE runs one MPI rank per core) takes their
-# place through update-alternatives. Without it pw.x is 1.5x (4 atoms) to several times
-# (108 atoms) slower, which would flatter every comparison with QE.
+# place through update-alternatives. Without it pw.x is 1.3-1.5x (4 atoms), 2.5x (32
+# atoms) and ~6x per SCF iteration (108 atoms) slower, which would flatter every
+# comparison with QE.
 QE_PACKAGES := quantum-espresso quantum-espresso-data libopenblas0-serial
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 qe:
