@@ -14,7 +14,7 @@ time from existing pw.x outputs (matched by atom count) instead of running pw.x,
 those of ``make data`` / ``make data32``; several outputs with the same atom count are
 the pieces of one run continued with ``restart_mode = 'restart'`` (after ``max_seconds``)
 and their times add up (printed as a lower bound, ">", until one piece reports a
-converged SCF): a 108-atom SCF takes hours on 2 cores. ``--pw-time cpu`` takes
+converged SCF): a 108-atom SCF takes about 50 minutes on 2 cores. ``--pw-time cpu`` takes
 pw.x's CPU time instead (rank 0; equal to its wall time on an otherwise idle machine, and
 not inflated when pieces ran niced beside other work). ``--ours-only`` skips pw.x.
 
