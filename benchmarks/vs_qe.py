@@ -39,7 +39,7 @@ from ase.build import bulk
 
 from mlsurrogate.lammps_pair import lmp_command
 from mlsurrogate.model import load_metadata
-from mlsurrogate.qe import QESettings, mpi_commands, read_pw_clock, run_pw
+from mlsurrogate.qe import QESettings, mpi_commands, read_pw_clock, run_pw, valence_electrons
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,9 +74,9 @@ def pw_bands(text: str) -> int:
 
 
 def energy_bands(atoms) -> int:
-    """QE's default band count for a metal: 20 % above the occupied bands, at least 4 more
-    (Al: 3 valence electrons per atom, 2 per band)."""
-    occupied = 3 * len(atoms) / 2
+    """QE's default band count for a metal: 20 % above the occupied bands (2 electrons
+    each), at least 4 more."""
+    occupied = valence_electrons(atoms, QESettings()) / 2
     return max(math.floor(1.2 * occupied + 0.5), math.floor(occupied + 0.5) + 4)  # NINT
 
 

@@ -154,16 +154,20 @@ def kpoint_grid(atoms: ase.Atoms, settings: QESettings) -> tuple[int, int, int]:
     return tuple(max(1, math.ceil(b / settings.kspacing - 1e-6)) for b in lengths)
 
 
+def valence_electrons(atoms: ase.Atoms, settings: QESettings) -> float:
+    """Electrons of ``atoms`` with the pseudopotentials of ``settings`` (their Z valence)."""
+    return sum(
+        read_upf(Path(settings.pseudo_dir) / settings.pseudopotentials[s]).z_valence
+        for s in atoms.get_chemical_symbols()
+    )
+
+
 def _number_of_bands(atoms: ase.Atoms, settings: QESettings) -> int:
     """Twice the occupied bands plus 4: for a free-electron-like metal that reaches well
     past E_F + 3 eV at every k-point (ingest checks the window is covered)."""
     if settings.nbnd is not None:
         return settings.nbnd
-    valence = sum(
-        read_upf(Path(settings.pseudo_dir) / settings.pseudopotentials[s]).z_valence
-        for s in atoms.get_chemical_symbols()
-    )
-    return math.ceil(valence) + 4
+    return math.ceil(valence_electrons(atoms, settings)) + 4
 
 
 def write_pw_input(atoms: ase.Atoms, settings: QESettings) -> str:
