@@ -26,8 +26,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlsurrogate
-from mlsurrogate.data import Snapshot, atomic_output
+from mlsurrogate.data import Snapshot
 from mlsurrogate.evaluate import evaluate_model, format_model_errors
+from mlsurrogate.files import atomic_output
 from mlsurrogate.model import save_model
 from mlsurrogate.training import build_model
 

@@ -71,8 +71,8 @@ def _read_structure(path: str) -> ase.Atoms:
 def _descriptors(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mlsurrogate.data import atomic_output
     from mlsurrogate.descriptors import compute_grid_descriptors
+    from mlsurrogate.files import atomic_output
 
     atoms = _read_structure(args.structure)
     if min(args.grid) <= 0:

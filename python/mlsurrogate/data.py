@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import h5py
 import numpy as np
 
 from mlsurrogate.descriptors import BispectrumParams
+from mlsurrogate.files import atomic_output
 
 FORMAT_NAME = "mlsurrogate-snapshot"
 FORMAT_VERSION = 1
@@ -118,18 +118,6 @@ def round_mantissa(values: np.ndarray, bits: int) -> np.ndarray:
 def _plane_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     """One x-plane per chunk: a training batch reads whole planes."""
     return (1, *shape[1:])
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it to ``path`` only on success."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_snapshot(

@@ -178,7 +178,7 @@ def _torchscript() -> Iterator[None]:
 
 def save_model(model: SurrogateModel, path: str | os.PathLike[str]) -> Path:
     """Script and save atomically, with ``metadata.json`` as an extra file."""
-    from mlsurrogate.data import atomic_output
+    from mlsurrogate.files import atomic_output
 
     path = Path(path)
     with _torchscript(), atomic_output(path) as tmp:

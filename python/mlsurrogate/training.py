@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlsurrogate.data import Snapshot, atomic_output, params_from_json
+from mlsurrogate.data import Snapshot, params_from_json
 from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors, num_descriptors
 from mlsurrogate.evaluate import core_density_of, functional_for
+from mlsurrogate.files import atomic_output
 from mlsurrogate.ion_ion import ion_ion_energy
 from mlsurrogate.model import (
     MODEL_FORMAT,
