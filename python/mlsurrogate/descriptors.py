@@ -136,6 +136,13 @@ def _grid_shape(grid: tuple[int, int, int]) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def grid_for_spacing(cell: np.ndarray, spacing: float) -> tuple[int, int, int]:
+    """Grid points along each cell vector for a target spacing (A): round half up,
+    n = max(1, floor(|a_i| / h + 0.5)), the rule of the pair style's ``spacing``."""
+    lengths = np.linalg.norm(np.asarray(cell, dtype=float), axis=1)
+    return tuple(max(1, int(np.floor(length / spacing + 0.5))) for length in lengths)
+
+
 def _block(
     grid: tuple[int, int, int], index_range: IndexRange | None
 ) -> tuple[list[int], list[int]]:

@@ -16,7 +16,7 @@ import ase
 import numpy as np
 
 from mlsurrogate.lammps_reference import lammps_box
-from mlsurrogate.units import COULOMB_EV_ANGSTROM, LAMMPS_METAL_BAR_A3_PER_EV
+from mlsurrogate.units import LAMMPS_METAL_BAR_A3_PER_EV
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class IonIon:
     energy: float  # eV
     forces: np.ndarray  # (natoms, 3) eV/A, in the frame of ``atoms``
     virial: np.ndarray  # (3, 3) eV, sum of r (x) f in the frame of ``atoms``
+    atom_energies: np.ndarray  # (natoms,) eV, LAMMPS's per-atom split; sums to ``energy``
 
 
 def ion_ion_energy(
@@ -42,7 +43,7 @@ def ion_ion_energy(
         raise ValueError(f"no valence charge for element(s) {missing}")
     if not all(atoms.pbc):
         raise ValueError("E_ii needs a cell periodic in all three directions")
-    from lammps import lammps
+    from lammps import LMP_STYLE_ATOM, LMP_TYPE_VECTOR, lammps
 
     cell = np.asarray(atoms.cell, dtype=float)
     volume = abs(float(np.linalg.det(cell)))
@@ -73,7 +74,10 @@ def ion_ion_energy(
             "pair_modify table 0",
             f"kspace_style {kspace} {accuracy!r}",
             f"kspace_modify gewald {splitting!r}",
-            "thermo_style custom step pe",
+            "compute atom_energy all pe/atom",
+            # thermo invokes pe/atom, so the per-atom energy is tallied at run 0
+            "compute atom_energy_sum all reduce sum c_atom_energy",
+            "thermo_style custom step pe c_atom_energy_sum",
         ):
             lmp.command(command)
         n = len(atoms)
@@ -86,7 +90,12 @@ def ion_ion_energy(
         ids = np.asarray(lmp.numpy.extract_atom("id")[:n]).astype(int)
         forces = np.empty((n, 3))
         forces[ids - 1] = np.asarray(lmp.numpy.extract_atom("f")[:n])
+        atom_energies = np.empty(n)
+        atom_energies[ids - 1] = np.asarray(
+            lmp.numpy.extract_compute("atom_energy", LMP_STYLE_ATOM, LMP_TYPE_VECTOR)[:n]
+        )
         # pressure tensor of the virial alone (bar): P_ab = W_ab / V
+        coulomb = float(lmp.extract_global("qqrd2e"))  # LAMMPS's e^2 (its energy uses it)
         pxx, pyy, pzz, pxy, pxz, pyz = (
             float(v) for v in lmp.numpy.extract_compute("virial", 0, 1)[:6]
         )
@@ -96,10 +105,11 @@ def ion_ion_energy(
     virial_lammps = pressure * volume / LAMMPS_METAL_BAR_A3_PER_EV
     # LAMMPS adds the neutralizing-background energy -pi Q^2 e^2 / (2 g^2 V) of a charged
     # cell to the energy but not to the virial; it scales as 1/V, so W_aa gains it.
-    background = -math.pi * sum(charges) ** 2 * COULOMB_EV_ANGSTROM / (2 * splitting**2 * volume)
+    background = -math.pi * sum(charges) ** 2 * coulomb / (2 * splitting**2 * volume)
     virial_lammps += background * np.eye(3)
     return IonIon(
         energy=energy,
         forces=forces @ rotation.T,
         virial=rotation @ virial_lammps @ rotation.T,
+        atom_energies=atom_energies,
     )

