@@ -10,8 +10,8 @@ stress term, trained side by side (one thread each; about 25 minutes). Data and 
 are kept in the workdir and reused (delete them to redo). Prints, for held-out snapshots
 of every density (bundled 04 and 08; snapshot 02 of each new density), the model's
 pressure against QE's, the stress RMSE over the six components (GPa) and the free energy
-error (meV/atom). Stresses are the training's strain derivatives
-(``mlsurrogate.training``) on QE's grid, with QE's E_ii virial.
+error (meV/atom). Stresses are the ASE calculator's (``mlsurrogate.calculator``) on QE's
+grid.
 """
 
 from __future__ import annotations
@@ -26,17 +26,11 @@ from pathlib import Path
 import numpy as np
 
 import mlsurrogate
-from mlsurrogate.evaluate import evaluate_model, functional_for
+from mlsurrogate.calculator import MLSurrogateCalculator
+from mlsurrogate.data import Snapshot
+from mlsurrogate.evaluate import evaluate_model
 from mlsurrogate.model import save_model
-from mlsurrogate.training import (
-    STRAINS,
-    SnapshotSource,
-    build_model,
-    physical_target,
-    physics_target,
-    predicted_energy_forces,
-    predicted_strain_derivatives,
-)
+from mlsurrogate.training import build_model
 from mlsurrogate.units import GPA_PER_EV_PER_CUBIC_ANGSTROM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,23 +67,16 @@ def train_one(stress_weight: float, train: list[str], checkpoint: Path) -> Path:
 
 
 def stresses(model: Path, path: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """(model, QE) stress in GPa (Voigt xx yy zz xy xz yz, QE's sign, on QE's grid) and
+    """(model, QE) stress in GPa (Voigt xx yy zz yz xz xy, QE's sign, on QE's grid) and
     the lattice constant."""
-    loaded = mlsurrogate.Model.load(model)
-    network, params = loaded.module.network, loaded.params
-    source = SnapshotSource(path, params)
-    reference = physical_target(source)
-    lattice = float(np.linalg.norm(source.snapshot.atoms.cell[0]))  # cubic cells
-    spacing = lattice / source.grid_shape[0]
-    target = physics_target(source, reference, params, spacing, "cpu", with_stress=True)
-    functional = functional_for(source.snapshot)
-    derivatives, _ = predicted_strain_derivatives(
-        predicted_energy_forces(network, functional, target), functional, target
-    )
-    ions = np.array([reference.ii_virial[a, b] for a, b in STRAINS])
-    scale = GPA_PER_EV_PER_CUBIC_ANGSTROM / source.snapshot.atoms.get_volume()
-    qe = np.array([reference.qe_stress[a, b] for a, b in STRAINS]) * GPA_PER_EV_PER_CUBIC_ANGSTROM
-    return -(derivatives.numpy() - ions) * scale, qe, lattice
+    with Snapshot(path) as snap:
+        atoms, grid, qe = snap.atoms, snap.grid_shape, snap.reference("stress")
+    atoms.calc = MLSurrogateCalculator(model, grid=grid)
+    lattice = float(np.linalg.norm(atoms.cell[0]))  # cubic cells
+    # QE's stress is -(1/V) dE/deps, ASE's +(1/V) dE/deps
+    qe_voigt = np.array([qe[0, 0], qe[1, 1], qe[2, 2], qe[1, 2], qe[0, 2], qe[0, 1]])
+    gpa = GPA_PER_EV_PER_CUBIC_ANGSTROM
+    return -atoms.get_stress() * gpa, qe_voigt * gpa, lattice
 
 
 def main() -> None:
