@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from ase.build import bulk
 
 from mlsurrogate.calculator import MLSurrogateCalculator
@@ -184,3 +185,15 @@ def test_bad_arguments():
     copper.calc = calc
     with pytest.raises(ValueError, match="Cu"):
         copper.get_potential_energy()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (CI has none)")
+def test_cuda_device_equals_cpu(calculator):
+    atoms = displaced_al("triclinic")
+    atoms.calc = calculator
+    cpu = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+    gpu_atoms = atoms.copy()
+    gpu_atoms.calc = MLSurrogateCalculator(BUNDLED, grid=GRID, device="cuda")
+    assert gpu_atoms.get_potential_energy() == pytest.approx(cpu[0], rel=1e-10)
+    np.testing.assert_allclose(gpu_atoms.get_forces(), cpu[1], rtol=0, atol=1e-8)
+    np.testing.assert_allclose(gpu_atoms.get_stress(), cpu[2], rtol=0, atol=1e-9)

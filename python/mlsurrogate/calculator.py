@@ -72,11 +72,11 @@ def electronic_step(
     functional = module.functional
     params = model.params
     descriptors = compute_grid_descriptors(atoms, grid, params, threads=threads)
-    rows = torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]))
-    network_dtype = next(module.network.parameters()).dtype
+    weights = next(module.network.parameters())  # the network's device and dtype
+    rows = torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1])).to(weights)
     with torch.no_grad():
-        ldos = module(rows.to(network_dtype)).double()
-    cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
+        ldos = module(rows).double()
+    cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64, device=weights.device)
     voxel = abs(float(torch.linalg.det(cell))) / float(np.prod(grid))
     charges = _valence_charges(model)
     valence = np.array([charges[symbol] for symbol in atoms.get_chemical_symbols()])
@@ -91,25 +91,25 @@ def electronic_step(
     phi_rows = phi.reshape(-1)
     fermi_shift = functional.fermi_shift_part(ldos, mu, phi_rows)
     ldos_gradient = functional.ldos_gradient(mu, phi_rows, dos, fermi_shift, voxel)
-    beta = module.descriptor_gradient(rows.to(network_dtype), ldos_gradient.to(network_dtype))
+    beta = module.descriptor_gradient(rows, ldos_gradient.to(weights))
     gradients = descriptor_gradients(
-        atoms, grid, params, beta.double().numpy().reshape(descriptors.shape), threads=threads
+        atoms, grid, params, beta.double().cpu().numpy().reshape(descriptors.shape), threads=threads
     )
     values = {key: float(value) for key, value in terms.items()}
     c = values["edos_at_mu"] + float(fermi_shift)
     isotropic = values["band_free"] - c * electrons / values["dos_at_mu"]
-    explicit = 0.5 * (phi_strain + phi_strain.T).numpy() + isotropic * np.eye(3)
+    explicit = 0.5 * (phi_strain + phi_strain.T).cpu().numpy() + isotropic * np.eye(3)
 
     points = functional.band_free_points(ldos, mu, voxel).reshape(grid)
     points = points + functional.potential_points(density, cell)
-    shares, unclaimed = partition_to_atoms(atoms, grid, params, points[..., None].numpy())
+    shares, unclaimed = partition_to_atoms(atoms, grid, params, points[..., None].cpu().numpy())
     return ElectronicStep(
         energy=values["electronic"],
         forces=gradients.forces,
         strain_derivative=gradients.strain_derivative + explicit,
         atom_energies=shares[:, 0] + unclaimed[0] * valence / electrons,
         terms=values,
-        dos=dos.numpy(),
+        dos=dos.cpu().numpy(),
     )
 
 
