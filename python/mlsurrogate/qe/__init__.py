@@ -7,7 +7,7 @@ One concept per module: :mod:`.settings` (QESettings, input writers), :mod:`.run
 raises :class:`QEError` naming the file and the problem.
 """
 
-from mlsurrogate.qe.discover import RunFiles, find_run_files
+from mlsurrogate.qe.discover import RunDirectory, RunFiles, find_run_files
 from mlsurrogate.qe.errors import QEError
 from mlsurrogate.qe.ingest import ApproximateIntegrationWarning, ingest
 from mlsurrogate.qe.readers import (
@@ -25,7 +25,7 @@ from mlsurrogate.qe.readers import (
     read_upf,
     read_upf_core_density,
 )
-from mlsurrogate.qe.run import mpi_commands, run_pw, run_qe
+from mlsurrogate.qe.run import mpi_commands, run_pp_ldos, run_pw, run_qe
 from mlsurrogate.qe.settings import (
     BROADENING_KERNELS,
     DEFAULT_PSEUDO_DIR,
@@ -39,6 +39,7 @@ from mlsurrogate.qe.settings import (
 __all__ = [
     "BROADENING_KERNELS",
     "ApproximateIntegrationWarning",
+    "RunDirectory",
     "RunFiles",
     "find_run_files",
     "DEFAULT_PSEUDO_DIR",
@@ -60,6 +61,7 @@ __all__ = [
     "read_pw_xml",
     "read_upf",
     "read_upf_core_density",
+    "run_pp_ldos",
     "run_pw",
     "run_qe",
     "valence_electrons",

@@ -32,6 +32,7 @@ from mlsurrogate.qe.readers import LdosEnergyGrid, read_cube, read_ldos_energy_g
 
 _HEAD_BYTES = 4096
 _CUBE_ENERGY = re.compile(r"Energy\s*=\s*([-+0-9.eEdD]+)\s*eV")
+_FILEOUT = r"\bfileout\s*=\s*['\"]([^'\"]+)['\"]"
 _CUBE_BROADENING = re.compile(r"broadening\s*=\s*([-+0-9.eEdD]+)\s*eV")
 # Header energies are printed with a few decimals; anything closer than this to a grid
 # energy is that energy.
@@ -79,10 +80,13 @@ def _cube_header(head: str) -> str | None:
     return None if natoms < 0 else lines[0] + "\n" + lines[1]
 
 
-def _is_ldos_input(head: str) -> bool:
+def _is_pp_input(head: str, plot_num: int) -> bool:
+    """A pp.x input (namelist &inputpp) with this plot_num."""
     match = re.search(r"\bplot_num\s*=\s*(\d+)", head, re.I)
-    return re.search(r"&inputpp", head, re.I) is not None and match is not None and (
-        int(match.group(1)) == 3
+    return (
+        re.search(r"&inputpp", head, re.I) is not None
+        and match is not None
+        and int(match.group(1)) == plot_num
     )
 
 
@@ -190,6 +194,114 @@ def _density_candidates(cubes: list[Path], electrons: float) -> list[Path]:
     return found
 
 
+class RunDirectory:
+    """The files under one run directory (searched recursively, ``*.save`` excluded),
+    read once; roles are assigned by the methods, each with its overrides (paths absolute
+    or relative to the directory; ``ldos`` a glob pattern, relative unless absolute)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise QEError(f"{self.directory}: not a directory")
+        files = sorted(
+            p
+            for p in self.directory.rglob("*")
+            if p.is_file() and not _in_save_directory(p, self.directory)
+        )
+        self.heads = {p: _head(p) for p in files}
+        self.cubes = {p: c for p, h in self.heads.items() if (c := _cube_header(h)) is not None}
+        self.ldos_cube_paths: set[Path] = set()  # set by ldos_files
+
+    def scf_files(
+        self,
+        pw_out: str | os.PathLike[str] | None = None,
+        xml: str | os.PathLike[str] | None = None,
+    ) -> tuple[Path, Path]:
+        """The pw.x output and the pw.x XML."""
+        directory = self.directory
+        pw_path = (
+            _resolve(directory, pw_out)
+            if pw_out is not None
+            else _one(
+                [p for p, h in self.heads.items() if "Program PWSCF" in h],
+                "pw.x output ('Program PWSCF')",
+                "--pw-out FILE",
+                directory,
+            )
+        )
+        xml_path = (
+            _resolve(directory, xml)
+            if xml is not None
+            else _one(
+                sorted(directory.rglob("*.save/data-file-schema.xml")),
+                "pw.x XML (<prefix>.save/data-file-schema.xml)",
+                "--xml FILE",
+                directory,
+            )
+        )
+        return pw_path, xml_path
+
+    def ldos_files(
+        self,
+        ldos: str | None = None,
+        ldos_input: str | os.PathLike[str] | None = None,
+        need_cubes: bool = True,
+    ) -> tuple[Path | None, LdosEnergyGrid, list[Path]]:
+        """The pp.x LDOS input (None: grid from the cube headers), the energy grid and the
+        LDOS cubes in energy order (none when ``need_cubes`` is False)."""
+        directory = self.directory
+        if ldos is not None:
+            pattern = ldos if Path(ldos).is_absolute() else str(directory / ldos)
+            chosen = sorted(Path(p) for p in glob.glob(pattern))
+            if not chosen:
+                raise QEError(f"--ldos {ldos!r}: no file matches {pattern}")
+            ldos_cubes = {p: _cube_header(_head(p)) or "" for p in chosen}
+        else:
+            ldos_cubes = {p: c for p, c in self.cubes.items() if _CUBE_ENERGY.search(c)}
+            if need_cubes and not ldos_cubes:
+                raise QEError(
+                    f"{directory}: no LDOS cubes (cube files with 'Energy = ... eV' in the "
+                    "header) found; select them with --ldos GLOB"
+                )
+        self.ldos_cube_paths = set(ldos_cubes)
+        if ldos_input is not None:
+            input_path: Path | None = _resolve(directory, ldos_input)
+        else:
+            inputs = [p for p, h in self.heads.items() if _is_pp_input(h, 3)]
+            input_path = (
+                _one(inputs, "pp.x LDOS input (plot_num = 3)", "--ldos-input FILE", directory)
+                if inputs or not need_cubes
+                else None
+            )
+        if input_path is not None:
+            grid = read_ldos_energy_grid(input_path)
+            source = str(input_path)
+        else:
+            grid = _grid_from_headers(ldos_cubes)
+            source = "the LDOS cube headers"
+        ordered = _order_ldos_cubes(ldos_cubes, grid, source) if need_cubes else []
+        return input_path, grid, ordered
+
+    def density_file(
+        self, electrons: float, density: str | os.PathLike[str] | None = None
+    ) -> Path | None:
+        """The valence density cube: the override, else the ``fileout`` of a pp.x
+        plot_num = 0 input, else the one other cube holding ``electrons``; None if none."""
+        if density is not None:
+            return _resolve(self.directory, density)
+        named = [
+            self.directory / m.group(1)
+            for p, h in self.heads.items()
+            if _is_pp_input(h, 0) and (m := re.search(_FILEOUT, h, re.I))
+        ]
+        named = [p for p in named if p.is_file()]
+        if named:
+            return _one(named, "density cube (pp.x plot_num = 0)", "--density FILE", self.directory)
+        others = [p for p in self.cubes if p not in self.ldos_cube_paths]
+        found = _density_candidates(others, electrons)
+        return None if not found else _one(found, "density cube", "--density", self.directory)
+
+
 def find_run_files(
     directory: str | os.PathLike[str],
     *,
@@ -200,78 +312,17 @@ def find_run_files(
     density: str | os.PathLike[str] | None = None,
     need_cubes: bool = True,
 ) -> RunFiles:
-    """Recognise the files of the run in ``directory`` (searched recursively).
-
-    The overrides are paths (absolute or relative to ``directory``), ``ldos`` a glob pattern
-    (relative to ``directory`` unless absolute). ``need_cubes`` False (an LDOS given as an
-    array) skips the LDOS cubes.
-    """
-    directory = Path(directory)
-    files = sorted(
-        p for p in directory.rglob("*") if p.is_file() and not _in_save_directory(p, directory)
-    )
-    heads = {p: _head(p) for p in files}
-    pw_path = (
-        _resolve(directory, pw_out)
-        if pw_out is not None
-        else _one(
-            [p for p, h in heads.items() if "Program PWSCF" in h],
-            "pw.x output ('Program PWSCF')",
-            "--pw-out FILE",
-            directory,
-        )
-    )
-    xml_path = (
-        _resolve(directory, xml)
-        if xml is not None
-        else _one(
-            sorted(directory.rglob("*.save/data-file-schema.xml")),
-            "pw.x XML (<prefix>.save/data-file-schema.xml)",
-            "--xml FILE",
-            directory,
-        )
-    )
-    cubes = {p: c for p, h in heads.items() if (c := _cube_header(h)) is not None}
-    if ldos is not None:
-        pattern = ldos if Path(ldos).is_absolute() else str(directory / ldos)
-        chosen = sorted(Path(p) for p in glob.glob(pattern))
-        if not chosen:
-            raise QEError(f"--ldos {ldos!r}: no file matches {pattern}")
-        ldos_cubes = {p: _cube_header(_head(p)) or "" for p in chosen}
-    else:
-        ldos_cubes = {p: c for p, c in cubes.items() if _CUBE_ENERGY.search(c)}
-        if need_cubes and not ldos_cubes:
-            raise QEError(
-                f"{directory}: no LDOS cubes (cube files with 'Energy = ... eV' in the header) "
-                "found; select them with --ldos GLOB"
-            )
-    if ldos_input is not None:
-        input_path: Path | None = _resolve(directory, ldos_input)
-    else:
-        inputs = [p for p, h in heads.items() if _is_ldos_input(h)]
-        input_path = (
-            _one(inputs, "pp.x LDOS input (plot_num = 3)", "--ldos-input FILE", directory)
-            if inputs or not need_cubes
-            else None
-        )
-    if input_path is not None:
-        grid = read_ldos_energy_grid(input_path)
-        source = str(input_path)
-    else:
-        grid = _grid_from_headers(ldos_cubes)
-        source = "the LDOS cube headers"
-    ordered = _order_ldos_cubes(ldos_cubes, grid, source) if need_cubes else []
-    if density is not None:
-        density_path: Path | None = _resolve(directory, density)
-    else:
-        others = [p for p, c in cubes.items() if p not in ldos_cubes]
-        found = _density_candidates(others, read_pw_xml(xml_path).nelec)
-        density_path = None if not found else _one(found, "density cube", "--density", directory)
+    """Recognise every file of the run in ``directory`` (the roles of :class:`RunFiles`);
+    ``need_cubes`` False (an LDOS given as an array) skips the LDOS cubes."""
+    run = RunDirectory(directory)
+    pw_path, xml_path = run.scf_files(pw_out, xml)
+    electrons = read_pw_xml(xml_path).nelec
+    input_path, grid, cubes = run.ldos_files(ldos, ldos_input, need_cubes)
     return RunFiles(
         pw_output=pw_path,
         xml=xml_path,
         ldos_input=input_path,
         energy_grid=grid,
-        ldos_cubes=ordered,
-        density=density_path,
+        ldos_cubes=cubes,
+        density=run.density_file(electrons, density),
     )

@@ -17,7 +17,7 @@ import numpy as np
 
 from mlsurrogate.descriptors import BispectrumParams
 from mlsurrogate.files import check_output_path
-from mlsurrogate.qe.discover import RunFiles, find_run_files
+from mlsurrogate.qe.discover import RunDirectory, RunFiles
 from mlsurrogate.qe.errors import QEError
 from mlsurrogate.qe.readers import (
     Cube,
@@ -193,28 +193,28 @@ def ingest(
 
     output = check_output_path(output)
     directory = Path(directory)
-    if not directory.is_dir():
-        raise QEError(f"{directory}: not a directory")
-    files = find_run_files(
-        directory,
-        pw_out=pw_out,
-        xml=xml,
-        ldos=ldos,
-        ldos_input=ldos_input,
-        density=density,
-        need_cubes=mala_ldos is None,
-    )
-    printed = read_pw_output(files.pw_output)
-    run = read_pw_xml(files.xml)
+    found = RunDirectory(directory)
+    pw_path, xml_path = found.scf_files(pw_out, xml)
+    printed = read_pw_output(pw_path)
+    run = read_pw_xml(xml_path)
     if not run.converged:
-        raise QEError(f"{files.xml}: the SCF did not converge; this run cannot be used")
+        raise QEError(f"{xml_path}: the SCF did not converge; this run cannot be used")
     for term in ("total", "one_electron", "hartree", "xc", "ewald", "smearing"):
         if abs(printed[term] - run.energies[term]) > 1e-6 * RYDBERG_EV:
             raise QEError(
-                f"{files.pw_output} and {files.xml} disagree on the {term} energy "
+                f"{pw_path} and {xml_path} disagree on the {term} energy "
                 f"({printed[term]:.8f} vs {run.energies[term]:.8f} eV): files of different "
                 "runs? Name the right ones with --pw-out and --xml"
             )
+    input_path, grid, cubes = found.ldos_files(ldos, ldos_input, mala_ldos is None)
+    files = RunFiles(
+        pw_output=pw_path,
+        xml=xml_path,
+        ldos_input=input_path,
+        energy_grid=grid,
+        ldos_cubes=cubes,
+        density=found.density_file(run.nelec, density),
+    )
     stated_kernel = BROADENING_KERNELS.get(run.smearing.lower())
     if stated_kernel is None:
         raise QEError(f"{files.xml}: smearing {run.smearing!r} unknown; LDOS kernel undefined")
@@ -233,7 +233,6 @@ def ingest(
             "charged cells are not supported"
         )
 
-    grid = files.energy_grid
     if mala_ldos is None:
         ldos_source = str(files.ldos_cubes[0].parent)
         _check_energy_count(len(files.ldos_cubes), files, ldos_source)
@@ -316,12 +315,15 @@ def ingest(
     from mlsurrogate.physics import exact_energy_integrals
 
     if not exact_energy_integrals(temperature, kernel, grid.width):
-        error = _estimate_integration_error(path)
+        try:
+            error = _estimate_integration_error(path)
+            measured = f"differs from QE's total energy by {error:+.2f} meV/atom"
+        except ValueError as exc:  # e.g. a window without mu: no free energy to compare
+            measured = f"cannot be compared with QE's total energy ({exc})"
         warnings.warn(
             f"{path}: LDOS broadened by {kernel} of width {grid.width} eV, not -f' of width "
             f"k_B T: the energy integrals are approximate; on this run the free energy from "
-            f"its LDOS differs from QE's total energy by {error:+.2f} meV/atom "
-            "(docs/qe-ingest.md)",
+            f"its LDOS {measured} (docs/qe-ingest.md)",
             ApproximateIntegrationWarning,
             stacklevel=2,
         )

@@ -129,6 +129,33 @@ def run_pw(
     return directory
 
 
+def run_pp_ldos(
+    settings: QESettings, directory: str | os.PathLike[str], *, progress: bool = True
+) -> Path:
+    """Run pp.x for the LDOS cubes of the finished SCF in ``directory`` (writes
+    pp_ldos.in); cubes of an earlier LDOS run there are removed first."""
+    from tqdm import tqdm
+
+    directory = Path(directory)
+    (directory / "pp_ldos.in").write_text(write_pp_inputs(settings)["pp_ldos.in"])
+
+    def cubes() -> int:
+        return len(list(directory.glob(f"{LDOS_STEM}*.cube")))
+
+    for stale in directory.glob(f"{LDOS_STEM}*.cube"):
+        stale.unlink()
+    with tqdm(
+        total=settings.num_ldos_energies, desc="pp.x LDOS", unit="cube", disable=not progress
+    ) as bar:
+        _run_program(
+            settings.pp_command, "pp_ldos.in", directory, cubes, lambda n: bar.update(n - bar.n)
+        )
+    # pp.x also leaves its intermediate plot files; the cubes hold the same data.
+    for raw in directory.glob(f"{LDOS_STEM}[0-9][0-9][0-9]"):
+        raw.unlink()
+    return directory
+
+
 def run_qe(
     atoms: ase.Atoms,
     settings: QESettings,
@@ -137,26 +164,9 @@ def run_qe(
     progress: bool = True,
 ) -> Path:
     """Run pw.x (SCF), then pp.x for LDOS cubes and the valence density, in ``directory``."""
-    from tqdm import tqdm
-
     directory = run_pw(atoms, settings, directory, progress=progress)
-    for name, text in write_pp_inputs(settings).items():
-        (directory / name).write_text(text)
-
-    def cubes() -> int:
-        return len(list(directory.glob(f"{LDOS_STEM}*.cube")))
-
-    for stale in directory.glob(f"{LDOS_STEM}*.cube"):  # of an earlier run in this directory
-        stale.unlink()
-
-    with tqdm(
-        total=settings.num_ldos_energies, desc="pp.x LDOS", unit="cube", disable=not progress
-    ) as bar:
-        _run_program(
-            settings.pp_command, "pp_ldos.in", directory, cubes, lambda n: bar.update(n - bar.n)
-        )
+    run_pp_ldos(settings, directory, progress=progress)
+    (directory / "pp_density.in").write_text(write_pp_inputs(settings)["pp_density.in"])
     _run_program(settings.pp_command, "pp_density.in", directory, lambda: 0, lambda n: None)
-    # pp.x also leaves its intermediate plot files; the cubes hold the same data.
-    for raw in [*directory.glob(f"{LDOS_STEM}[0-9][0-9][0-9]"), directory / "density_raw"]:
-        raw.unlink(missing_ok=True)
+    (directory / "density_raw").unlink(missing_ok=True)
     return directory
