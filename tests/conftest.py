@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from ase.build import bulk
 
-from mlsurrogate.qe import QESettings, run_qe, write_pp_inputs, write_pw_input
+from mlsurrogate.qe import QESettings, run_pp_ldos, run_qe, write_pp_inputs, write_pw_input
 
 # One-atom fcc Al, low cutoff, coarse energy grid: pw.x + pp.x take a few seconds.
 # The broadening (0.3 eV) exceeds the energy spacing (0.25 eV), so sums over the
@@ -128,4 +129,20 @@ def user_named_qe_run(tmp_path_factory) -> Path:
     (directory / "rho.pp").write_text(rename(pp_inputs["pp_density.in"]))
     _run_qe_program("pp.x", "ldos.pp", "ldos.log", directory)
     _run_qe_program("pp.x", "rho.pp", "rho.log", directory)
+    return directory
+
+
+def broadened_ldos_run(scf_run: Path, directory: Path, kernel: str, width_ev: float) -> Path:
+    """A copy of ``scf_run`` (a TINY_SETTINGS run) with pp.x LDOS cubes of ``kernel``
+    ('fd' or 'gaussian') and ``width_ev`` on a 0.1 eV grid. pp.x 6.7 broadens with the
+    smearing its XML names, so for 'gaussian' it runs on an XML naming it; the SCF's own
+    XML is put back afterwards (ingest tells the kernel apart by content)."""
+    settings = replace(TINY_SETTINGS, ldos_spacing_ev=0.1, ldos_broadening_ev=width_ev)
+    shutil.copytree(scf_run, directory)
+    xml = next(directory.glob("out/*.save/data-file-schema.xml"))
+    original = xml.read_text()
+    if kernel == "gaussian":
+        xml.write_text(original.replace(">fd</smearing>", ">gaussian</smearing>"))
+    run_pp_ldos(settings, directory, progress=False)
+    xml.write_text(original)
     return directory
