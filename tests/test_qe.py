@@ -5,15 +5,17 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TINY_SETTINGS, tiny_atoms
+from conftest import TINY_SETTINGS, broadened_ldos_run, tiny_atoms
 from mlsurrogate import cli
-from mlsurrogate.data import REQUIRED_ATTRIBUTES, Snapshot, round_mantissa
+from mlsurrogate.data import REQUIRED_ATTRIBUTES, Snapshot, round_mantissa, summary
 from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors
+from mlsurrogate.evaluate import evaluate_dft
 from mlsurrogate.files import OutputError
 from mlsurrogate.qe import (
     ApproximateIntegrationWarning,
@@ -197,6 +199,7 @@ def test_cli_run_ingest_info(tiny_qe_run, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Al, 1 atoms" in text and "13 energies, -8.0000 .. -2.0000 eV" in text
     assert "descriptors  (" in text and "T = 933.000 K" in text
+    assert "width 0.300000 eV (approximate energy integrals)" in text
 
 
 @pytest.mark.parametrize(
@@ -443,3 +446,46 @@ def test_mala_layout_ldos_imports_like_the_cubes(tiny_qe_run, tiny_snapshot, tmp
     np.save(tmp_path / "short.npy", np.zeros((2, 2, 2, 73)))
     with pytest.raises(QEError, match=r"short\.npy: MALA LDOS of shape \(2, 2, 2, 73\)"):
         ingest(run, tmp_path / "y.h5", mala_ldos=tmp_path / "short.npy", progress=False)
+
+
+# ------------------------------------------------------------- other LDOS broadenings
+
+# Free energy from the LDOS minus QE's total energy on the tiny cell (1 atom, 4x4x4 k,
+# 933 K, 0.1 eV grid), as docs/qe-ingest.md states; the margin covers BLAS round-off.
+DOCUMENTED_ERRORS_MEV_PER_ATOM = {"fd": -21.69, "gaussian": -5.20}
+ERROR_MARGIN_MEV_PER_ATOM = 0.1
+
+
+@pytest.mark.parametrize("kernel", sorted(DOCUMENTED_ERRORS_MEV_PER_ATOM))
+def test_other_broadenings_ingest_with_the_documented_error(kernel, tiny_qe_run, tmp_path):
+    run = broadened_ldos_run(tiny_qe_run, tmp_path / "run", kernel, 0.1)
+    with pytest.warns(ApproximateIntegrationWarning) as record:
+        out = ingest(run, tmp_path / "b.h5", progress=False)
+    stated = float(re.search(r"by ([-+0-9.]+) meV/atom", str(record[0].message)).group(1))
+    assert stated == pytest.approx(
+        DOCUMENTED_ERRORS_MEV_PER_ATOM[kernel], abs=ERROR_MARGIN_MEV_PER_ATOM
+    )
+    with Snapshot(out) as snap:  # the kernel told apart by content, the width from pp.x
+        expected = {"fd": "fermi-dirac-derivative", "gaussian": "gaussian"}[kernel]
+        assert snap.attrs["ldos_broadening_kernel"] == expected
+        assert snap.attrs["ldos_broadening_eV"] == 0.1 and snap.attrs["smearing"] == "fd"
+    rows, natoms = evaluate_dft(out)
+    total = next(row for row in rows if row.name == "total free energy A")
+    assert 1000.0 * (total.ours - total.qe) / natoms == pytest.approx(stated, abs=0.005)
+
+
+def test_exact_broadening_ingests_without_warning(tiny_qe_run, tmp_path):
+    width = BOLTZMANN_EV_PER_K * 933.0
+    run = broadened_ldos_run(tiny_qe_run, tmp_path / "run", "fd", width)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ApproximateIntegrationWarning)
+        out = ingest(run, tmp_path / "x.h5", progress=False)
+    assert "(exact energy integrals)" in summary(out)
+
+
+def test_kernel_mismatch_is_an_error(tiny_qe_run, tmp_path):
+    run = broadened_ldos_run(tiny_qe_run, tmp_path / "run", "fd", 0.1)
+    text = (run / "pp_ldos.in").read_text()
+    (run / "pp_ldos.in").write_text(text.replace("degauss_ldos = 0.1", "degauss_ldos = 0.2"))
+    with pytest.raises(QEError, match=r"matches neither a Fermi-Dirac nor a Gaussian"):
+        ingest(run, tmp_path / "x.h5", progress=False)
