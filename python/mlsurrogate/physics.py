@@ -5,50 +5,11 @@ style. Units eV and Angstrom; float64 throughout. The LDOS d(e, r) [1/(eV A^3)] 
 on grid points r (flattened in C order over [ix, iy, iz]) and on a uniform energy grid
 e_j (absolute energies).
 
-Energy integrals (see the README section "LDOS broadening"). The LDOS is the Kohn-Sham
-LDOS broadened by -f' of width k_B T (pp.x with Fermi-Dirac smearing). For such an LDOS
-these identities are exact:
-
-    N(mu)            = integral_{-inf}^{mu} D(e) de                (electron count)
-    n(r)             = integral_{-inf}^{mu} d(e, r) de             (electron density)
-    E_band - TS      = integral_{-inf}^{mu} e D(e) de
-    -TS              = k_B T integral ln(1 - exp(-|e - mu| / k_B T)) D(e) de
-
-The last follows from s(x) = f ln f + (1 - f) ln(1 - f) = (K * g)(x) with g = -f' and
-K(x) = ln(1 - e^{-|x|}): in Fourier space s^/g^ = 1/k^2 - pi coth(pi k)/k
-= -sum_n 2/(k^2 + n^2) (Mittag-Leffler expansion of coth), whose inverse transform is
--sum_n e^{-n|x|}/n = ln(1 - e^{-|x|}). So no deconvolution is needed: the integrals
-are evaluated on the piecewise-linear interpolant of the sampled LDOS (weights W_j(mu)
-below); -TS by Gauss-Legendre product quadrature because its kernel has a log
-singularity at mu.
-
-Total free energy (Mermin; the sum QE prints as total = one-electron + hartree + xc +
-ewald + smearing):
-
-    A = (E_band - TS) - E_H[n] + E_xc[n] - integral v_xc n + E_ii
-
-E_H drops G = 0 (compensated by E_ii's neutralizing background); E_xc is LDA
-(Perdew & Zunger, PRB 23, 5048 (1981), the Ceperley-Alder fit) or PBE (Perdew, Burke &
-Ernzerhof, PRL 77, 3865 (1996)) with gradients by FFT. E_ii comes from LAMMPS
-(:mod:`mlsurrogate.ion_ion`).
-
-Distributed use (the pair style; every rank owns a set of grid points):
-
-1. local:   D_part = dos(ldos_local, dV)                      -> MPI_Allreduce(sum) = D
-2. global:  mu = fermi_level(D, N_val); n_local = density(ldos_local, mu)
-            -> gather n to a full grid on every rank
-            terms, phi, dPhi_dstrain = global_terms(D, n_grid, cell, mu)  (replicated)
-3. local:   c_part = fermi_shift_part(ldos_local, mu, phi_local)
-                                                              -> MPI_Allreduce(sum) = c
-            dA/dd = ldos_gradient(mu, phi_local, D, c, dV)    (per owned point)
-
-phi(r) = dPhi/dn(r) for Phi = -E_H + E_xc - integral v_xc n. The gradient keeps the
-electron count fixed: mu moves with the LDOS, dmu/dd_j(r) = -W_j dV / D(mu).
-
-Strain (virial): for x -> (1 + eps) x of atoms, grid and cell together,
-dA/deps = [sum_r beta(r) dB(r)/deps] + (E_band - TS) I + dPhi/deps|_n - c N_val / D(mu) I,
-the first term from the descriptor kernel (beta = dA/dB), the second because D scales
-with the voxel volume, the last because mu moves to keep N_val (c is step 3's constant).
+The derivations are written once, in docs/energy-functional.md: the total free energy
+(section 1), the exact integrals of an LDOS broadened by -f' of width k_B T (2), the
+Fermi-weighted rule for other broadenings (3), the Fermi level (4), dA/dLDOS at fixed
+electron count (5), the strain derivative (6) and the distributed interface the pair
+style calls (7). :meth:`LdosEnergy.rule_weights` is the one place the two rules differ.
 """
 
 from __future__ import annotations

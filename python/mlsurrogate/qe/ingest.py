@@ -39,7 +39,8 @@ _DENSITY_TO_ANGSTROM = 1.0 / BOHR_ANGSTROM**3
 # (Fermi-Dirac derivative tail exp(-x): < 1e-5 of a state).
 _WINDOW_MARGIN_WIDTHS = 12.0
 # pp.x sums the kernel over the eigenvalues, so the DOS of the right kernel matches the
-# broadened eigenvalues to round-off (< 1e-3 measured); a wrong kernel misses by > 5 %.
+# broadened eigenvalues to round-off (relative L1 misfit 5e-8 measured on 4-atom Al at a
+# 0.1 eV width); the other kernel of the same width misses by 0.16.
 _KERNEL_FIT_TOLERANCE = 0.02
 _FERMI_DIRAC = "fermi-dirac-derivative"
 _GAUSSIAN = "gaussian"
