@@ -299,8 +299,11 @@ class LdosEnergy(torch.nn.Module):
                 "LDOS with smearing='fd' or 'gaussian'"
             )
         nodes, weights = np.polynomial.legendre.leggauss(_QUADRATURE_POINTS)
-        fermi_nodes, fermi_weights, fermi_segment, fermi_t = fermi_rule_nodes(
-            energies.numpy(), kt
+        # the exact rule needs no Fermi-rule nodes: empty buffers keep model files small
+        fermi_nodes, fermi_weights, fermi_segment, fermi_t = (
+            (np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0))
+            if exact
+            else fermi_rule_nodes(energies.numpy(), kt)
         )
         self.register_buffer("energies", energies)
         self.register_buffer("quadrature_nodes", torch.as_tensor(nodes, dtype=torch.float64))
