@@ -124,9 +124,7 @@ def _broadening_kernel(
     return best
 
 
-def _read_ldos_cubes(
-    cubes: list[Path], run: PwResult, progress: bool
-) -> tuple[np.ndarray, Cube]:
+def _read_ldos_cubes(cubes: list[Path], run: PwResult, progress: bool) -> tuple[np.ndarray, Cube]:
     """The LDOS [nx, ny, nz, nE] in 1/(eV A^3) from cubes in energy order, and the first
     cube (the geometry reference)."""
     from tqdm import tqdm

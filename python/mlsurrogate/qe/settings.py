@@ -40,8 +40,6 @@ BROADENING_KERNELS = {
 }
 
 
-
-
 @dataclass(frozen=True)
 class QESettings:
     """DFT and LDOS settings of one pw.x + pp.x run (defaults: the bundled Al dataset).
