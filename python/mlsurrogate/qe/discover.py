@@ -10,7 +10,8 @@ What identifies each file (docs/qe-ingest.md lists the same):
   header value, not its file name; a cube without one gets the energy of the number in
   its name (pp.x's 1-based index). The pp.x input gives the exact grid and width; without
   one they come from the cube headers;
-* density cube: the other cube whose values integrate to the run's electron count.
+* density cube: the ``fileout`` of a pp.x input with ``plot_num = 0``; without one, the
+  other cube whose values integrate to the run's electron count.
 
 Each may be named explicitly instead (the ``ingest`` overrides); two candidates for one
 role are an error that lists them and names the override.
