@@ -1,5 +1,5 @@
 """Readers of what pw.x and pp.x write: the pw.x printout and its clock, the XML, UPF
-headers and core densities, cube files and the pp.x LDOS input.
+headers and core densities, cube files, the pp.x LDOS input, and MALA-layout LDOS arrays.
 
 Everything returned is converted to eV and Angstrom (see :mod:`mlsurrogate.units`),
 except :class:`Cube`, which keeps the file's atomic units. Every failure raises
