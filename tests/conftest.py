@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from ase.build import bulk
 
-from mlsurrogate.qe import QESettings, run_qe
+from mlsurrogate.qe import QESettings, run_pp_ldos, run_qe, write_pp_inputs, write_pw_input
 
 # One-atom fcc Al, low cutoff, coarse energy grid: pw.x + pp.x take a few seconds.
 # The broadening (0.3 eV) exceeds the energy spacing (0.25 eV), so sums over the
@@ -91,3 +94,55 @@ def magnesium_snapshot(tmp_path_factory) -> Path:
 def tiny_run_copy(tiny_qe_run, tmp_path) -> Path:
     """A private copy of the tiny run that a test may damage."""
     return Path(shutil.copytree(tiny_qe_run, tmp_path / "run"))
+
+
+def _run_qe_program(program: str, input_name: str, output_name: str, directory: Path) -> None:
+    """Run pw.x or pp.x as a user would: ``program -in input > output``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(directory / output_name, "w") as output:
+        subprocess.run(
+            [program, "-in", input_name], cwd=directory, stdout=output, check=True, env=env
+        )
+
+
+@pytest.fixture(scope="session")
+def user_named_qe_run(tmp_path_factory) -> Path:
+    """A real run of TINY_SETTINGS laid out with a user's own names, not run_qe's:
+    scf.in/scf.out, prefix 'alu' in ./tmp, cubes ldos001.cube ..., density.cube,
+    pp.x inputs ldos.pp and rho.pp. Treat it as read-only."""
+    if shutil.which("pw.x") is None or shutil.which("pp.x") is None:
+        pytest.fail("pw.x/pp.x not on PATH: `make test` installs Debian's quantum-espresso")
+    directory = tmp_path_factory.mktemp("user") / "al_run"
+    directory.mkdir()
+
+    def rename(text: str) -> str:
+        return text.replace("prefix = 'pwscf'", "prefix = 'alu'").replace(
+            "outdir = './out'", "outdir = './tmp'"
+        )
+
+    (directory / "scf.in").write_text(rename(write_pw_input(tiny_atoms(), TINY_SETTINGS)))
+    _run_qe_program("pw.x", "scf.in", "scf.out", directory)
+    pp_inputs = write_pp_inputs(TINY_SETTINGS)
+    (directory / "ldos.pp").write_text(
+        rename(pp_inputs["pp_ldos.in"]).replace("filplot = 'ldos_'", "filplot = 'ldos'")
+    )
+    (directory / "rho.pp").write_text(rename(pp_inputs["pp_density.in"]))
+    _run_qe_program("pp.x", "ldos.pp", "ldos.log", directory)
+    _run_qe_program("pp.x", "rho.pp", "rho.log", directory)
+    return directory
+
+
+def broadened_ldos_run(scf_run: Path, directory: Path, kernel: str, width_ev: float) -> Path:
+    """A copy of ``scf_run`` (a TINY_SETTINGS run) with pp.x LDOS cubes of ``kernel``
+    ('fd' or 'gaussian') and ``width_ev`` on a 0.1 eV grid. pp.x 6.7 broadens with the
+    smearing its XML names, so for 'gaussian' it runs on an XML naming it; the SCF's own
+    XML is put back afterwards (ingest tells the kernel apart by content)."""
+    settings = replace(TINY_SETTINGS, ldos_spacing_ev=0.1, ldos_broadening_ev=width_ev)
+    shutil.copytree(scf_run, directory)
+    xml = next(directory.glob("out/*.save/data-file-schema.xml"))
+    original = xml.read_text()
+    if kernel == "gaussian":
+        xml.write_text(original.replace(">fd</smearing>", ">gaussian</smearing>"))
+    run_pp_ldos(settings, directory, progress=False)
+    xml.write_text(original)
+    return directory

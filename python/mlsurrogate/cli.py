@@ -119,16 +119,28 @@ def _qe_run(args: argparse.Namespace) -> int:
 
 
 def _qe_ingest(args: argparse.Namespace) -> int:
-    from mlsurrogate.qe import ingest
+    import warnings
 
-    path = ingest(
-        args.directory,
-        args.output,
-        descriptor_params=None if args.no_descriptors else _descriptor_params(args),
-        ldos_mantissa_bits=args.ldos_mantissa_bits,
-        threads=args.threads,
-        progress=not args.quiet,
-    )
+    from mlsurrogate.qe import ApproximateIntegrationWarning, ingest
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ApproximateIntegrationWarning)
+        path = ingest(
+            args.directory,
+            args.output,
+            pw_out=args.pw_out,
+            xml=args.xml,
+            ldos=args.ldos,
+            ldos_input=args.ldos_input,
+            density=args.density,
+            mala_ldos=args.mala_ldos,
+            descriptor_params=None if args.no_descriptors else _descriptor_params(args),
+            ldos_mantissa_bits=args.ldos_mantissa_bits,
+            threads=args.threads,
+            progress=not args.quiet,
+        )
+    for warning in caught:
+        print(f"mlsurrogate qe ingest: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {path}")
     return 0
 
@@ -282,11 +294,23 @@ def _build_parser() -> argparse.ArgumentParser:
     ing = qe_sub.add_parser(
         "ingest",
         help="turn a QE run directory into one snapshot file (.h5)",
-        description="Read pw.out, the pw.x XML, the LDOS cubes and the density cube of a run "
-        "directory (layout of `mlsurrogate qe run`), convert to eV and Angstrom, compute "
-        "descriptors with mlsurrogate's kernel, and write one HDF5 snapshot.",
+        description="Read the pw.x output, the pw.x XML, the pp.x LDOS input, the LDOS cubes "
+        "and the density cube of a run directory, recognised by content whatever their names "
+        "(docs/qe-ingest.md), convert to eV and Angstrom, compute descriptors with "
+        "mlsurrogate's kernel, and write one HDF5 snapshot. File options are relative to the "
+        "run directory unless absolute.",
     )
     ing.add_argument("directory", help="QE run directory")
+    ing.add_argument("--pw-out", help="the pw.x output (default: found by content)")
+    ing.add_argument("--xml", help="the pw.x XML, <prefix>.save/data-file-schema.xml")
+    ing.add_argument("--ldos", metavar="GLOB", help="the LDOS cubes (a glob pattern)")
+    ing.add_argument("--ldos-input", help="the pp.x LDOS input (plot_num = 3)")
+    ing.add_argument("--density", help="the valence density cube")
+    ing.add_argument(
+        "--mala-ldos",
+        metavar="FILE.npy",
+        help="LDOS in MALA's layout ([nx, ny, nz, nE], 1/(eV A^3)) instead of cubes",
+    )
     ing.add_argument("-o", "--output", required=True, help="snapshot file to write (.h5)")
     ing.add_argument("--no-descriptors", action="store_true", help="store no descriptors")
     ing.add_argument(

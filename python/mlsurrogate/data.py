@@ -1,25 +1,8 @@
 """Snapshot files: one HDF5 file (h5py) per DFT snapshot.
 
-Layout (format ``mlsurrogate-snapshot``, version 1). Units eV and Angstrom; grid arrays
-are indexed [ix, iy, iz, ...] with grid point (ix, iy, iz) at fractional coordinates
-(ix/nx, iy/ny, iz/nz) of the cell, as in the descriptor kernel and in QE's cubes.
-
-datasets
-  ldos          [nx, ny, nz, nE] float32  1/(eV A^3), spin included, broadened (attrs)
-  energies      [nE]             float64  eV, absolute (QE's zero)
-  descriptors   [nx, ny, nz, K]  float32  optional; attribute ``params`` (JSON)
-  density       [nx, ny, nz]     float64  optional; valence density 1/A^3 from QE
-  cell [3, 3] (rows = lattice vectors), positions [N, 3], species [N],
-  forces [N, 3] eV/A, stress [3, 3] eV/A^3 (QE's sign),
-  eigenvalues [nk, nbnd] eV, occupations [nk, nbnd] (0..1), kweights [nk] (sum 2:
-  spin included)
-  core_density/<element>/{r, rab, rho}: radial core density (A, 1/A^3) of each element
-  whose pseudopotential has a nonlinear core correction
-file attributes
-  see ``REQUIRED_ATTRIBUTES``; energies as ``energy_<term>_eV`` per cell.
-
-The big arrays are chunked by x-planes and gzip-compressed, so training can read
-grid points plane by plane without loading whole files.
+The layout (format ``mlsurrogate-snapshot``, version 1: every dataset, attribute and
+unit) is documented once, in docs/snapshot-format.md. The big arrays are chunked by
+x-planes and gzip-compressed, so training reads grid points plane by plane.
 """
 
 from __future__ import annotations
@@ -348,6 +331,18 @@ def add_descriptors(
     return target
 
 
+def _integration_rule(attrs: Mapping[str, Any]) -> str:
+    """Which energy-integration rule the snapshot's LDOS gets (docs/energy-functional.md)."""
+    from mlsurrogate.physics import exact_energy_integrals
+
+    exact = exact_energy_integrals(
+        float(attrs["electronic_temperature_K"]),
+        str(attrs["ldos_broadening_kernel"]),
+        float(attrs["ldos_broadening_eV"]),
+    )
+    return "exact energy integrals" if exact else "approximate energy integrals"
+
+
 def summary(path: str | os.PathLike[str]) -> str:
     """A readable description of a snapshot file."""
     with Snapshot(path) as snap:
@@ -374,7 +369,7 @@ def summary(path: str | os.PathLike[str]) -> str:
             f"  energy grid   {len(energies)} energies, {energies[0]:.4f} .. {energies[-1]:.4f} "
             f"eV, spacing {a['energy_spacing_eV']:.4f} eV",
             f"  LDOS          {a['ldos_units']}, broadened by {a['ldos_broadening_kernel']} of "
-            f"width {a['ldos_broadening_eV']:.6f} eV, "
+            f"width {a['ldos_broadening_eV']:.6f} eV ({_integration_rule(a)}), "
             + (
                 "full float32 precision"
                 if int(a["ldos_mantissa_bits"]) >= 23

@@ -5,50 +5,11 @@ style. Units eV and Angstrom; float64 throughout. The LDOS d(e, r) [1/(eV A^3)] 
 on grid points r (flattened in C order over [ix, iy, iz]) and on a uniform energy grid
 e_j (absolute energies).
 
-Energy integrals (see the README section "LDOS broadening"). The LDOS is the Kohn-Sham
-LDOS broadened by -f' of width k_B T (pp.x with Fermi-Dirac smearing). For such an LDOS
-these identities are exact:
-
-    N(mu)            = integral_{-inf}^{mu} D(e) de                (electron count)
-    n(r)             = integral_{-inf}^{mu} d(e, r) de             (electron density)
-    E_band - TS      = integral_{-inf}^{mu} e D(e) de
-    -TS              = k_B T integral ln(1 - exp(-|e - mu| / k_B T)) D(e) de
-
-The last follows from s(x) = f ln f + (1 - f) ln(1 - f) = (K * g)(x) with g = -f' and
-K(x) = ln(1 - e^{-|x|}): in Fourier space s^/g^ = 1/k^2 - pi coth(pi k)/k
-= -sum_n 2/(k^2 + n^2) (Mittag-Leffler expansion of coth), whose inverse transform is
--sum_n e^{-n|x|}/n = ln(1 - e^{-|x|}). So no deconvolution is needed: the integrals
-are evaluated on the piecewise-linear interpolant of the sampled LDOS (weights W_j(mu)
-below); -TS by Gauss-Legendre product quadrature because its kernel has a log
-singularity at mu.
-
-Total free energy (Mermin; the sum QE prints as total = one-electron + hartree + xc +
-ewald + smearing):
-
-    A = (E_band - TS) - E_H[n] + E_xc[n] - integral v_xc n + E_ii
-
-E_H drops G = 0 (compensated by E_ii's neutralizing background); E_xc is LDA
-(Perdew & Zunger, PRB 23, 5048 (1981), the Ceperley-Alder fit) or PBE (Perdew, Burke &
-Ernzerhof, PRL 77, 3865 (1996)) with gradients by FFT. E_ii comes from LAMMPS
-(:mod:`mlsurrogate.ion_ion`).
-
-Distributed use (the pair style; every rank owns a set of grid points):
-
-1. local:   D_part = dos(ldos_local, dV)                      -> MPI_Allreduce(sum) = D
-2. global:  mu = fermi_level(D, N_val); n_local = density(ldos_local, mu)
-            -> gather n to a full grid on every rank
-            terms, phi, dPhi_dstrain = global_terms(D, n_grid, cell, mu)  (replicated)
-3. local:   c_part = fermi_shift_part(ldos_local, mu, phi_local)
-                                                              -> MPI_Allreduce(sum) = c
-            dA/dd = ldos_gradient(mu, phi_local, D, c, dV)    (per owned point)
-
-phi(r) = dPhi/dn(r) for Phi = -E_H + E_xc - integral v_xc n. The gradient keeps the
-electron count fixed: mu moves with the LDOS, dmu/dd_j(r) = -W_j dV / D(mu).
-
-Strain (virial): for x -> (1 + eps) x of atoms, grid and cell together,
-dA/deps = [sum_r beta(r) dB(r)/deps] + (E_band - TS) I + dPhi/deps|_n - c N_val / D(mu) I,
-the first term from the descriptor kernel (beta = dA/dB), the second because D scales
-with the voxel volume, the last because mu moves to keep N_val (c is step 3's constant).
+The derivations are written once, in docs/energy-functional.md: the total free energy
+(section 1), the exact integrals of an LDOS broadened by -f' of width k_B T (2), the
+Fermi-weighted rule for other broadenings (3), the Fermi level (4), dA/dLDOS at fixed
+electron count (5), the strain derivative (6) and the distributed interface the pair
+style calls (7). :meth:`LdosEnergy.rule_weights` is the one place the two rules differ.
 """
 
 from __future__ import annotations
@@ -57,16 +18,53 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mlsurrogate.units import BOHR_ANGSTROM, BOLTZMANN_EV_PER_K, COULOMB_EV_ANGSTROM, HARTREE_EV
 
 FERMI_DIRAC_KERNEL = "fermi-dirac-derivative"
+GAUSSIAN_KERNEL = "gaussian"
+# Kernels whose LDOS the Fermi-weighted (approximate) rule accepts.
+APPROXIMATE_KERNELS = (FERMI_DIRAC_KERNEL, GAUSSIAN_KERNEL)
 XC_FUNCTIONALS = ("lda_pz", "pbe")
 _QUADRATURE_POINTS = 16
+# Fermi-weighted rule: Gauss-Legendre points per sub-interval, and sub-intervals short
+# enough (<= k_B T / 2) that f is smooth on each: the rule integrates the linear
+# interpolant against f to ~1e-10 relative.
+_FERMI_POINTS = 8
+_FERMI_SUBINTERVAL_KT = 0.5
 # TorchScript cannot read module globals: these reach scripted code as module attributes.
 _BISECTION_STEPS = 200
 # Energies must reach this many k_B T on either side of mu: f and -f' are < 5e-5 there.
 _WINDOW_WIDTHS = 10.0
+
+
+def exact_energy_integrals(temperature_k: float, kernel: str, width_ev: float) -> bool:
+    """True when an LDOS broadened by ``kernel`` of ``width_ev`` makes the energy integrals
+    exact identities (-f' of width k_B T; docs/energy-functional.md, section 2)."""
+    kt = BOLTZMANN_EV_PER_K * temperature_k
+    return kernel == FERMI_DIRAC_KERNEL and abs(width_ev - kt) <= 1e-6 * kt
+
+
+def fermi_rule_nodes(
+    energies: np.ndarray, kt: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Nodes x_q, weights w_q, segment k_q and position t_q in the segment of a fixed
+    quadrature of integral_{e_0}^{e_last} g(e) y(e) de for the linear interpolant y of
+    samples on ``energies`` (docs/energy-functional.md, section 3)."""
+    step = float(energies[1] - energies[0])
+    pieces = max(1, math.ceil(step / (_FERMI_SUBINTERVAL_KT * kt)))
+    gauss, gauss_weights = np.polynomial.legendre.leggauss(_FERMI_POINTS)
+    t = ((np.arange(pieces)[:, None] + 0.5 * (gauss[None] + 1.0)) / pieces).ravel()
+    w = np.tile(gauss_weights * 0.5 * step / pieces, pieces)
+    segments = np.arange(len(energies) - 1)
+    nodes = energies[segments][:, None] + step * t[None]
+    return (
+        nodes.ravel(),
+        np.tile(w, len(segments)),
+        np.repeat(segments, t.size),
+        np.tile(t, len(segments)),
+    )
 
 
 def _segment(energies: torch.Tensor, mu: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -290,16 +288,33 @@ class LdosEnergy(torch.nn.Module):
             raise ValueError(f"xc functional must be one of {XC_FUNCTIONALS}, got {xc!r}")
         kt = BOLTZMANN_EV_PER_K * temperature_k
         width = kt if broadening_ev is None else broadening_ev
-        if broadening_kernel != FERMI_DIRAC_KERNEL or abs(width - kt) > 1e-6 * kt:
+        if not width > 0 or not math.isfinite(width):
+            raise ValueError(f"LDOS broadening width must be > 0 eV, got {width}")
+        exact = exact_energy_integrals(temperature_k, broadening_kernel, width)
+        if not exact and broadening_kernel not in APPROXIMATE_KERNELS:
             raise ValueError(
-                f"LDOS broadened by {broadening_kernel} of width {width} eV: the energy "
-                f"integrals are exact for {FERMI_DIRAC_KERNEL} of width k_B T = {kt:.6f} eV "
-                "only (QE: smearing='fd', degauss_ldos = degauss); regenerate the LDOS so"
+                f"LDOS broadened by {broadening_kernel!r}: supported are "
+                f"{FERMI_DIRAC_KERNEL} (exact integrals at width k_B T = {kt:.6f} eV, "
+                f"approximate otherwise) and {GAUSSIAN_KERNEL} (approximate); regenerate the "
+                "LDOS with smearing='fd' or 'gaussian'"
             )
         nodes, weights = np.polynomial.legendre.leggauss(_QUADRATURE_POINTS)
+        # the exact rule needs no Fermi-rule nodes: empty buffers keep model files small
+        fermi_nodes, fermi_weights, fermi_segment, fermi_t = (
+            (np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0))
+            if exact
+            else fermi_rule_nodes(energies.numpy(), kt)
+        )
         self.register_buffer("energies", energies)
         self.register_buffer("quadrature_nodes", torch.as_tensor(nodes, dtype=torch.float64))
         self.register_buffer("quadrature_weights", torch.as_tensor(weights, dtype=torch.float64))
+        self.register_buffer("fermi_nodes", torch.as_tensor(fermi_nodes, dtype=torch.float64))
+        self.register_buffer("fermi_weights", torch.as_tensor(fermi_weights, dtype=torch.float64))
+        self.register_buffer("fermi_segment", torch.as_tensor(fermi_segment, dtype=torch.int64))
+        self.register_buffer("fermi_t", torch.as_tensor(fermi_t, dtype=torch.float64))
+        self.exact_integrals = exact
+        self.broadening_kernel = broadening_kernel
+        self.broadening_ev = float(width)
         self.kt = kt
         self.temperature_k = float(temperature_k)
         self.xc = xc
@@ -308,6 +323,51 @@ class LdosEnergy(torch.nn.Module):
         self.coulomb = COULOMB_EV_ANGSTROM
         self.bisection_steps = _BISECTION_STEPS
         self.window_widths = _WINDOW_WIDTHS
+
+    # ------------------------------------------------------------------ integration rule
+    def _scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """sum_q values_q hat_j(x_q): node values onto the energy samples' weights."""
+        weights = torch.zeros_like(self.energies)
+        weights = weights.index_add(0, self.fermi_segment, values * (1.0 - self.fermi_t))
+        return weights.index_add(0, self.fermi_segment + 1, values * self.fermi_t)
+
+    def _fermi_at_nodes(self, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f(x_q; mu, T) and s(f) = f ln f + (1 - f) ln(1 - f) at the rule's nodes."""
+        y = (self.fermi_nodes - mu) / self.kt
+        occupation = torch.sigmoid(-y)
+        entropy = -occupation * F.softplus(y) - (1.0 - occupation) * F.softplus(-y)
+        return occupation, entropy
+
+    @torch.jit.export
+    def rule_weights(
+        self, mu: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weights of the energy integrals at mu, each [nE], dotted with D (or d(r)):
+
+        occupation (N = W . D, n(r) = W . d(r)), its mu-derivative W', band-free energy
+        G (E_band - TS = G . D) and G'. Exact rule: W = integral^{mu} of the linear
+        interpolant, G = W e. Fermi-weighted rule: W = integral f(e; mu, T) (.),
+        G = integral [e f + k_B T s(f)] (.), G' = mu W'
+        (docs/energy-functional.md, sections 2 and 3).
+        """
+        if self.exact_integrals:
+            weights = integration_weights(self.energies, mu)
+            slope = interpolation_weights(self.energies, mu)
+            return weights, slope, weights * self.energies, slope * self.energies
+        occupation, entropy = self._fermi_at_nodes(mu)
+        occupied = self.fermi_weights * occupation
+        weights = self._scatter(occupied)
+        slope = self._scatter(self.fermi_weights * occupation * (1.0 - occupation) / self.kt)
+        band_free = self._scatter(
+            occupied * self.fermi_nodes + self.fermi_weights * self.kt * entropy
+        )
+        return weights, slope, band_free, mu * slope
+
+    @torch.jit.export
+    def occupation_weights(self, mu: torch.Tensor) -> torch.Tensor:
+        """W_j(mu) with n(r) = sum_j W_j d_j(r) and N = sum_j W_j D_j."""
+        weights, _, _, _ = self.rule_weights(mu)
+        return weights
 
     # ------------------------------------------------------------------ step 1, local
     @torch.jit.export
@@ -322,8 +382,8 @@ class LdosEnergy(torch.nn.Module):
     # ------------------------------------------------------------------ step 2, global
     @torch.jit.export
     def fermi_level(self, dos: torch.Tensor, n_electrons: float) -> torch.Tensor:
-        """mu with integral^{mu} D = n_electrons (N_val of the structure): bisection on the
-        piecewise-quadratic N(mu).
+        """mu with N(mu) = n_electrons (N_val of the structure): bisection on N(mu) of the
+        integration rule (piecewise quadratic for the exact rule).
 
         Robust with a gap (N flat in it: the bisection ends inside the gap) and with
         non-monotonic D from a network. Not differentiable: ``ldos_gradient`` accounts for
@@ -334,7 +394,7 @@ class LdosEnergy(torch.nn.Module):
         hi = energies[-1].clone()
         if not n_electrons > 0.0:
             raise ValueError("the number of electrons must be > 0, got " + str(n_electrons))
-        total = (integration_weights(energies, hi) * dos).sum()
+        total = (self.occupation_weights(hi) * dos).sum()
         if bool(total < n_electrons):
             raise ValueError(
                 "the LDOS holds " + str(float(total)) + " electrons over the energy grid, "
@@ -342,7 +402,7 @@ class LdosEnergy(torch.nn.Module):
             )
         for _ in range(self.bisection_steps):
             mid = 0.5 * (lo + hi)
-            if bool((integration_weights(energies, mid) * dos).sum() < n_electrons):
+            if bool((self.occupation_weights(mid) * dos).sum() < n_electrons):
                 lo = mid
             else:
                 hi = mid
@@ -362,18 +422,23 @@ class LdosEnergy(torch.nn.Module):
 
     @torch.jit.export
     def density(self, ldos: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-        """n(r) = integral^{mu} d(e, r) de for the given points (1/A^3)."""
-        return ldos @ integration_weights(self.energies, mu)
+        """n(r) = sum_j W_j(mu) d_j(r) for the given points (1/A^3)."""
+        return ldos @ self.occupation_weights(mu)
 
     @torch.jit.export
     def band_free_energy(self, dos: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-        """E_band - TS = integral^{mu} e D(e) de."""
-        return (integration_weights(self.energies, mu) * self.energies * dos).sum()
+        """E_band - TS = sum_j G_j(mu) D_j."""
+        _, _, band_free, _ = self.rule_weights(mu)
+        return (band_free * dos).sum()
 
     @torch.jit.export
     def entropy_term(self, dos: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-        """-TS = k_B T integral ln(1 - exp(-|e - mu| / k_B T)) D(e) de (product quadrature
-        on the linear interpolant, split at mu where the kernel is log-singular)."""
+        """-TS. Exact rule: k_B T integral ln(1 - exp(-|e - mu| / k_B T)) D(e) de (product
+        quadrature on the linear interpolant, split at mu where the kernel is
+        log-singular). Fermi-weighted rule: k_B T integral s(f(e; mu, T)) D(e) de."""
+        if not self.exact_integrals:
+            _, entropy = self._fermi_at_nodes(mu)
+            return (self._scatter(self.fermi_weights * self.kt * entropy) * dos).sum()
         energies = self.energies
         breaks, _ = torch.sort(torch.cat([energies, mu.reshape(1)]))
         left, right = breaks[:-1], breaks[1:]
@@ -469,16 +534,16 @@ class LdosEnergy(torch.nn.Module):
         ``terms`` also holds D(mu) and (e D)(mu) (interpolants at mu) for the virial.
         """
         terms, phi, phi_strain = self.potential_terms(density, cell, core)
-        at_mu = interpolation_weights(self.energies, mu)
-        terms["dos_at_mu"] = (at_mu * dos).sum()
-        terms["edos_at_mu"] = (at_mu * self.energies * dos).sum()
+        weights, slope, _, band_slope = self.rule_weights(mu)
+        terms["dos_at_mu"] = (slope * dos).sum()
+        terms["edos_at_mu"] = (band_slope * dos).sum()
         band_free = self.band_free_energy(dos, mu)
         entropy = self.entropy_term(dos, mu)
         terms["band_free"] = band_free
         terms["entropy"] = entropy
         terms["band"] = band_free - entropy
         terms["fermi_level"] = mu
-        terms["electrons"] = (integration_weights(self.energies, mu) * dos).sum()
+        terms["electrons"] = (weights * dos).sum()
         terms["one_electron"] = terms["band"] - 2.0 * terms["hartree"] - terms["vxc_n"]
         terms["electronic"] = band_free - terms["hartree"] + terms["xc"] - terms["vxc_n"]
         return terms, phi, phi_strain
@@ -488,8 +553,9 @@ class LdosEnergy(torch.nn.Module):
     def band_free_points(
         self, ldos: torch.Tensor, mu: torch.Tensor, voxel_volume: float
     ) -> torch.Tensor:
-        """Each given point's share of E_band - TS: dV integral^{mu} e d(e, r) de (eV)."""
-        return (ldos @ (integration_weights(self.energies, mu) * self.energies)) * voxel_volume
+        """Each given point's share of E_band - TS: dV sum_j G_j(mu) d_j(r) (eV)."""
+        _, _, band_free, _ = self.rule_weights(mu)
+        return (ldos @ band_free) * voxel_volume
 
     @torch.jit.export
     def potential_points(
@@ -508,8 +574,10 @@ class LdosEnergy(torch.nn.Module):
     def fermi_shift_part(
         self, ldos: torch.Tensor, mu: torch.Tensor, phi: torch.Tensor
     ) -> torch.Tensor:
-        """sum_r phi(r) d(mu, r) over the given points (phi flattened like ldos rows)."""
-        return (phi * (ldos @ interpolation_weights(self.energies, mu))).sum()
+        """sum_r phi(r) sum_j W'_j(mu) d_j(r) over the given points (phi flattened like
+        ldos rows); for the exact rule W' interpolates d at mu."""
+        _, slope, _, _ = self.rule_weights(mu)
+        return (phi * (ldos @ slope)).sum()
 
     @torch.jit.export
     def ldos_gradient(
@@ -520,19 +588,17 @@ class LdosEnergy(torch.nn.Module):
         fermi_shift: torch.Tensor,
         voxel_volume: float,
     ) -> torch.Tensor:
-        """dA/dd_j(r) at fixed N for the given points: W_j (e_j dV + phi(r) - dV c / D(mu)),
+        """dA/dd_j(r) at fixed N for the given points: G_j dV + W_j (phi(r) - dV c / N'),
 
-        c = [e D](mu) + sum_r phi(r) d(mu, r) (``fermi_shift`` is the second part, summed
-        over all points), the interpolants taken at mu. Shape [points, energies].
+        N' = W' . D, c = G' . D + sum_r phi(r) W' . d(r) (``fermi_shift`` is the second
+        part, summed over all points); for the exact rule G = W e, N' = D(mu) and
+        c = (e D)(mu) + ... (docs/energy-functional.md, section 5). Shape [points, energies].
         """
-        energies = self.energies
-        weights = integration_weights(energies, mu)
-        at_mu = interpolation_weights(energies, mu)
-        dos_mu = (at_mu * dos).sum()
-        c = (at_mu * energies * dos).sum() + fermi_shift
-        shift = voxel_volume * c / dos_mu
-        return weights.unsqueeze(0) * (
-            energies.unsqueeze(0) * voxel_volume + phi.unsqueeze(1) - shift
+        weights, slope, band_free, band_slope = self.rule_weights(mu)
+        c = (band_slope * dos).sum() + fermi_shift
+        shift = voxel_volume * c / (slope * dos).sum()
+        return band_free.unsqueeze(0) * voxel_volume + weights.unsqueeze(0) * (
+            phi.unsqueeze(1) - shift
         )
 
     # ------------------------------------------------------------------ one process

@@ -1,0 +1,241 @@
+"""Settings of one pw.x + pp.x run and the input files written from them.
+
+Units: the QE keywords keep QE's units (Ry for cutoffs and thresholds); the LDOS energy
+grid is in eV, absolute (QE's zero). pp.x's ``degauss_ldos`` is read in eV by QE 6.7.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ase
+import ase.data
+import numpy as np
+
+from mlsurrogate.qe.readers import read_upf
+from mlsurrogate.units import BOLTZMANN_EV_PER_K, RYDBERG_EV
+
+DEFAULT_PSEUDO_DIR = "/usr/share/espresso/pseudo"
+PREFIX = "pwscf"
+OUTDIR = "out"
+LDOS_STEM = "ldos_"
+DENSITY_CUBE = "density.cube"
+# Kernel names recorded in snapshots, keyed by the smearing names pw.x accepts.
+BROADENING_KERNELS = {
+    "fd": "fermi-dirac-derivative",
+    "f-d": "fermi-dirac-derivative",
+    "fermi-dirac": "fermi-dirac-derivative",
+    "gaussian": "gaussian",
+    "gauss": "gaussian",
+    "mv": "marzari-vanderbilt",
+    "m-v": "marzari-vanderbilt",
+    "cold": "marzari-vanderbilt",
+    "marzari-vanderbilt": "marzari-vanderbilt",
+    "mp": "methfessel-paxton",
+    "m-p": "methfessel-paxton",
+    "methfessel-paxton": "methfessel-paxton",
+}
+
+
+@dataclass(frozen=True)
+class QESettings:
+    """DFT and LDOS settings of one pw.x + pp.x run (defaults: the bundled Al dataset).
+
+    Energies of the LDOS grid are absolute (QE's zero), in eV: ``ldos_emin_ev``,
+    ``ldos_emin_ev + ldos_spacing_ev``, ... up to ``ldos_emax_ev``.
+    ``ldos_broadening_ev`` None means the SCF smearing width (k_B T).
+    ``pw_command``/``pp_command`` are command lines, e.g. ``"mpirun -n 2 pw.x -nk 2"``;
+    ``-in FILE`` is appended.
+    """
+
+    pseudopotentials: Mapping[str, str] = field(default_factory=lambda: {"Al": "Al.pz-vbc.UPF"})
+    pseudo_dir: str = DEFAULT_PSEUDO_DIR
+    ecutwfc_ry: float = 20.0
+    ecutrho_ry: float | None = None
+    kspacing: float = 0.2
+    kpts: tuple[int, int, int] | None = None
+    electronic_temperature_k: float = 933.0
+    smearing: str = "fd"
+    conv_thr_ry: float = 1e-10
+    electron_maxstep: int = 100
+    nbnd: int | None = None
+    ldos_emin_ev: float = -5.0
+    ldos_emax_ev: float = 11.0
+    ldos_spacing_ev: float = 0.1
+    ldos_broadening_ev: float | None = None
+    pw_command: str = "pw.x"
+    pp_command: str = "pp.x"
+
+    def validate(self) -> None:
+        checks = [
+            (self.ecutwfc_ry > 0, f"ecutwfc_ry must be > 0, got {self.ecutwfc_ry}"),
+            (self.kspacing > 0, f"kspacing must be > 0, got {self.kspacing}"),
+            (
+                self.electronic_temperature_k > 0,
+                f"electronic_temperature_k must be > 0, got {self.electronic_temperature_k}",
+            ),
+            (self.conv_thr_ry > 0, f"conv_thr_ry must be > 0, got {self.conv_thr_ry}"),
+            (self.ldos_spacing_ev > 0, f"ldos_spacing_ev must be > 0, got {self.ldos_spacing_ev}"),
+            (
+                self.ldos_emax_ev > self.ldos_emin_ev,
+                f"ldos_emax_ev ({self.ldos_emax_ev}) must exceed ldos_emin_ev "
+                f"({self.ldos_emin_ev})",
+            ),
+            (
+                self.smearing.lower() in BROADENING_KERNELS,
+                f"smearing {self.smearing!r} is not one of {sorted(BROADENING_KERNELS)}",
+            ),
+            (
+                self.ldos_broadening_ev is None or self.ldos_broadening_ev > 0,
+                f"ldos_broadening_ev must be > 0, got {self.ldos_broadening_ev}",
+            ),
+            (
+                self.kpts is None or (len(self.kpts) == 3 and min(self.kpts) >= 1),
+                f"kpts must be three integers >= 1, got {self.kpts}",
+            ),
+            (self.nbnd is None or self.nbnd >= 1, f"nbnd must be >= 1, got {self.nbnd}"),
+            (
+                self.electron_maxstep >= 1,
+                f"electron_maxstep must be >= 1, got {self.electron_maxstep}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def degauss_ry(self) -> float:
+        return BOLTZMANN_EV_PER_K * self.electronic_temperature_k / RYDBERG_EV
+
+    @property
+    def ldos_broadening(self) -> float:
+        """Width of the LDOS broadening kernel in eV (pp.x ``degauss_ldos`` is in eV)."""
+        if self.ldos_broadening_ev is None:
+            return BOLTZMANN_EV_PER_K * self.electronic_temperature_k
+        return self.ldos_broadening_ev
+
+    @property
+    def num_ldos_energies(self) -> int:
+        return int(round((self.ldos_emax_ev - self.ldos_emin_ev) / self.ldos_spacing_ev)) + 1
+
+
+def kpoint_grid(atoms: ase.Atoms, settings: QESettings) -> tuple[int, int, int]:
+    """``settings.kpts``, or ceil(|b_i| / kspacing) with b_i = 2 pi x reciprocal vectors."""
+    if settings.kpts is not None:
+        return tuple(int(k) for k in settings.kpts)  # type: ignore[return-value]
+    lengths = 2.0 * math.pi * np.linalg.norm(atoms.cell.reciprocal(), axis=1)
+    return tuple(max(1, math.ceil(b / settings.kspacing - 1e-6)) for b in lengths)
+
+
+def valence_electrons(atoms: ase.Atoms, settings: QESettings) -> float:
+    """Electrons of ``atoms`` with the pseudopotentials of ``settings`` (their Z valence)."""
+    return sum(
+        read_upf(Path(settings.pseudo_dir) / settings.pseudopotentials[s]).z_valence
+        for s in atoms.get_chemical_symbols()
+    )
+
+
+def _number_of_bands(atoms: ase.Atoms, settings: QESettings) -> int:
+    """Twice the occupied bands plus 4: for a free-electron-like metal that reaches well
+    past E_F + 3 eV at every k-point (ingest checks the window is covered)."""
+    if settings.nbnd is not None:
+        return settings.nbnd
+    return math.ceil(valence_electrons(atoms, settings)) + 4
+
+
+def write_pw_input(atoms: ase.Atoms, settings: QESettings) -> str:
+    """pw.x SCF input for ``atoms`` (cell and positions in Angstrom)."""
+    settings.validate()
+    symbols = atoms.get_chemical_symbols()
+    missing = sorted(set(symbols) - set(settings.pseudopotentials))
+    if missing:
+        raise ValueError(f"no pseudopotential given for element(s) {missing}")
+    if not all(atoms.pbc):
+        raise ValueError("pw.x needs a periodic cell: atoms.pbc must be all True")
+    species = sorted(set(symbols))
+    kx, ky, kz = kpoint_grid(atoms, settings)
+    system = [
+        "ibrav = 0",
+        f"nat = {len(atoms)}",
+        f"ntyp = {len(species)}",
+        f"ecutwfc = {settings.ecutwfc_ry!r}",
+        "occupations = 'smearing'",
+        f"smearing = '{settings.smearing}'",
+        f"degauss = {settings.degauss_ry!r}",
+        f"nbnd = {_number_of_bands(atoms, settings)}",
+    ]
+    if settings.ecutrho_ry is not None:
+        system.append(f"ecutrho = {settings.ecutrho_ry!r}")
+    lines = [
+        "&control",
+        "  calculation = 'scf'",
+        f"  prefix = '{PREFIX}'",
+        f"  outdir = './{OUTDIR}'",
+        f"  pseudo_dir = '{settings.pseudo_dir}'",
+        "  tprnfor = .true.",
+        "  tstress = .true.",
+        "/",
+        "&system",
+        *(f"  {item}" for item in system),
+        "/",
+        "&electrons",
+        f"  conv_thr = {settings.conv_thr_ry!r}",
+        f"  electron_maxstep = {settings.electron_maxstep}",
+        "/",
+        "ATOMIC_SPECIES",
+        *(
+            f"{s} {ase.data.atomic_masses[ase.data.atomic_numbers[s]]:.6f} "
+            f"{settings.pseudopotentials[s]}"
+            for s in species
+        ),
+        "CELL_PARAMETERS angstrom",
+        *(" ".join(f"{x:.12f}" for x in row) for row in np.asarray(atoms.cell)),
+        "ATOMIC_POSITIONS angstrom",
+        *(f"{s} " + " ".join(f"{x:.12f}" for x in p) for s, p in zip(symbols, atoms.positions)),
+        "K_POINTS automatic",
+        f"{kx} {ky} {kz} 0 0 0",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_pp_inputs(settings: QESettings) -> dict[str, str]:
+    """pp.x inputs: ``pp_ldos.in`` (LDOS cubes, plot_num=3), ``pp_density.in`` (plot_num=0)."""
+    settings.validate()
+    common = [f"  prefix = '{PREFIX}'", f"  outdir = './{OUTDIR}'"]
+    last_energy = (
+        settings.ldos_emin_ev + (settings.num_ldos_energies - 1) * settings.ldos_spacing_ev
+    )
+    ldos = [
+        "&inputpp",
+        *common,
+        f"  filplot = '{LDOS_STEM}'",
+        "  plot_num = 3",
+        f"  emin = {settings.ldos_emin_ev!r}",
+        # pp.x makes int((emax - emin) / delta_e) + 1 energies; half a step past the last
+        # energy keeps that count safe from rounding.
+        f"  emax = {last_energy + 0.5 * settings.ldos_spacing_ev!r}",
+        f"  delta_e = {settings.ldos_spacing_ev!r}",
+        f"  degauss_ldos = {settings.ldos_broadening!r}",
+        "/",
+        "&plot",
+        "  iflag = 3",
+        "  output_format = 6",
+        "  fileout = '.cube'",
+        "/",
+    ]
+    density = [
+        "&inputpp",
+        *common,
+        "  filplot = 'density_raw'",
+        "  plot_num = 0",
+        "/",
+        "&plot",
+        "  iflag = 3",
+        "  output_format = 6",
+        f"  fileout = '{DENSITY_CUBE}'",
+        "/",
+    ]
+    return {"pp_ldos.in": "\n".join(ldos) + "\n", "pp_density.in": "\n".join(density) + "\n"}
