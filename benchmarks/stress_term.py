@@ -27,15 +27,14 @@ import numpy as np
 
 import mlsurrogate
 from mlsurrogate.evaluate import evaluate_model, functional_for
-from mlsurrogate.model import save_model
-from mlsurrogate.training import (
+from mlsurrogate.export import export_model
+from mlsurrogate.training.dataset import SnapshotSource
+from mlsurrogate.training.physics_terms import (
     STRAINS,
-    SnapshotSource,
-    build_model,
-    physical_target,
-    physics_target,
+    coarse_grid_target,
     predicted_energy_forces,
     predicted_strain_derivatives,
+    snapshot_reference,
 )
 from mlsurrogate.units import GPA_PER_EV_PER_CUBIC_ANGSTROM
 
@@ -69,7 +68,7 @@ def train_one(stress_weight: float, train: list[str], checkpoint: Path) -> Path:
         return checkpoint.with_suffix(".pt")
     config = recipe(train, snapshots(BUNDLED, [6]), seed=0, stress_weight=stress_weight)
     mlsurrogate.train(config, checkpoint, progress=False, log=lambda line: None)
-    return save_model(build_model(checkpoint), checkpoint.with_suffix(".pt"))
+    return export_model(checkpoint, checkpoint.with_suffix(".pt"))
 
 
 def stresses(model: Path, path: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -78,10 +77,10 @@ def stresses(model: Path, path: str) -> tuple[np.ndarray, np.ndarray, float]:
     loaded = mlsurrogate.Model.load(model)
     network, params = loaded.module.network, loaded.params
     source = SnapshotSource(path, params)
-    reference = physical_target(source)
+    reference = snapshot_reference(source)
     lattice = float(np.linalg.norm(source.snapshot.atoms.cell[0]))  # cubic cells
     spacing = lattice / source.grid_shape[0]
-    target = physics_target(source, reference, params, spacing, "cpu", with_stress=True)
+    target = coarse_grid_target(source, reference, params, spacing, "cpu", with_stress=True)
     functional = functional_for(source.snapshot)
     derivatives, _ = predicted_strain_derivatives(
         predicted_energy_forces(network, functional, target), functional, target

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mlsurrogate.data import Snapshot
+from mlsurrogate.descriptors import snapshot_descriptors
 from mlsurrogate.ion_ion import ion_ion_energy
 from mlsurrogate.physics import LdosEnergy, core_density, core_form_factors, g_vectors
 from mlsurrogate.units import BOHR_ANGSTROM, RYDBERG_EV
@@ -183,19 +184,16 @@ def evaluate_model(
 ) -> tuple[list[ModelErrors], dict[str, np.ndarray]]:
     """Model vs DFT for each snapshot; also the first snapshot's DOS (DFT and predicted)."""
     from mlsurrogate.model import Model
-    from mlsurrogate.training import SnapshotSource
 
     model = Model.load(model_path)
     results: list[ModelErrors] = []
     dos_curves: dict[str, np.ndarray] = {}
     for path in snapshots:
-        source = SnapshotSource(path, model.params)
-        snap = source.snapshot
+        snap = Snapshot(path)
         if not np.allclose(snap.energies, model.energies):
             raise ValueError(f"{path}: its energy grid differs from the model's")
-        x, _ = source.all_points()
-        predicted = model.predict_ldos_from_descriptors(x.astype(np.float64))
-        predicted = predicted.reshape(*snap.grid_shape, -1)
+        descriptors = np.asarray(snapshot_descriptors(snap, model.params)[()], dtype=np.float64)
+        predicted = model.predict_ldos_from_descriptors(descriptors)
         reference = snap.ldos[()].astype(np.float64)
         atoms, attrs = snap.atoms, snap.attrs
         core = core_density_of(snap)
