@@ -16,20 +16,17 @@ from mlsurrogate.data import Snapshot, add_descriptors
 from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors, num_descriptors
 from mlsurrogate.evaluate import evaluate_model, functional_for
 from mlsurrogate.lammps_pair import pair_style_energy_forces
+from mlsurrogate.export import build_model, export_model
 from mlsurrogate.model import Model, load_metadata, save_model
-from mlsurrogate.training import (
-    SnapshotSource,
-    TrainingConfig,
-    build_model,
-    density_weights,
-    load_checkpoint,
-    physical_target,
-    physics_target,
-    point_loss,
+from mlsurrogate.training import SnapshotSource, TrainingConfig, load_checkpoint, train
+from mlsurrogate.training.dataset import density_weights
+from mlsurrogate.training.loop import point_loss
+from mlsurrogate.training.physics_terms import (
+    coarse_grid_target,
     predicted_energy_forces,
     predicted_strain_derivatives,
+    snapshot_reference,
     strained,
-    train,
 )
 from test_build import run_clean, venv_tool
 
@@ -57,7 +54,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(checkpoint) -> Path:
-    return save_model(build_model(checkpoint), checkpoint.parent / "model.pt")
+    return export_model(checkpoint, checkpoint.parent / "model.pt")
 
 
 def test_resume_continues_exactly(checkpoint, tmp_path):
@@ -104,8 +101,8 @@ def test_export_equals_eager_and_carries_metadata(checkpoint, exported):
         rtol=1e-10,
     )
     metadata = load_metadata(exported)
-    assert metadata["elements"] == ["Al"] and metadata["valence_charges"] == {"Al": 3.0}
-    assert metadata["masses"]["Al"] == pytest.approx(26.98, abs=0.01)
+    assert metadata["elements"] == ["Al"] and metadata["valence_charges"] == [3.0]
+    assert metadata["masses"][0] == pytest.approx(26.98, abs=0.01)
     assert metadata["descriptor_params"]["twojmax"] == 4
     assert len(metadata["energies_eV"]) == 161
     assert metadata["electronic_temperature_K"] == pytest.approx(933.0)
@@ -240,7 +237,9 @@ def test_force_term_forces_are_minus_the_energy_gradient(checkpoint):
     network = build_model(checkpoint).network.double()
     params = CONFIG.params()
     source = SnapshotSource(SNAP[3], params)
-    target = physics_target(source, physical_target(source), params, spacing=0.8, device="cpu")
+    target = coarse_grid_target(
+        source, snapshot_reference(source), params, spacing=0.8, device="cpu"
+    )
     assert target.grid == (5, 5, 5)
     functional = functional_for(source.snapshot)
     predicted = predicted_energy_forces(network, functional, target)
@@ -286,8 +285,10 @@ def test_stress_term_strain_derivatives_are_those_of_the_energy(smooth_checkpoin
     network = build_model(smooth_checkpoint).network.double()
     params = CONFIG.params()
     source = SnapshotSource(SNAP[3], params)
-    reference = physical_target(source)
-    target = physics_target(source, reference, params, spacing=0.8, device="cpu", with_stress=True)
+    reference = snapshot_reference(source)
+    target = coarse_grid_target(
+        source, reference, params, spacing=0.8, device="cpu", with_stress=True
+    )
     functional = functional_for(source.snapshot)
     predicted = predicted_energy_forces(network, functional, target)
     values, graphs = predicted_strain_derivatives(predicted, functional, target)
@@ -364,15 +365,25 @@ def test_energy_force_terms_train_and_resume_exactly(tmp_path):
     train(config, tmp_path / "b.pt", stop_after_epoch=0, progress=False, log=lambda line: None)
     resumed = train(config, tmp_path / "b.pt", resume=True, progress=False, log=lambda line: None)
     assert json.dumps(resumed) == json.dumps(uninterrupted)
-    with pytest.raises(ValueError, match="force_weight must be >= 0"):
+    with pytest.raises(
+        ValueError, match=r"force_weight = -1.0 \(section \[physics\]\) is out of range"
+    ):
         train(replace(config, force_weight=-1.0), tmp_path / "c.pt", progress=False)
-    with pytest.raises(ValueError, match="stress_weight must be >= 0"):
+    with pytest.raises(
+        ValueError, match=r"stress_weight = -1.0 \(section \[physics\]\) is out of range"
+    ):
         train(replace(config, stress_weight=-1.0), tmp_path / "c.pt", progress=False)
-    with pytest.raises(ValueError, match="density_weight must be >= 0"):
+    with pytest.raises(
+        ValueError, match=r"density_weight = -1.0 \(section \[physics\]\) is out of range"
+    ):
         train(replace(config, density_weight=-1.0), tmp_path / "c.pt", progress=False)
-    with pytest.raises(ValueError, match="physics_lr_factor must be in"):
+    with pytest.raises(
+        ValueError, match=r"physics_lr_factor = 0.0 \(section \[physics\]\) is out of range"
+    ):
         train(replace(config, physics_lr_factor=0.0), tmp_path / "c.pt", progress=False)
-    with pytest.raises(ValueError, match="weight_averaging must be in"):
+    with pytest.raises(
+        ValueError, match=r"weight_averaging = 1.0 \(section \[training\]\) is out of range"
+    ):
         train(replace(config, weight_averaging=1.0), tmp_path / "c.pt", progress=False)
     # the averaged weights, not the live ones, are what is kept (and exported)
     state = load_checkpoint(tmp_path / "a.pt")
@@ -402,6 +413,6 @@ def test_bad_training_input(tmp_path):
         build_model(tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="no such checkpoint"):
         build_model(tmp_path / "missing.pt")
-    with pytest.raises(ValueError, match="not a readable TorchScript model"):
+    with pytest.raises(ValueError, match="not a TorchScript model file written by"):
         load_metadata(tmp_path / "bad.pt")
     assert not list(tmp_path.glob("x.pt*"))
