@@ -349,8 +349,8 @@ def model_error_message(exc: BaseException) -> str:
 class Model:
     """An exported model in Python: LDOS, energies and metadata for ``ase.Atoms``.
 
-    Errors from the model's TorchScript code (an unphysical predicted LDOS) surface as
-    ValueError with :func:`model_error_message`'s text.
+    Errors from the model's TorchScript code (torch.jit.Error, e.g. an unphysical predicted
+    LDOS) surface as ValueError with :func:`model_error_message`'s text.
     """
 
     def __init__(self, module: torch.jit.ScriptModule, spec: ModelSpec, path: Path):
@@ -423,7 +423,7 @@ class Model:
                 False,
                 core,
             )
-        except RuntimeError as exc:
+        except (RuntimeError, torch.jit.Error) as exc:
             raise ValueError(f"{self.path}: {model_error_message(exc)}") from exc
         out = {key: float(value) for key, value in terms.items()}
         out["ion_ion"] = ion_ion_energy(atoms, charges).energy
@@ -445,7 +445,7 @@ class Model:
         rows = ldos.reshape(-1, ldos.shape[-1])
         try:
             mu = functional.fermi_level(functional.dos(rows, voxel), float(valence.sum()))
-        except RuntimeError as exc:
+        except (RuntimeError, torch.jit.Error) as exc:
             raise ValueError(f"{self.path}: {model_error_message(exc)}") from exc
         density = functional.density(rows, mu).reshape(grid)
         points = functional.band_free_points(rows, mu, voxel).reshape(grid)

@@ -273,7 +273,8 @@ def config_reference() -> str:
         lines += [f"## [{section}]", "", meaning[0].upper() + meaning[1:] + ".", ""]
         if section == "descriptor_params":
             lines += [
-                "Keys: " + ", ".join(f"`{k}`" for k in (*DESCRIPTOR_KEYWORDS, "elements")),
+                "The table `descriptor_params`. Keys: "
+                + ", ".join(f"`{k}`" for k in (*DESCRIPTOR_KEYWORDS, "elements")),
                 "(see `BispectrumParams`); `radius` and `weight` take one value or a table",
                 "element -> value. Defaults: "
                 + ", ".join(f"`{k} = {v!r}`" for k, v in asdict(BispectrumParams()).items()),
