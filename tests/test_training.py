@@ -637,29 +637,47 @@ def test_training_config_page_is_current():
         assert f"`{f.name}`" in page.read_text()
 
 
-def test_evaluate_prints_the_errors_computed_independently(exported, capsys):
-    """mlsurrogate evaluate's energy and Fermi level errors (sign included) equal the
-    model's prediction, evaluated here step by step, minus QE's values."""
+def test_evaluate_prints_the_errors_computed_independently(smooth_checkpoint, tmp_path, capsys):
+    """mlsurrogate evaluate's energy, Fermi level (sign included) and force errors equal
+    the model's prediction, evaluated here step by step (forces: central differences of
+    that energy; SiLU, so without kinks), minus QE's values."""
+    exported = export_model(smooth_checkpoint, tmp_path / "silu.pt")
     assert cli.main(["evaluate", str(exported), SNAP[8]]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "snapshot_08" in line)
-    printed = [float(cell) for cell in row.split("|")[5:8]]
+    printed = [float(cell) for cell in row.split("|")[5:9]]
     scripted = torch.jit.load(str(exported))
     with Snapshot(SNAP[8]) as snap:
         atoms, attrs, grid = snap.atoms, snap.attrs, snap.grid_shape
+        qe_forces = snap.reference("forces")
     params = CONFIG.params()
-    descriptors = compute_grid_descriptors(atoms, grid, params).astype(np.float32)
-    with torch.no_grad():
-        ldos = scripted(torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1])).double())
-    cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
-    terms, _ = scripted.functional.evaluate(ldos.reshape(*grid, -1), cell, 12.0, False, None)
-    e_ii = ion_ion_energy(atoms, {"Al": 3.0}).energy
-    natoms = len(atoms)
+
+    def terms_of(structure):
+        descriptors = compute_grid_descriptors(structure, grid, params)
+        with torch.no_grad():
+            ldos = scripted(torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1])))
+        cell = torch.as_tensor(np.asarray(structure.cell), dtype=torch.float64)
+        terms, _ = scripted.functional.evaluate(ldos.reshape(*grid, -1), cell, 12.0, False, None)
+        free_energy = float(terms["electronic"]) + ion_ion_energy(structure, {"Al": 3.0}).energy
+        return terms, free_energy
+
+    terms, free_energy = terms_of(atoms)
+    natoms, step = len(atoms), 1e-4
+    forces = np.zeros((natoms, 3))
+    for atom, axis in np.ndindex(natoms, 3):
+        shifted = []
+        for sign in (1.0, -1.0):
+            moved = atoms.copy()
+            moved.positions[atom, axis] += sign * step
+            shifted.append(terms_of(moved)[1])
+        forces[atom, axis] = -(shifted[0] - shifted[1]) / (2 * step)
     expected = [
         1000 * (float(terms["band"]) - attrs["energy_band_eV"]) / natoms,
-        1000 * (float(terms["electronic"]) + e_ii - attrs["energy_total_eV"]) / natoms,
+        1000 * (free_energy - attrs["energy_total_eV"]) / natoms,
         1000 * (float(terms["fermi_level"]) - attrs["fermi_energy_eV"]),
+        float(np.sqrt(np.mean((forces - qe_forces) ** 2))),
     ]
     assert abs(expected[2]) > 0.5  # the sign of the Fermi level error is tested
     assert printed[0] == pytest.approx(expected[0], abs=0.006)
     assert printed[1] == pytest.approx(expected[1], abs=0.006)
     assert printed[2] == pytest.approx(expected[2], abs=0.06)
+    assert printed[3] == pytest.approx(expected[3], abs=6e-5)

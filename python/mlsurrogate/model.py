@@ -32,6 +32,7 @@ from mlsurrogate.descriptors import (
     BispectrumParams,
     check_grid_fits_memory,
     compute_grid_descriptors,
+    descriptor_forces,
     grid_for_spacing,
     keyword_type,
     num_descriptors,
@@ -346,6 +347,15 @@ def model_error_message(exc: BaseException) -> str:
     return message
 
 
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What a model predicts for one structure on one grid."""
+
+    ldos: np.ndarray  # [nx, ny, nz, nE] 1/(eV A^3)
+    terms: dict[str, float]  # energy terms (eV), free_energy = A and ion_ion included
+    forces: np.ndarray  # (natoms, 3) eV/A: -dA/dR, electronic (adjoint) + ion-ion
+
+
 class Model:
     """An exported model in Python: LDOS, energies and metadata for ``ase.Atoms``.
 
@@ -398,16 +408,46 @@ class Model:
             ldos = self.module(flat.to(next(self.module.parameters()).dtype))
         return ldos.double().cpu().numpy().reshape(*descriptors.shape[:-1], -1)
 
-    def predict_ldos(
-        self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None
-    ) -> np.ndarray:
-        """LDOS [nx, ny, nz, nE] in 1/(eV A^3) on ``grid`` (default: the model's spacing)."""
+    def _descriptors(self, atoms: ase.Atoms, grid: tuple[int, int, int] | None) -> np.ndarray:
+        """Descriptors on ``grid`` (default: the model's spacing), after the element and
+        memory checks (descriptors and LDOS of every point are held at once)."""
         self._check_elements(atoms)
         grid = grid or self.default_grid(atoms)
         width = num_descriptors(self.params, len(self.spec.elements)) + len(self.spec.energies_eV)
         check_grid_fits_memory(int(np.prod(grid)), width, f"{self.path} on grid {tuple(grid)}")
-        descriptors = compute_grid_descriptors(atoms, grid, self.params)
-        return self.predict_ldos_from_descriptors(descriptors)
+        return compute_grid_descriptors(atoms, grid, self.params)
+
+    def predict_ldos(
+        self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None
+    ) -> np.ndarray:
+        """LDOS [nx, ny, nz, nE] in 1/(eV A^3) on ``grid`` (default: the model's spacing)."""
+        return self.predict_ldos_from_descriptors(self._descriptors(atoms, grid))
+
+    def predict(self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None) -> Prediction:
+        """LDOS, energy terms and forces F = -dA/dR: dA/dLDOS of the functional (at fixed
+        N_val), back-propagated to dA/dB, contracted with dB/dR by the adjoint kernel,
+        plus the ion-ion forces (DESIGN section 4, "Forces")."""
+        descriptors = self._descriptors(atoms, grid)
+        shape = descriptors.shape[:3]
+        ldos = self.predict_ldos_from_descriptors(descriptors)
+        cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
+        try:
+            terms, gradient = self.module.functional.evaluate(
+                torch.as_tensor(ldos), cell, float(self._valence(atoms).sum()), True, None
+            )
+        except (RuntimeError, torch.jit.Error) as exc:
+            raise ValueError(f"{self.path}: {model_error_message(exc)}") from exc
+        dtype = next(self.module.parameters()).dtype
+        flat = torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]), dtype=dtype)
+        beta = self.module.descriptor_gradient(flat, gradient.reshape(len(flat), -1).to(dtype))
+        electronic = descriptor_forces(
+            atoms, shape, self.params, beta.double().numpy().reshape(descriptors.shape)
+        )
+        ion_ion = ion_ion_energy(atoms, dict(zip(self.spec.elements, self.spec.valence_charges)))
+        out = {key: float(value) for key, value in terms.items()}
+        out["ion_ion"] = ion_ion.energy
+        out["free_energy"] = out["electronic"] + ion_ion.energy
+        return Prediction(ldos=ldos, terms=out, forces=electronic + ion_ion.forces)
 
     def energy_terms(
         self, atoms: ase.Atoms, ldos: np.ndarray, core: torch.Tensor | None = None
