@@ -1,14 +1,18 @@
-"""The LDOS network and the exported surrogate model (one TorchScript file).
+"""The LDOS network and the exported surrogate model (one TorchScript file): the model
+contract, Python side.
 
 ``LdosNetwork`` maps bispectrum descriptors to the LDOS at each grid point: feature-wise
 standardization of the descriptors, a feed-forward network, and an output scale (the
 LDOS is learned divided by its maximum over the training data, as MALA does).
 
-``SurrogateModel`` is what ``mlsurrogate export`` writes and ``pair_style mlsurrogate``
-loads: the network, the energy functional (:class:`mlsurrogate.physics.LdosEnergy`) and
-every setting needed to use them (descriptor parameters, elements, valence charges,
-masses, grid spacing), as typed module attributes and as ``metadata.json`` (an extra file
-of the TorchScript archive, readable with ``torch::jit::load(path, device, extra_files)``).
+``ModelSpec`` is everything needed to use a model besides its weights (elements, valence
+charges, masses, grid spacing, descriptor keywords, energy grid, electronic temperature,
+XC functional, provenance). ``SurrogateModel`` is what ``mlsurrogate export`` writes and
+``pair_style mlsurrogate`` loads: the network, the energy functional
+(:class:`mlsurrogate.physics.LdosEnergy`) and the spec, as typed module attributes and as
+``metadata.json`` (an extra file of the TorchScript archive, readable with
+``torch::jit::load(path, device, extra_files)``). ``Model`` is the Python user's handle:
+``Model.load`` checks the format and version and reads the spec back.
 """
 
 import contextlib
@@ -26,6 +30,7 @@ import ase
 import numpy as np
 import torch
 
+from mlsurrogate.data import params_from_json
 from mlsurrogate.descriptors import (
     DESCRIPTOR_KEYWORDS,
     PER_ELEMENT_KEYWORDS,
@@ -193,10 +198,8 @@ class ModelSpec:
         ]
         if missing:
             raise ValueError(f"{source}: metadata.json has no {', '.join(missing)}: {_REEXPORT}")
-        params = dict(raw["descriptor_params"])
-        params["elements"] = tuple(params["elements"])
         values = {name: raw[name] for name in names}
-        values["descriptor_params"] = BispectrumParams(**params)
+        values["descriptor_params"] = params_from_json(json.dumps(raw["descriptor_params"]))
         for name in ("elements", "valence_charges", "masses", "energies_eV"):
             values[name] = tuple(values[name])
         return cls(**values)

@@ -8,6 +8,7 @@ metadata (``config_reference``), so it cannot drift from the dataclass.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tomllib
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mlsurrogate.data import params_from_json
 from mlsurrogate.descriptors import DESCRIPTOR_KEYWORDS, PER_ELEMENT_KEYWORDS, BispectrumParams
 
 SECTIONS = {
@@ -137,10 +139,7 @@ class TrainingConfig:
         return config
 
     def params(self) -> BispectrumParams:
-        raw = dict(self.descriptor_params)
-        if raw.get("elements") is not None:
-            raw["elements"] = tuple(raw["elements"])
-        return BispectrumParams(**raw)
+        return params_from_json(json.dumps(self.descriptor_params))
 
     def validate(self, require_data: bool = True) -> None:
         """ValueError naming the key, its section and the problem."""
