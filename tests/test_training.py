@@ -503,6 +503,9 @@ def test_export_checks_the_output_directory_first(checkpoint, tmp_path, capsys):
     assert err.startswith("mlsurrogate export: ") and "does not exist" in err
     with pytest.raises(OutputError, match="does not exist"):
         export_model(checkpoint, target)
+    # training too: before any snapshot is read (these do not exist either)
+    with pytest.raises(OutputError, match="does not exist"):
+        train(replace(CONFIG, train=["none.h5"]), target, progress=False)
     assert not target.parent.exists()
 
 
