@@ -73,11 +73,12 @@ def grid_for_spacing(cell: Any, spacing: float, minimum: int = 1) -> tuple[int, 
     """Grid points along each cell vector for a target spacing h (Angstrom):
     n_i = max(minimum, floor(|a_i| / h + 0.5)), i.e. rounded half up, as C++ ``lround``
     for positive values (Python's ``round`` rounds half to even and disagreed at x.5)."""
-    if not (isinstance(spacing, (int, float)) and math.isfinite(spacing) and spacing > 0):
+    h = float(spacing) if isinstance(spacing, (int, float, np.floating)) else math.nan
+    if not (math.isfinite(h) and h > 0):
         raise ValueError(f"grid spacing must be a finite number > 0 Angstrom, got {spacing!r}")
     lengths = np.linalg.norm(np.asarray(cell, dtype=np.float64).reshape(3, 3), axis=1)
     return tuple(  # type: ignore[return-value]
-        max(int(minimum), int(math.floor(length / spacing + 0.5))) for length in lengths
+        max(int(minimum), int(math.floor(length / h + 0.5))) for length in lengths
     )
 
 
@@ -122,9 +123,7 @@ def check_positions(atoms: ase.Atoms) -> None:
     fractional = np.linalg.solve(cell.T, positions.T).T
     fractional -= np.floor(fractional)
     # atoms within the coincidence distance of a cell face also get the images across it
-    heights = volume / np.linalg.norm(
-        np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1
-    )
+    heights = volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
     near_face = fractional < 2 * COINCIDENCE_DISTANCE_A / heights
     points, owners = [fractional], [np.arange(len(positions))]
     for shift in np.ndindex(2, 2, 2):
