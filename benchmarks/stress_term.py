@@ -29,8 +29,7 @@ import mlsurrogate
 from mlsurrogate.calculator import MLSurrogateCalculator
 from mlsurrogate.data import Snapshot
 from mlsurrogate.evaluate import evaluate_model
-from mlsurrogate.model import save_model
-from mlsurrogate.training import build_model
+from mlsurrogate.export import export_model
 from mlsurrogate.units import GPA_PER_EV_PER_CUBIC_ANGSTROM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +62,7 @@ def train_one(stress_weight: float, train: list[str], checkpoint: Path) -> Path:
         return checkpoint.with_suffix(".pt")
     config = recipe(train, snapshots(BUNDLED, [6]), seed=0, stress_weight=stress_weight)
     mlsurrogate.train(config, checkpoint, progress=False, log=lambda line: None)
-    return save_model(build_model(checkpoint), checkpoint.with_suffix(".pt"))
+    return export_model(checkpoint, checkpoint.with_suffix(".pt"))
 
 
 def stresses(model: Path, path: str) -> tuple[np.ndarray, np.ndarray, float]:

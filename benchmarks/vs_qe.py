@@ -37,6 +37,7 @@ from pathlib import Path
 
 from ase.build import bulk
 
+from mlsurrogate.descriptors import grid_for_spacing
 from mlsurrogate.lammps_pair import lmp_command
 from mlsurrogate.model import load_metadata
 from mlsurrogate.qe import QESettings, mpi_commands, read_pw_clock, run_pw, valence_electrons
@@ -137,7 +138,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     for cells in args.cells:
         atoms = structure(cells)
-        grid = int(round(4.05 * cells / spacing))
+        grid = grid_for_spacing(atoms.cell, spacing)[0]  # cubic cells
         ours = time_ours(model, atoms, args.ranks)
         qe, source, bands = known.get(len(atoms), (None, None, None))
         if qe is None and args.ours_only:

@@ -25,8 +25,8 @@ from mlsurrogate.descriptors import (  # noqa: E402
     BispectrumParams,
     compute_grid_descriptors,
     descriptor_forces,
-    lammps_sna_grid,
 )
+from mlsurrogate.lammps_reference import lammps_sna_grid  # noqa: E402
 
 
 def main() -> None:

@@ -24,8 +24,7 @@ from ase.build import bulk
 
 import mlsurrogate
 from mlsurrogate.evaluate import evaluate_model, format_model_errors, plot_model_errors
-from mlsurrogate.model import save_model
-from mlsurrogate.training import build_model
+from mlsurrogate.export import export_model
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
 TRAIN, VALIDATION, TEST = [0, 1, 2, 3, 5, 7, 9], [6], [4, 8]
@@ -96,7 +95,7 @@ def main() -> None:
         epochs = list(pool.map(train_member, seeds, [args.epochs] * len(seeds), checkpoints))
     print(f"training: {epochs} epochs in {time.perf_counter() - start:.0f} s")
 
-    model_path = save_model(build_model(checkpoints), out / "al_model.pt")
+    model_path = export_model(checkpoints, out / "al_model.pt")
     errors, dos = evaluate_model(model_path, snapshots(TEST))
     print(format_model_errors(errors))
     for path in plot_model_errors(errors, dos, out):

@@ -28,9 +28,8 @@ from pathlib import Path
 import mlsurrogate
 from mlsurrogate.data import Snapshot
 from mlsurrogate.evaluate import evaluate_model, format_model_errors
+from mlsurrogate.export import export_model
 from mlsurrogate.files import atomic_output
-from mlsurrogate.model import save_model
-from mlsurrogate.training import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, VALIDATION = [0, 1, 3], [2]
@@ -101,7 +100,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"training: {len(history)} epochs in {seconds:.0f} s")
 
-    model_path = save_model(build_model(checkpoint), output / "al_933K.pt")
+    model_path = export_model(checkpoint, output / "al_933K.pt")
     checkpoint.unlink()
     errors, _ = evaluate_model(model_path, config.validation)
     table = format_model_errors(errors)

@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 
 from mlsurrogate import _core
+from mlsurrogate import descriptors as descriptors_module
 from mlsurrogate.descriptors import (
+    DESCRIPTOR_KEYWORDS,
     BispectrumParams,
     compute_grid_descriptors,
     descriptor_forces,
     descriptor_gradients,
-    lammps_sna_grid,
+    grid_for_spacing,
     num_descriptors,
     partition_to_atoms,
 )
+from mlsurrogate.lammps_reference import lammps_sna_grid
 
 TWO_ELEMENTS = {"radius": {"Al": 0.5, "Cu": 0.42}, "weight": {"Al": 1.0, "Cu": 0.73}}
 
@@ -316,3 +319,82 @@ def test_cli_descriptors_bad_input_leaves_no_file(tmp_path, capsys) -> None:
     assert main(["descriptors", str(structure), "--grid", "0", "2", "2", "-o", str(out)]) == 2
     assert "grid" in capsys.readouterr().err
     assert not list(tmp_path.glob("b.npy*"))
+
+
+@pytest.mark.parametrize(
+    ("length", "spacing", "expected"),
+    [
+        (2.5, 1.0, 3),  # half-integer: rounded up (Python's round gives 2)
+        (3.5, 1.0, 4),
+        (0.5, 1.0, 1),
+        (0.4, 1.0, 1),  # never fewer than one point
+        (2.4999, 1.0, 2),
+        (4.05, 0.18, 23),  # 22.5 points: the bundled model's spacing on a 4.05 A cell
+        (7.0, 0.5, 14),
+    ],
+)
+def test_grid_for_spacing_rounds_half_up(length: float, spacing: float, expected: int) -> None:
+    assert grid_for_spacing(np.diag([length] * 3), spacing) == (expected,) * 3
+    # the length of each cell vector counts, not its x component
+    tilted = np.array([[length * 0.6, length * 0.8, 0.0], [0, 1, 0], [0, 0, 1]])
+    assert grid_for_spacing(tilted, spacing)[0] == expected
+
+
+def test_grid_for_spacing_minimum_and_bad_spacing() -> None:
+    assert grid_for_spacing(np.eye(3), 1.0, minimum=2) == (2, 2, 2)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="grid spacing must be a finite number > 0"):
+            grid_for_spacing(np.eye(3), bad)
+
+
+def test_non_finite_and_coincident_positions_are_named() -> None:
+    params = BispectrumParams(twojmax=2)
+    broken = al4()
+    broken.positions[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"atoms \[2\] have non-finite"):
+        compute_grid_descriptors(broken, (2, 2, 2), params)
+    with pytest.raises(ValueError, match=r"atoms \[2\] have non-finite"):
+        descriptor_forces(broken, (2, 2, 2), params, np.zeros((2, 2, 2, 5)))
+    duplicate = al4()
+    duplicate.positions[3] = duplicate.positions[1] + 1e-9
+    with pytest.raises(ValueError, match="atoms 1 and 3 coincide"):
+        compute_grid_descriptors(duplicate, (2, 2, 2), params)
+    # a periodic image: atom 3 one lattice vector (and a little) away from atom 0
+    image = al4()
+    image.positions[3] = image.positions[0] + image.cell[0] + image.cell[2] + 3e-9
+    with pytest.raises(ValueError, match="atoms 0 and 3 coincide"):
+        compute_grid_descriptors(image, (2, 2, 2), params)
+    # across a face of the wrapped cell: fractional 1e-12 and 1 - 1e-12
+    edge = ase.Atoms(
+        "Al2", cell=np.diag([4.0, 4.0, 4.0]), pbc=True,
+        scaled_positions=[[1e-12, 0.5, 0.5], [1 - 1e-12, 0.5, 0.5]],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="atoms 0 and 1 coincide"):
+        compute_grid_descriptors(edge, (2, 2, 2), params)
+    # 1e-6 A apart is two atoms, not one
+    close = al4()
+    close.positions[3] = close.positions[1] + 1e-6
+    assert np.isfinite(compute_grid_descriptors(close, (2, 2, 2), params)).all()
+
+
+def test_grid_too_big_for_memory_is_refused(monkeypatch) -> None:
+    params = BispectrumParams(twojmax=2)
+    with pytest.raises(ValueError, match="GiB, more than the .* GiB of memory available"):
+        compute_grid_descriptors(al4(), (4000, 4000, 4000), params)
+    # the estimate is points x K x 8 bytes against the available memory
+    points, k = 4 * 4 * 4, num_descriptors(params)
+    monkeypatch.setattr(descriptors_module, "available_memory_bytes", lambda: points * k * 8 - 1)
+    with pytest.raises(ValueError, match="coarser grid"):
+        compute_grid_descriptors(al4(), (4, 4, 4), params)
+    monkeypatch.setattr(descriptors_module, "available_memory_bytes", lambda: points * k * 8)
+    assert compute_grid_descriptors(al4(), (4, 4, 4), params).shape == (4, 4, 4, k)
+
+
+def test_one_keyword_list() -> None:
+    """The keyword list is the BispectrumParams fields (less the element order)."""
+    from dataclasses import fields
+
+    assert DESCRIPTOR_KEYWORDS == tuple(
+        f.name for f in fields(BispectrumParams) if f.name != "elements"
+    )
+    assert "wselfallflag" in DESCRIPTOR_KEYWORDS and "elements" not in DESCRIPTOR_KEYWORDS

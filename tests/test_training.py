@@ -3,33 +3,44 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import textwrap
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 from mlsurrogate import cli
+from mlsurrogate import descriptors as descriptors_module
 from mlsurrogate.data import Snapshot, add_descriptors
-from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors, num_descriptors
+from mlsurrogate.descriptors import (
+    DESCRIPTOR_KEYWORDS,
+    PER_ELEMENT_KEYWORDS,
+    BispectrumParams,
+    compute_grid_descriptors,
+    keyword_type,
+    num_descriptors,
+)
 from mlsurrogate.evaluate import evaluate_model, functional_for
+from mlsurrogate.export import build_model, export_model, spec_from_checkpoints
+from mlsurrogate.files import OutputError
+from mlsurrogate.ion_ion import ion_ion_energy
 from mlsurrogate.lammps_pair import pair_style_energy_forces
-from mlsurrogate.model import Model, load_metadata, save_model
-from mlsurrogate.training import (
-    SnapshotSource,
-    TrainingConfig,
-    build_model,
-    density_weights,
-    load_checkpoint,
-    physical_target,
-    physics_target,
-    point_loss,
+from mlsurrogate.model import Model, load_metadata, model_error_message, save_model
+from mlsurrogate.training import SnapshotSource, TrainingConfig, load_checkpoint, train
+from mlsurrogate.training.config import config_reference
+from mlsurrogate.training.dataset import density_weights
+from mlsurrogate.training.loop import point_loss
+from mlsurrogate.training.physics_terms import (
+    coarse_grid_target,
     predicted_energy_forces,
     predicted_strain_derivatives,
+    snapshot_reference,
     strained,
-    train,
 )
 from test_build import run_clean, venv_tool
 
@@ -57,7 +68,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(checkpoint) -> Path:
-    return save_model(build_model(checkpoint), checkpoint.parent / "model.pt")
+    return export_model(checkpoint, checkpoint.parent / "model.pt")
 
 
 def test_resume_continues_exactly(checkpoint, tmp_path):
@@ -104,8 +115,8 @@ def test_export_equals_eager_and_carries_metadata(checkpoint, exported):
         rtol=1e-10,
     )
     metadata = load_metadata(exported)
-    assert metadata["elements"] == ["Al"] and metadata["valence_charges"] == {"Al": 3.0}
-    assert metadata["masses"]["Al"] == pytest.approx(26.98, abs=0.01)
+    assert metadata["elements"] == ["Al"] and metadata["valence_charges"] == [3.0]
+    assert metadata["masses"][0] == pytest.approx(26.98, abs=0.01)
     assert metadata["descriptor_params"]["twojmax"] == 4
     assert len(metadata["energies_eV"]) == 161
     assert metadata["electronic_temperature_K"] == pytest.approx(933.0)
@@ -177,7 +188,7 @@ def test_ensemble_predicts_the_mean_ldos_in_python_and_lammps(checkpoint, export
         rtol=1e-10,
         atol=1e-14,
     )
-    assert len(load_metadata(ensemble_path)["training"]) == 2
+    assert len(load_metadata(ensemble_path)["provenance"]["training"]) == 2
     # the pair style evaluates the ensemble like any model: its energy is Python's
     with Snapshot(SNAP[5]) as snap:
         atoms = snap.atoms
@@ -240,7 +251,9 @@ def test_force_term_forces_are_minus_the_energy_gradient(checkpoint):
     network = build_model(checkpoint).network.double()
     params = CONFIG.params()
     source = SnapshotSource(SNAP[3], params)
-    target = physics_target(source, physical_target(source), params, spacing=0.8, device="cpu")
+    target = coarse_grid_target(
+        source, snapshot_reference(source), params, spacing=0.8, device="cpu"
+    )
     assert target.grid == (5, 5, 5)
     functional = functional_for(source.snapshot)
     predicted = predicted_energy_forces(network, functional, target)
@@ -286,8 +299,10 @@ def test_stress_term_strain_derivatives_are_those_of_the_energy(smooth_checkpoin
     network = build_model(smooth_checkpoint).network.double()
     params = CONFIG.params()
     source = SnapshotSource(SNAP[3], params)
-    reference = physical_target(source)
-    target = physics_target(source, reference, params, spacing=0.8, device="cpu", with_stress=True)
+    reference = snapshot_reference(source)
+    target = coarse_grid_target(
+        source, reference, params, spacing=0.8, device="cpu", with_stress=True
+    )
     functional = functional_for(source.snapshot)
     predicted = predicted_energy_forces(network, functional, target)
     values, graphs = predicted_strain_derivatives(predicted, functional, target)
@@ -364,15 +379,25 @@ def test_energy_force_terms_train_and_resume_exactly(tmp_path):
     train(config, tmp_path / "b.pt", stop_after_epoch=0, progress=False, log=lambda line: None)
     resumed = train(config, tmp_path / "b.pt", resume=True, progress=False, log=lambda line: None)
     assert json.dumps(resumed) == json.dumps(uninterrupted)
-    with pytest.raises(ValueError, match="force_weight must be >= 0"):
+    with pytest.raises(
+        ValueError, match=r"force_weight = -1.0 \(section \[physics\]\) is out of range"
+    ):
         train(replace(config, force_weight=-1.0), tmp_path / "c.pt", progress=False)
-    with pytest.raises(ValueError, match="stress_weight must be >= 0"):
+    with pytest.raises(
+        ValueError, match=r"stress_weight = -1.0 \(section \[physics\]\) is out of range"
+    ):
         train(replace(config, stress_weight=-1.0), tmp_path / "c.pt", progress=False)
-    with pytest.raises(ValueError, match="density_weight must be >= 0"):
+    with pytest.raises(
+        ValueError, match=r"density_weight = -1.0 \(section \[physics\]\) is out of range"
+    ):
         train(replace(config, density_weight=-1.0), tmp_path / "c.pt", progress=False)
-    with pytest.raises(ValueError, match="physics_lr_factor must be in"):
+    with pytest.raises(
+        ValueError, match=r"physics_lr_factor = 0.0 \(section \[physics\]\) is out of range"
+    ):
         train(replace(config, physics_lr_factor=0.0), tmp_path / "c.pt", progress=False)
-    with pytest.raises(ValueError, match="weight_averaging must be in"):
+    with pytest.raises(
+        ValueError, match=r"weight_averaging = 1.0 \(section \[training\]\) is out of range"
+    ):
         train(replace(config, weight_averaging=1.0), tmp_path / "c.pt", progress=False)
     # the averaged weights, not the live ones, are what is kept (and exported)
     state = load_checkpoint(tmp_path / "a.pt")
@@ -402,6 +427,260 @@ def test_bad_training_input(tmp_path):
         build_model(tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="no such checkpoint"):
         build_model(tmp_path / "missing.pt")
-    with pytest.raises(ValueError, match="not a readable TorchScript model"):
+    with pytest.raises(ValueError, match="not a TorchScript model file written by"):
         load_metadata(tmp_path / "bad.pt")
     assert not list(tmp_path.glob("x.pt*"))
+
+
+def test_model_spec_is_written_once_into_attributes_and_metadata(checkpoint, exported):
+    """The TorchScript attributes (the pair style's interface) and metadata.json hold the
+    same spec, and Model.load reads it back unchanged."""
+    spec = spec_from_checkpoints([load_checkpoint(checkpoint)])
+    model = Model.load(exported)
+    # the history holds NaN (no physics terms), which never compares equal: JSON for it
+    assert replace(model.spec, provenance={}) == replace(spec, provenance={})
+    assert json.dumps(model.spec.provenance, sort_keys=True) == json.dumps(
+        spec.provenance, sort_keys=True
+    )
+    module = model.module
+    assert module.format == "mlsurrogate-model" and module.format_version == 2
+    assert module.elements == ["Al"] and module.valence_charges == [3.0]
+    assert module.masses == [pytest.approx(26.98, abs=0.01)]
+    assert module.grid_spacing == spec.grid_spacing_A
+    assert module.cutoff == pytest.approx(2 * 4.67637 * 0.5)
+    for name in DESCRIPTOR_KEYWORDS:
+        value = getattr(module, name)
+        assert value == spec.keyword(name), name
+        expected = list if name in PER_ELEMENT_KEYWORDS else keyword_type(name)
+        assert type(value) is expected, name
+    assert module.twojmax == 4 and module.radius == [0.5] and module.switchflag is True
+    assert json.loads(module.metadata_json) == model.metadata
+    assert model.metadata["cutoff_A"] == module.cutoff
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda raw: raw.pop("xc_functional"), "metadata.json has no xc_functional"),
+        (lambda raw: raw["descriptor_params"].pop("rfac0"), "no descriptor_params.rfac0"),
+        (lambda raw: raw.update(format_version=1), "model format version 1; this mlsurrogate"),
+    ],
+)
+def test_model_load_refuses_incomplete_or_old_metadata(checkpoint, tmp_path, change, message):
+    model = build_model(checkpoint)
+    raw = json.loads(model.metadata_json)
+    change(raw)
+    model.metadata_json = json.dumps(raw)
+    path = save_model(model, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=message) as error:
+        Model.load(path)
+    assert "export the model again with `mlsurrogate export`" in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_checkpoint_and_model_files_are_told_apart(checkpoint, exported, tmp_path, capsys):
+    with pytest.raises(ValueError, match="is a training checkpoint, not a model: run `mlsurrogate"):
+        Model.load(checkpoint)
+    with pytest.raises(ValueError, match="is an exported model, not a training checkpoint"):
+        load_checkpoint(exported)
+    assert cli.main(["evaluate", str(checkpoint), SNAP[8]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlsurrogate evaluate: ") and "mlsurrogate export" in err
+    assert cli.main(["export", str(exported), "-o", str(tmp_path / "again.pt")]) == 2
+    assert "is an exported model, not a training checkpoint" in capsys.readouterr().err
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a TorchScript model file"):
+        Model.load(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an mlsurrogate checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_export_checks_the_output_directory_first(checkpoint, tmp_path, capsys):
+    target = tmp_path / "missing" / "m.pt"
+    # the directory is named even though the checkpoint does not exist: checked first
+    assert cli.main(["export", str(tmp_path / "none.ckpt"), "-o", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlsurrogate export: ") and "does not exist" in err
+    with pytest.raises(OutputError, match="does not exist"):
+        export_model(checkpoint, target)
+    # training too: before any snapshot is read (these do not exist either)
+    with pytest.raises(OutputError, match="does not exist"):
+        train(replace(CONFIG, train=["none.h5"]), target, progress=False)
+    assert not target.parent.exists()
+
+
+def test_unphysical_ldos_and_bad_structures_give_clear_errors(exported, monkeypatch):
+    model = Model.load(exported)
+    with Snapshot(SNAP[5]) as snap:
+        atoms, grid = snap.atoms, snap.grid_shape
+    empty = np.zeros((*grid, len(model.energies)))
+    with pytest.raises(ValueError, match="grid may be too coarse") as error:
+        model.energy_terms(atoms, empty)
+    assert "Traceback" not in str(error.value) and "fewer than N_val" in str(error.value)
+    broken = atoms.copy()
+    broken.positions[1] = np.inf
+    with pytest.raises(ValueError, match=r"atoms \[1\] have non-finite"):
+        model.energy(broken)
+    points = int(np.prod(grid))
+    monkeypatch.setattr(descriptors_module, "available_memory_bytes", lambda: points * 8)
+    with pytest.raises(ValueError, match="several MPI ranks"):
+        model.predict_ldos(atoms, grid)
+
+
+def test_model_error_message_strips_the_torchscript_traceback():
+    raised = RuntimeError(
+        "The following operation failed in the TorchScript interpreter.\n"
+        "Traceback of TorchScript (most recent call last):\n"
+        '  File "physics.py", line 339\n'
+        "builtins.ValueError: the LDOS holds 3.0 electrons over the energy grid, fewer than "
+        "N_val = 12.0\n"
+    )
+    message = model_error_message(raised)
+    assert message.startswith("the predicted LDOS is unphysical (the LDOS holds 3.0 electrons")
+    assert "outside the training data" in message and "Traceback" not in message
+    other = RuntimeError("Traceback ...\nbuiltins.ValueError: cell is singular\n")
+    assert model_error_message(other) == "cell is singular"
+
+
+def _copy(source: str, target: Path, edit) -> str:
+    shutil.copyfile(source, target)
+    with h5py.File(target, "r+") as h5:
+        edit(h5)
+    return str(target)
+
+
+@pytest.mark.parametrize("dataset", ["ldos", "descriptors"])
+def test_non_finite_training_data_names_the_file_and_dataset(tmp_path, dataset):
+    path = tmp_path / "bad.h5"
+    if dataset == "descriptors":
+        add_descriptors(SNAP[1], CONFIG.params(), output=path, progress=False)
+        shutil.move(path, tmp_path / "with.h5")
+        source = str(tmp_path / "with.h5")
+    else:
+        source = SNAP[1]
+
+    def poison(h5):
+        values = h5[dataset][2]
+        values[0, 1, 0] = np.nan
+        h5[dataset][2] = values
+
+    bad = _copy(source, path, poison)
+    with pytest.raises(ValueError, match=f"{bad}: dataset {dataset} holds NaN or inf values"):
+        train(replace(CONFIG, train=[SNAP[0], bad]), tmp_path / "x.pt", progress=False)
+    assert not list(tmp_path.glob("x.pt*"))
+
+
+def test_non_finite_loss_stops_training(tmp_path, monkeypatch):
+    from mlsurrogate.training import loop
+
+    monkeypatch.setattr(loop, "point_loss", lambda *args: torch.tensor(math.nan))
+    with pytest.raises(ValueError, match="training loss became NaN or inf") as error:
+        train(CONFIG, tmp_path / "x.pt", progress=False, log=lambda line: None)
+    assert SNAP[0] in str(error.value) and "learning_rate" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "what"),
+    [
+        (lambda h5: h5.attrs.__setitem__("xc_functional", "PBE"), "xc_functional"),
+        (lambda h5: h5.attrs.__setitem__("electronic_temperature_K", 1200.0), "electronic_temp"),
+        (
+            lambda h5: h5.attrs.__setitem__("pseudopotentials", '{"Al": "Al.pbe-n.UPF"}'),
+            "pseudopotentials",
+        ),
+        (lambda h5: h5["energies"].__setitem__(slice(None), h5["energies"][()] + 0.05), "energy"),
+    ],
+)
+def test_mixed_snapshot_settings_are_refused(tmp_path, edit, what):
+    other = _copy(SNAP[1], tmp_path / "other.h5", edit)
+    with pytest.raises(ValueError, match=f"{other} and {SNAP[0]} differ in {what}"):
+        train(replace(CONFIG, train=[SNAP[0], other]), tmp_path / "x.pt", progress=False)
+
+
+def test_mixed_elements_are_refused(tmp_path):
+    def to_cu(h5):
+        species = h5["species"][()]
+        species[0] = b"Cu"
+        h5["species"][...] = species
+
+    other = _copy(SNAP[1], tmp_path / "cu.h5", to_cu)
+    with pytest.raises(ValueError, match=f"{other} and {SNAP[0]} differ in elements"):
+        train(replace(CONFIG, validation=[other]), tmp_path / "x.pt", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[training]\nbatch_size = 'big'\n", r"batch_size \(section \[training\]\) must be int"),
+        ("[training]\nmax_epochs = -3\n", r"max_epochs = -3 \(section \[training\]\) is out of"),
+        ("[model]\nhidden = [8, -1]\n", r"hidden = \[8, -1\] \(section \[model\]\) is out of"),
+        ("[training]\nbatchsize = 2\n", r"unknown key 'batchsize' in section \[training\]"),
+        ("[model]\nbatch_size = 2\n", r"'batch_size' belongs in section \[training\], not \[model"),
+        ("max_epochs = 2\n", r"belongs in section \[training\]"),
+        ("[optimizer]\nlr = 1\n", r"\[optimizer\] / optimizer is not a section .* sections: data"),
+        ("[training]\nseed = true\n", r"seed \(section \[training\]\) must be int"),
+        ("[descriptor_params]\ntwojmax = 2.5\n", r"twojmax \(section \[descriptor_params\]\)"),
+        ("[descriptor_params]\ntwojmx = 2\n", r"unknown keys \['twojmx'\] in section \[descr"),
+        ("[physics]\nenergy_weight = -1.0\n", r"energy_weight = -1.0 \(section \[physics\]\)"),
+    ],
+)
+def test_toml_errors_name_the_key_and_section(tmp_path, text, message):
+    path = tmp_path / "train.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        TrainingConfig.from_toml(path)
+    assert str(error.value).startswith(f"{path}: ")
+
+
+def test_training_config_page_is_current():
+    """docs/training-config.md is generated from the dataclass (run config_reference())."""
+    page = Path(__file__).resolve().parents[1] / "docs" / "training-config.md"
+    assert page.read_text() == config_reference() + "\n"
+    for f in fields(TrainingConfig):
+        assert f"`{f.name}`" in page.read_text()
+
+
+def test_evaluate_prints_the_errors_computed_independently(smooth_checkpoint, tmp_path, capsys):
+    """mlsurrogate evaluate's energy, Fermi level (sign included) and force errors equal
+    the model's prediction, evaluated here step by step (forces: central differences of
+    that energy; SiLU, so without kinks), minus QE's values."""
+    exported = export_model(smooth_checkpoint, tmp_path / "silu.pt")
+    assert cli.main(["evaluate", str(exported), SNAP[8]]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "snapshot_08" in line)
+    printed = [float(cell) for cell in row.split("|")[5:9]]
+    scripted = torch.jit.load(str(exported))
+    with Snapshot(SNAP[8]) as snap:
+        atoms, attrs, grid = snap.atoms, snap.attrs, snap.grid_shape
+        qe_forces = snap.reference("forces")
+    params = CONFIG.params()
+
+    def terms_of(structure):
+        descriptors = compute_grid_descriptors(structure, grid, params)
+        with torch.no_grad():
+            ldos = scripted(torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1])))
+        cell = torch.as_tensor(np.asarray(structure.cell), dtype=torch.float64)
+        terms, _ = scripted.functional.evaluate(ldos.reshape(*grid, -1), cell, 12.0, False, None)
+        free_energy = float(terms["electronic"]) + ion_ion_energy(structure, {"Al": 3.0}).energy
+        return terms, free_energy
+
+    terms, free_energy = terms_of(atoms)
+    natoms, step = len(atoms), 1e-4
+    forces = np.zeros((natoms, 3))
+    for atom, axis in np.ndindex(natoms, 3):
+        shifted = []
+        for sign in (1.0, -1.0):
+            moved = atoms.copy()
+            moved.positions[atom, axis] += sign * step
+            shifted.append(terms_of(moved)[1])
+        forces[atom, axis] = -(shifted[0] - shifted[1]) / (2 * step)
+    expected = [
+        1000 * (float(terms["band"]) - attrs["energy_band_eV"]) / natoms,
+        1000 * (free_energy - attrs["energy_total_eV"]) / natoms,
+        1000 * (float(terms["fermi_level"]) - attrs["fermi_energy_eV"]),
+        float(np.sqrt(np.mean((forces - qe_forces) ** 2))),
+    ]
+    assert abs(expected[2]) > 0.5  # the sign of the Fermi level error is tested
+    assert printed[0] == pytest.approx(expected[0], abs=0.006)
+    assert printed[1] == pytest.approx(expected[1], abs=0.006)
+    assert printed[2] == pytest.approx(expected[2], abs=0.06)
+    assert printed[3] == pytest.approx(expected[3], abs=6e-5)

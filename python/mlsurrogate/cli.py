@@ -38,24 +38,34 @@ def _info() -> int:
 
 
 def _add_descriptor_options(parser: argparse.ArgumentParser) -> None:
+    """One option per BispectrumParams keyword (the one keyword list), same names."""
+    from mlsurrogate.descriptors import (
+        DESCRIPTOR_KEYWORDS,
+        PER_ELEMENT_KEYWORDS,
+        BispectrumParams,
+        keyword_type,
+    )
+
     group = parser.add_argument_group("descriptor parameters (LAMMPS sna/grid; MALA's Al defaults)")
-    group.add_argument("--twojmax", type=int, default=10)
-    group.add_argument("--rcutfac", type=float, default=4.67637)
-    group.add_argument("--rfac0", type=float, default=0.99363)
-    group.add_argument("--radius", type=float, default=0.5, help="radius of every element")
-    group.add_argument("--weight", type=float, default=1.0, help="weight of every element")
+    defaults = BispectrumParams()
+    for name in DESCRIPTOR_KEYWORDS:
+        kind = keyword_type(name)
+        default = getattr(defaults, name)
+        if kind is bool:
+            group.add_argument(
+                f"--{name}", type=int, choices=(0, 1), default=int(default), help="0 or 1"
+            )
+        else:
+            every = " of every element" if name in PER_ELEMENT_KEYWORDS else ""
+            group.add_argument(f"--{name}", type=kind, default=default, help=f"{name}{every}")
     group.add_argument("--threads", type=int, default=None, help="default: all usable cores")
 
 
 def _descriptor_params(args: argparse.Namespace) -> BispectrumParams:
-    from mlsurrogate.descriptors import BispectrumParams
+    from mlsurrogate.descriptors import DESCRIPTOR_KEYWORDS, BispectrumParams, keyword_type
 
     return BispectrumParams(
-        rcutfac=args.rcutfac,
-        rfac0=args.rfac0,
-        twojmax=args.twojmax,
-        radius=args.radius,
-        weight=args.weight,
+        **{name: keyword_type(name)(getattr(args, name)) for name in DESCRIPTOR_KEYWORDS}
     )
 
 
@@ -72,8 +82,9 @@ def _descriptors(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mlsurrogate.descriptors import compute_grid_descriptors
-    from mlsurrogate.files import atomic_output
+    from mlsurrogate.files import atomic_output, check_output_path
 
+    check_output_path(args.output)
     atoms = _read_structure(args.structure)
     if min(args.grid) <= 0:
         raise UsageError(f"--grid must be positive, got {args.grid}")
@@ -154,7 +165,9 @@ def _data_info(args: argparse.Namespace) -> int:
 
 def _data_descriptors(args: argparse.Namespace) -> int:
     from mlsurrogate.data import add_descriptors
+    from mlsurrogate.files import check_output_path
 
+    check_output_path(args.output if args.output is not None else args.snapshot)
     path = add_descriptors(
         args.snapshot,
         _descriptor_params(args),
@@ -205,11 +218,10 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from mlsurrogate.model import save_model
-    from mlsurrogate.training import build_model
+    from mlsurrogate.export import export_model
 
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
-    path = save_model(build_model(args.checkpoints, dtype), args.output)
+    path = export_model(args.checkpoints, args.output, dtype)
     print(f"wrote {path}")
     return 0
 
@@ -410,6 +422,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from mlsurrogate.data import SnapshotError
+    from mlsurrogate.files import OutputError
     from mlsurrogate.qe import QEError
 
     parser = _build_parser()
@@ -425,8 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
-    except (UsageError, QEError, SnapshotError, ValueError) as exc:
+    except (UsageError, QEError, SnapshotError, OutputError, ValueError) as exc:
         print(f"mlsurrogate {name}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the user named cannot be read or written
+        print(f"mlsurrogate {name}: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

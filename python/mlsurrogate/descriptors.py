@@ -9,15 +9,19 @@ of the cell and acts as a centre of element ``elements[0]`` with self weight 1.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import ase
 import numpy as np
 
 from mlsurrogate import _core
+
+if TYPE_CHECKING:
+    from mlsurrogate.data import Snapshot
 
 IndexRange = Sequence[tuple[int, int]]
 
@@ -46,6 +50,98 @@ class BispectrumParams:
     bnormflag: bool = False
     wselfallflag: bool = False
     elements: tuple[str, ...] | None = field(default=None)
+
+
+# The descriptor keywords, in LAMMPS order: every list of them (model attributes, CLI
+# options, metadata) is derived from this one; ``elements`` is the type order, not a keyword.
+DESCRIPTOR_KEYWORDS: tuple[str, ...] = tuple(
+    f.name for f in fields(BispectrumParams) if f.name != "elements"
+)
+# keywords with one value per element (LAMMPS R_1..R_n, w_1..w_n)
+PER_ELEMENT_KEYWORDS = ("radius", "weight")
+# the sna/grid positional arguments; the rest are optional ``keyword value`` pairs
+POSITIONAL_KEYWORDS = ("rcutfac", "rfac0", "twojmax", *PER_ELEMENT_KEYWORDS)
+COINCIDENCE_DISTANCE_A = 1e-8  # atoms closer than this are one point for the kernel
+
+
+def keyword_type(name: str) -> type:
+    """float, int or bool: the type of a descriptor keyword's (per-element) value."""
+    return type(next(f.default for f in fields(BispectrumParams) if f.name == name))
+
+
+def grid_for_spacing(cell: Any, spacing: float, minimum: int = 1) -> tuple[int, int, int]:
+    """Grid points along each cell vector for a target spacing h (Angstrom):
+    n_i = max(minimum, floor(|a_i| / h + 0.5)), i.e. rounded half up, as C++ ``lround``
+    for positive values (Python's ``round`` rounds half to even and disagreed at x.5)."""
+    h = float(spacing) if isinstance(spacing, (int, float, np.floating)) else math.nan
+    if not (math.isfinite(h) and h > 0):
+        raise ValueError(f"grid spacing must be a finite number > 0 Angstrom, got {spacing!r}")
+    lengths = np.linalg.norm(np.asarray(cell, dtype=np.float64).reshape(3, 3), axis=1)
+    return tuple(  # type: ignore[return-value]
+        max(int(minimum), int(math.floor(length / h + 0.5))) for length in lengths
+    )
+
+
+def available_memory_bytes() -> int:
+    """Physical memory not in use now (Linux sysconf)."""
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_grid_fits_memory(points: int, values_per_point: int, what: str) -> None:
+    """ValueError with the estimate when ``points`` x ``values_per_point`` float64 values
+    (the arrays of one grid evaluation) cannot fit in the available memory."""
+    needed = int(points) * int(values_per_point) * 8
+    available = available_memory_bytes()
+    if needed > available:
+        raise ValueError(
+            f"{what}: {points} grid points x {values_per_point} values x 8 bytes = "
+            f"{needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of memory "
+            "available; use a coarser grid, or run the structure with `pair_style "
+            "mlsurrogate` on several MPI ranks (each holds only its own grid points)"
+        )
+
+
+def check_positions(atoms: ase.Atoms) -> None:
+    """ValueError naming the atoms when a position is NaN/inf or two atoms (periodic
+    images included) are closer than COINCIDENCE_DISTANCE_A: the kernel would silently
+    skip such neighbours."""
+    positions = np.asarray(atoms.positions, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"atoms {bad.tolist()} have non-finite (NaN or inf) positions; fix the structure "
+            "(e.g. an MD step that blew up, or a damaged file)"
+        )
+    if len(positions) < 2:
+        return
+    from scipy.spatial import cKDTree
+
+    cell = np.asarray(atoms.cell, dtype=np.float64)
+    volume = abs(np.linalg.det(cell))
+    if not volume > 1e-12 * max(np.abs(cell).max(), 1.0) ** 3:
+        return  # a zero-volume cell: the kernel's own check names it
+    fractional = np.linalg.solve(cell.T, positions.T).T
+    fractional -= np.floor(fractional)
+    # atoms within the coincidence distance of a cell face also get the images across it
+    heights = volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    near_face = fractional < 2 * COINCIDENCE_DISTANCE_A / heights
+    points, owners = [fractional], [np.arange(len(positions))]
+    for shift in np.ndindex(2, 2, 2):
+        shift_vector = np.array(shift, dtype=bool)
+        if not shift_vector.any():
+            continue
+        chosen = np.flatnonzero((near_face | ~shift_vector).all(axis=1))
+        points.append(fractional[chosen] + shift_vector)
+        owners.append(chosen)
+    tree = cKDTree(np.concatenate(points) @ cell)
+    owner = np.concatenate(owners)
+    for first, second in sorted(tree.query_pairs(COINCIDENCE_DISTANCE_A)):
+        i, j = sorted((int(owner[first]), int(owner[second])))
+        if i != j:
+            raise ValueError(
+                f"atoms {i} and {j} coincide (closer than {COINCIDENCE_DISTANCE_A:g} A, "
+                "periodic images included); remove the duplicate atom"
+            )
 
 
 @dataclass(frozen=True)
@@ -102,18 +198,13 @@ def resolve_species(atoms: ase.Atoms, params: BispectrumParams) -> ResolvedSpeci
 def core_settings(params: BispectrumParams, species: ResolvedSpecies) -> _core.BispectrumSettings:
     """The C++ kernel's settings; raises ValueError naming a bad keyword."""
     s = _core.BispectrumSettings()
-    s.rcutfac = float(params.rcutfac)
-    s.rfac0 = float(params.rfac0)
-    s.twojmax = int(params.twojmax)
-    s.radius = list(species.radius)
-    s.weight = list(species.weight)
-    s.rmin0 = float(params.rmin0)
-    s.switchflag = bool(params.switchflag)
-    s.bzeroflag = bool(params.bzeroflag)
-    s.quadraticflag = bool(params.quadraticflag)
-    s.bnormflag = bool(params.bnormflag)
-    s.wselfallflag = bool(params.wselfallflag)
-    s.chem_map = list(range(len(species.elements))) if params.chemflag else []
+    for name in DESCRIPTOR_KEYWORDS:
+        if name in PER_ELEMENT_KEYWORDS:
+            setattr(s, name, list(getattr(species, name)))
+        elif name == "chemflag":  # the kernel takes the element -> channel map
+            s.chem_map = list(range(len(species.elements))) if params.chemflag else []
+        else:
+            setattr(s, name, keyword_type(name)(getattr(params, name)))
     s.validate()
     return s
 
@@ -134,13 +225,6 @@ def _grid_shape(grid: tuple[int, int, int]) -> tuple[int, int, int]:
     if len(shape) != 3 or any(n <= 0 for n in shape) or any(n != g for n, g in zip(shape, grid)):
         raise ValueError(f"grid must be three positive integers (nx, ny, nz), got {grid!r}")
     return shape  # type: ignore[return-value]
-
-
-def grid_for_spacing(cell: np.ndarray, spacing: float) -> tuple[int, int, int]:
-    """Grid points along each cell vector for a target spacing (A): round half up,
-    n = max(1, floor(|a_i| / h + 0.5)), the rule of the pair style's ``spacing``."""
-    lengths = np.linalg.norm(np.asarray(cell, dtype=float), axis=1)
-    return tuple(max(1, int(np.floor(length / spacing + 0.5))) for length in lengths)
 
 
 def _block(
@@ -175,6 +259,7 @@ def _kernel_inputs(
     settings = core_settings(params, species)
     shape = _grid_shape(grid)
     lo, hi = _block(shape, index_range)
+    check_positions(atoms)
     return settings, _periodic_cell(atoms), atoms.positions, species.types, shape, lo, hi
 
 
@@ -202,6 +287,8 @@ def compute_grid_descriptors(
     settings, cell, positions, types, shape, lo, hi = _kernel_inputs(
         atoms, grid, params, index_range
     )
+    points = int(np.prod([max(0, h - low) for low, h in zip(lo, hi)]))
+    check_grid_fits_memory(points, settings.num_descriptors(), "descriptors")
     threads = threads or default_threads()
     if not progress:
         return _core.grid_descriptors(settings, cell, positions, types, shape, lo, hi, threads)
@@ -272,10 +359,19 @@ def descriptor_forces(
     return descriptor_gradients(atoms, grid, params, beta, threads=threads).forces
 
 
-def lammps_sna_grid(
-    atoms: ase.Atoms, grid: tuple[int, int, int], params: BispectrumParams | None = None
-) -> np.ndarray:
-    """The same descriptors from LAMMPS ``compute sna/grid`` (reference for tests)."""
-    from mlsurrogate.lammps_reference import lammps_sna_grid as reference
-
-    return reference(atoms, _grid_shape(grid), params or BispectrumParams())
+def snapshot_descriptors(snapshot: Snapshot, params: BispectrumParams) -> Any:
+    """A snapshot's descriptors under ``params``, float32, indexable by x-plane: the
+    stored dataset (read lazily) when it was computed with ``params``, else computed now
+    on the snapshot's grid. The one rule every reader of training data follows."""
+    stored = snapshot.descriptors
+    if stored is None:
+        return compute_grid_descriptors(snapshot.atoms, snapshot.grid_shape, params).astype(
+            np.float32
+        )
+    stored_params = snapshot.descriptor_params
+    if stored_params != params:
+        raise ValueError(
+            f"{snapshot.path}: its descriptors were computed with {stored_params}, the model "
+            f"uses {params}; run `mlsurrogate data descriptors` with the model's parameters"
+        )
+    return stored

@@ -176,6 +176,7 @@ class ModelErrors:
     fermi_meV: float
     qe_total_per_atom: float  # eV
     predicted_total_per_atom: float  # eV
+    force_rmse: float  # eV/A, over all components, vs QE's forces
 
 
 def evaluate_model(
@@ -183,76 +184,78 @@ def evaluate_model(
 ) -> tuple[list[ModelErrors], dict[str, np.ndarray]]:
     """Model vs DFT for each snapshot; also the first snapshot's DOS (DFT and predicted)."""
     from mlsurrogate.model import Model
-    from mlsurrogate.training import SnapshotSource
 
     model = Model.load(model_path)
     results: list[ModelErrors] = []
     dos_curves: dict[str, np.ndarray] = {}
     for path in snapshots:
-        source = SnapshotSource(path, model.params)
-        snap = source.snapshot
-        if not np.allclose(snap.energies, model.energies):
-            raise ValueError(f"{path}: its energy grid differs from the model's")
-        x, _ = source.all_points()
-        predicted = model.predict_ldos_from_descriptors(x.astype(np.float64))
-        predicted = predicted.reshape(*snap.grid_shape, -1)
-        reference = snap.ldos[()].astype(np.float64)
-        atoms, attrs = snap.atoms, snap.attrs
-        core = core_density_of(snap)
-        terms = model.energy_terms(atoms, predicted, core)
+        with Snapshot(path) as snap:
+            if not np.allclose(snap.energies, model.energies):
+                raise ValueError(f"{path}: its energy grid differs from the model's")
+            if core_density_of(snap) is not None:
+                raise ValueError(
+                    f"{path}: its pseudopotentials have nonlinear core corrections, which "
+                    "exported models do not support yet"
+                )
+            atoms, attrs, grid = snap.atoms, snap.attrs, snap.grid_shape
+            energies, qe_forces = snap.energies, snap.reference("forces")
+            reference = snap.ldos[()].astype(np.float64)
+            functional = functional_for(snap)
+        predicted = model.predict(atoms, grid)
+        terms = predicted.terms
         natoms = len(atoms)
-        functional = functional_for(snap)
         cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
         n_val = float(attrs["num_valence_electrons"])
-        rows = predicted.reshape(-1, predicted.shape[-1])
+        rows = predicted.ldos.reshape(-1, predicted.ldos.shape[-1])
+        error = predicted.ldos - reference
         results.append(
             ModelErrors(
                 path=str(path),
                 natoms=natoms,
-                ldos_rmse=float(np.sqrt(np.mean((predicted - reference) ** 2))),
-                ldos_relative=float(
-                    np.sqrt(np.mean((predicted - reference) ** 2) / np.mean(reference**2))
-                ),
-                density_relative=_density_error(functional, predicted, reference, cell, n_val),
+                ldos_rmse=float(np.sqrt(np.mean(error**2))),
+                ldos_relative=float(np.sqrt(np.mean(error**2) / np.mean(reference**2))),
+                density_relative=_density_error(functional, predicted.ldos, reference, cell, n_val),
                 band_meV_atom=1000 * (terms["band"] - attrs["energy_band_eV"]) / natoms,
                 total_meV_atom=1000 * (terms["free_energy"] - attrs["energy_total_eV"]) / natoms,
                 fermi_meV=1000 * (terms["fermi_level"] - attrs["fermi_energy_eV"]),
                 qe_total_per_atom=attrs["energy_total_eV"] / natoms,
                 predicted_total_per_atom=terms["free_energy"] / natoms,
+                force_rmse=float(np.sqrt(np.mean((predicted.forces - qe_forces) ** 2))),
             )
         )
         if not dos_curves:
-            voxel = atoms.get_volume() / np.prod(snap.grid_shape)
+            voxel = atoms.get_volume() / np.prod(grid)
             dos_curves = {
-                "energies": snap.energies,
+                "energies": energies,
                 "dft": reference.reshape(-1, reference.shape[-1]).sum(0) * voxel,
                 "predicted": rows.sum(0) * voxel,
                 "fermi": np.array(attrs["fermi_energy_eV"]),
             }
-        snap.close()
     return results, dos_curves
 
 
 def format_model_errors(errors: list[ModelErrors]) -> str:
     lines = [
         f"| {'snapshot':<28} | {'LDOS RMSE':>10} | {'LDOS rel':>8} | {'n rel':>7} | "
-        f"{'dE_band':>8} | {'dA':>8} | {'dE_F':>7} |",
+        f"{'dE_band':>8} | {'dA':>8} | {'dE_F':>7} | {'F RMSE':>7} |",
         f"| {'':<28} | {'1/(eV A3)':>10} | {'':>8} | {'':>7} | {'meV/at':>8} | "
-        f"{'meV/at':>8} | {'meV':>7} |",
+        f"{'meV/at':>8} | {'meV':>7} | {'eV/A':>7} |",
     ]
     for e in errors:
         lines.append(
             f"| {Path(e.path).name:<28} | {e.ldos_rmse:10.2e} | {100 * e.ldos_relative:7.2f}% | "
             f"{100 * e.density_relative:6.2f}% | {e.band_meV_atom:+8.2f} | "
-            f"{e.total_meV_atom:+8.2f} | {e.fermi_meV:+7.1f} |"
+            f"{e.total_meV_atom:+8.2f} | {e.fermi_meV:+7.1f} | {e.force_rmse:7.4f} |"
         )
     mean = {
         key: float(np.mean([abs(getattr(e, key)) for e in errors]))
         for key in ("band_meV_atom", "total_meV_atom", "fermi_meV")
     }
+    forces = float(np.sqrt(np.mean([e.force_rmse**2 for e in errors])))
     lines.append(
         f"mean absolute errors: band energy {mean['band_meV_atom']:.2f} meV/atom, total free "
-        f"energy {mean['total_meV_atom']:.2f} meV/atom, Fermi level {mean['fermi_meV']:.1f} meV"
+        f"energy {mean['total_meV_atom']:.2f} meV/atom, Fermi level {mean['fermi_meV']:.1f} meV; "
+        f"force RMSE {forces:.4f} eV/A"
     )
     return "\n".join(lines)
 

@@ -24,7 +24,14 @@ import numpy as np
 # Importing the package preloads mpich's libmpi.so.12 with RTLD_GLOBAL, which liblammps
 # needs when it is loaded into this process.
 import mlsurrogate  # noqa: F401
-from mlsurrogate.descriptors import BispectrumParams, core_settings, resolve_species
+from mlsurrogate.descriptors import (
+    DESCRIPTOR_KEYWORDS,
+    POSITIONAL_KEYWORDS,
+    BispectrumParams,
+    core_settings,
+    keyword_type,
+    resolve_species,
+)
 
 __all__ = [
     "LammpsLocalGrid",
@@ -155,14 +162,17 @@ def sna_grid_commands(
         f"{_f(params.rcutfac)} {_f(params.rfac0)} {int(params.twojmax)}",
         " ".join(_f(r) for r in radii),
         " ".join(_f(w) for w in weights),
-        f"rmin0 {_f(params.rmin0)}",
-        f"switchflag {int(params.switchflag)}",
-        f"bzeroflag {int(params.bzeroflag)}",
-        f"quadraticflag {int(params.quadraticflag)}",
     ]
-    if params.chemflag:
-        keywords.append(f"chem {ntypes} " + " ".join(str(i) for i in range(ntypes)))
-    keywords += [f"bnormflag {int(params.bnormflag)}", f"wselfallflag {int(params.wselfallflag)}"]
+    for name in DESCRIPTOR_KEYWORDS:  # the optional keywords, in LAMMPS order
+        value = getattr(params, name)
+        if name in POSITIONAL_KEYWORDS or (name == "chemflag" and not value):
+            continue
+        if name == "chemflag":
+            keywords.append(f"chem {ntypes} " + " ".join(str(i) for i in range(ntypes)))
+        elif keyword_type(name) is bool:
+            keywords.append(f"{name} {int(value)}")
+        else:
+            keywords.append(f"{name} {_f(value)}")
 
     commands = [
         "units metal",

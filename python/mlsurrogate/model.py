@@ -1,21 +1,28 @@
-"""The LDOS network and the exported surrogate model (one TorchScript file).
+"""The LDOS network and the exported surrogate model (one TorchScript file): the model
+contract, Python side.
 
 ``LdosNetwork`` maps bispectrum descriptors to the LDOS at each grid point: feature-wise
 standardization of the descriptors, a feed-forward network, and an output scale (the
 LDOS is learned divided by its maximum over the training data, as MALA does).
 
-``SurrogateModel`` is what ``mlsurrogate export`` writes and ``pair_style mlsurrogate``
-loads: the network, the energy functional (:class:`mlsurrogate.physics.LdosEnergy`) and
-every setting needed to use them (descriptor parameters, elements, valence charges,
-masses, grid spacing), as typed module attributes and as ``metadata.json`` (an extra file
-of the TorchScript archive, readable with ``torch::jit::load(path, device, extra_files)``).
+``ModelSpec`` is everything needed to use a model besides its weights (elements, valence
+charges, masses, grid spacing, descriptor keywords, energy grid, electronic temperature,
+XC functional, provenance). ``SurrogateModel`` is what ``mlsurrogate export`` writes and
+``pair_style mlsurrogate`` loads: the network, the energy functional
+(:class:`mlsurrogate.physics.LdosEnergy`) and the spec, as typed module attributes and as
+``metadata.json`` (an extra file of the TorchScript archive, readable with
+``torch::jit::load(path, device, extra_files)``). ``Model`` is the Python user's handle:
+``Model.load`` checks the format and version and reads the spec back.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import warnings
-from collections.abc import Iterator, Sequence
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +30,28 @@ import ase
 import numpy as np
 import torch
 
-from mlsurrogate.descriptors import BispectrumParams
+from mlsurrogate.data import params_from_json
+from mlsurrogate.descriptors import (
+    DESCRIPTOR_KEYWORDS,
+    PER_ELEMENT_KEYWORDS,
+    BispectrumParams,
+    check_grid_fits_memory,
+    compute_grid_descriptors,
+    descriptor_forces,
+    grid_for_spacing,
+    keyword_type,
+    num_descriptors,
+    partition_to_atoms,
+)
+from mlsurrogate.ion_ion import ion_ion_energy
 from mlsurrogate.physics import LdosEnergy
 
 ACTIVATIONS = ("leaky_relu", "relu", "tanh", "silu", "gelu")
 MODEL_FORMAT = "mlsurrogate-model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
+# written into every training checkpoint, so that a checkpoint is recognised by content
+CHECKPOINT_FORMAT = "mlsurrogate-checkpoint"
+_REEXPORT = "export the model again with `mlsurrogate export`"
 
 
 def _activation(name: str) -> torch.nn.Module:
@@ -99,8 +122,97 @@ class LdosEnsemble(torch.nn.Module):
         return torch.stack(outputs).mean(0)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to use a model besides its weights: the model contract.
+
+    Written once by ``mlsurrogate.export`` into both the TorchScript attributes (what
+    ``pair_style mlsurrogate`` reads) and ``metadata.json``; read back by
+    :meth:`Model.load`. Per-element values follow ``elements`` (LAMMPS types 1, 2, ...).
+    ``provenance`` (training data, configs, histories) goes to ``metadata.json`` only.
+    """
+
+    elements: tuple[str, ...]
+    valence_charges: tuple[float, ...]
+    masses: tuple[float, ...]  # g/mol
+    grid_spacing_A: float  # of the training data; the default grid of a structure
+    descriptor_params: BispectrumParams  # elements = the model's elements
+    energies_eV: tuple[float, ...]  # the LDOS energy grid, absolute
+    electronic_temperature_K: float
+    xc_functional: str  # as QE names it (e.g. "PZ")
+    ldos_broadening_kernel: str
+    ldos_broadening_eV: float
+    provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    format: str = MODEL_FORMAT
+    format_version: int = MODEL_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        count = len(self.elements)
+        for name in ("valence_charges", "masses"):
+            if len(getattr(self, name)) != count:
+                raise ValueError(f"ModelSpec.{name} needs one value per element {self.elements}")
+        if self.descriptor_params.elements != tuple(self.elements):
+            raise ValueError("ModelSpec.descriptor_params.elements must be the model's elements")
+
+    @property
+    def cutoff_A(self) -> float:
+        """Largest neighbour cutoff of the descriptor kernel: 2 rcutfac R_j over elements j."""
+        return 2.0 * float(self.descriptor_params.rcutfac) * max(self.keyword("radius"))
+
+    def keyword(self, name: str) -> Any:
+        """A descriptor keyword as the TorchScript attribute holds it (per-element list
+        for radius and weight)."""
+        value = getattr(self.descriptor_params, name)
+        cast = keyword_type(name)
+        if name in PER_ELEMENT_KEYWORDS:
+            return [
+                cast(value[e]) if isinstance(value, dict) else cast(value) for e in self.elements
+            ]
+        return cast(value)
+
+    def to_json(self) -> str:
+        raw = dataclasses.asdict(self)
+        raw["descriptor_params"] = dataclasses.asdict(self.descriptor_params)
+        raw["provenance"] = dict(self.provenance)
+        raw["cutoff_A"] = self.cutoff_A
+        return json.dumps(raw, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "ModelSpec":
+        """The spec of ``metadata.json`` text; ValueError naming ``source`` and the
+        problem (other format, other version, a missing key: no defaults are assumed)."""
+        raw = json.loads(text)
+        if raw.get("format") != MODEL_FORMAT:
+            raise ValueError(f"{source}: not an mlsurrogate model (format {raw.get('format')!r})")
+        if raw.get("format_version") != MODEL_FORMAT_VERSION:
+            raise ValueError(
+                f"{source}: model format version {raw.get('format_version')}; this mlsurrogate "
+                f"reads version {MODEL_FORMAT_VERSION}: {_REEXPORT}"
+            )
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in raw]
+        missing += [
+            f"descriptor_params.{k}"
+            for k in (*DESCRIPTOR_KEYWORDS, "elements")
+            if k not in raw.get("descriptor_params", {})
+        ]
+        if missing:
+            raise ValueError(f"{source}: metadata.json has no {', '.join(missing)}: {_REEXPORT}")
+        values = {name: raw[name] for name in names}
+        values["descriptor_params"] = params_from_json(json.dumps(raw["descriptor_params"]))
+        for name in ("elements", "valence_charges", "masses", "energies_eV"):
+            values[name] = tuple(values[name])
+        return cls(**values)
+
+
 class SurrogateModel(torch.nn.Module):
-    """Network + energy functional + metadata; TorchScript-exportable."""
+    """Network + energy functional + the spec as typed attributes; TorchScript-exportable.
+
+    The attribute names and types are the interface with the C++ pair style:
+    format, format_version, elements, valence_charges, masses, grid_spacing, cutoff,
+    the descriptor keywords (names of the BispectrumParams fields; radius and weight per
+    model element) and metadata_json.
+    """
 
     # class-level attribute types for TorchScript (this module has no postponed
     # annotations: TorchScript cannot resolve class annotations given as strings)
@@ -111,41 +223,21 @@ class SurrogateModel(torch.nn.Module):
     weight: list[float]
 
     def __init__(
-        self,
-        network: LdosNetwork | LdosEnsemble,
-        functional: LdosEnergy,
-        params: BispectrumParams,
-        elements: Sequence[str],
-        valence_charges: Sequence[float],
-        masses: Sequence[float],
-        grid_spacing: float,
-        metadata: dict[str, Any],
+        self, network: LdosNetwork | LdosEnsemble, functional: LdosEnergy, spec: ModelSpec
     ) -> None:
         super().__init__()
         self.network = network
         self.functional = functional
-        radius = [_per_element(params.radius, e) for e in elements]
-        weight = [_per_element(params.weight, e) for e in elements]
-        self.elements = list(elements)
-        self.valence_charges = [float(z) for z in valence_charges]
-        self.masses = [float(m) for m in masses]
-        self.grid_spacing = float(grid_spacing)
-        # descriptor parameters, as LAMMPS compute sna/grid keywords
-        self.rcutfac = float(params.rcutfac)
-        self.rfac0 = float(params.rfac0)
-        self.twojmax = int(params.twojmax)
-        self.radius = radius
-        self.weight = weight
-        self.rmin0 = float(params.rmin0)
-        self.switchflag = bool(params.switchflag)
-        self.bzeroflag = bool(params.bzeroflag)
-        self.quadraticflag = bool(params.quadraticflag)
-        self.chemflag = bool(params.chemflag)
-        self.bnormflag = bool(params.bnormflag)
-        self.wselfallflag = bool(params.wselfallflag)
-        # neighbour cutoff of the descriptor kernel: 2 rcutfac R_j for an atom of element j
-        self.cutoff = float(2.0 * params.rcutfac * max(radius))
-        self.metadata_json = json.dumps(metadata, sort_keys=True)
+        self.format = spec.format
+        self.format_version = int(spec.format_version)
+        self.elements = list(spec.elements)
+        self.valence_charges = [float(z) for z in spec.valence_charges]
+        self.masses = [float(m) for m in spec.masses]
+        self.grid_spacing = float(spec.grid_spacing_A)
+        self.cutoff = float(spec.cutoff_A)
+        for name in DESCRIPTOR_KEYWORDS:  # as LAMMPS compute sna/grid keywords
+            setattr(self, name, spec.keyword(name))
+        self.metadata_json = spec.to_json()
 
     def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
         """LDOS [points, nE] from descriptors [points, K]."""
@@ -161,10 +253,6 @@ class SurrogateModel(torch.nn.Module):
         upstream: list[torch.Tensor | None] = [ldos_gradient]
         grad = torch.autograd.grad([ldos], [inputs], upstream)[0]
         return grad if grad is not None else torch.zeros_like(inputs)
-
-
-def _per_element(value: float | dict[str, float], element: str) -> float:
-    return float(value[element]) if isinstance(value, dict) else float(value)
 
 
 @contextlib.contextmanager
@@ -187,61 +275,134 @@ def save_model(model: SurrogateModel, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def file_kind(path: str | os.PathLike[str]) -> str:
+    """ "model" (TorchScript archive), "checkpoint" (an mlsurrogate training checkpoint),
+    "torch.save" (another torch.save file), "missing" or "other", from the zip contents
+    (nothing is unpickled)."""
+    if not Path(path).is_file():
+        return "missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+                return "model"
+            pickles = [name for name in names if name.endswith("/data.pkl")]
+            if pickles:
+                marker = CHECKPOINT_FORMAT.encode()
+                return "checkpoint" if marker in archive.read(pickles[0]) else "torch.save"
+    except (zipfile.BadZipFile, OSError):
+        pass
+    return "other"
+
+
 def _load(path: str | os.PathLike[str], device: str, extra: dict[str, Any]) -> Any:
     with _torchscript():
         return torch.jit.load(str(path), map_location=device, _extra_files=extra)
 
 
-def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``metadata.json`` of an exported model."""
+def _read_model(path: str | os.PathLike[str], device: str) -> tuple[Any, ModelSpec, str]:
+    """(module, spec, metadata.json text) of an exported model; ValueError naming the
+    file and what to do for anything else."""
+    kind = file_kind(path)
+    if kind == "missing":
+        raise ValueError(f"{path}: no such model file")
+    if kind == "checkpoint":
+        raise ValueError(
+            f"{path} is a training checkpoint, not a model: run `mlsurrogate export {path} "
+            "-o model.pt` and use model.pt"
+        )
+    if kind != "model":
+        raise ValueError(f"{path}: not a TorchScript model file written by `mlsurrogate export`")
     extra = {"metadata.json": ""}
     try:
-        _load(path, "cpu", extra)
+        module = _load(path, device, extra)
     except (RuntimeError, ValueError, OSError) as exc:
         raise ValueError(f"{path}: not a readable TorchScript model ({exc})") from exc
     if not extra["metadata.json"]:
         raise ValueError(f"{path}: no metadata.json: not an mlsurrogate model")
-    metadata = json.loads(extra["metadata.json"])
-    if metadata.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not an mlsurrogate model (format {metadata.get('format')})")
-    return metadata
+    spec = ModelSpec.from_json(extra["metadata.json"], str(path))
+    if getattr(module, "format_version", None) != spec.format_version:
+        raise ValueError(f"{path}: its attributes and metadata.json disagree: {_REEXPORT}")
+    return module, spec, extra["metadata.json"]
+
+
+def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``metadata.json`` of an exported model (checked like :meth:`Model.load`)."""
+    return json.loads(_read_model(path, "cpu")[2])
+
+
+_SCRIPT_ERROR = re.compile(r"builtins\.(\w+Error): (.*)", re.DOTALL)
+
+
+def model_error_message(exc: BaseException) -> str:
+    """The user-facing text of an error raised inside a model's TorchScript code: the
+    original message without the interpreter traceback, and for an LDOS that holds too
+    few electrons or a Fermi level outside the energy grid, what it means."""
+    text = str(exc)
+    found = _SCRIPT_ERROR.search(text)
+    message = found.group(2).strip().splitlines()[0] if found else text.strip().splitlines()[-1]
+    if "fewer than N_val" in message or "does not cover mu" in message:
+        return (
+            f"the predicted LDOS is unphysical ({message}): the grid may be too coarse "
+            "(use the model's grid spacing or finer) or the structure outside the training "
+            "data"
+        )
+    return message
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What a model predicts for one structure on one grid."""
+
+    ldos: np.ndarray  # [nx, ny, nz, nE] 1/(eV A^3)
+    terms: dict[str, float]  # energy terms (eV), free_energy = A and ion_ion included
+    forces: np.ndarray  # (natoms, 3) eV/A: -dA/dR, electronic (adjoint) + ion-ion
 
 
 class Model:
-    """An exported model in Python: LDOS, energies and metadata for ``ase.Atoms``."""
+    """An exported model in Python: LDOS, energies and metadata for ``ase.Atoms``.
 
-    def __init__(self, module: torch.jit.ScriptModule, metadata: dict[str, Any], path: Path):
+    Errors from the model's TorchScript code (torch.jit.Error, e.g. an unphysical predicted
+    LDOS) surface as ValueError with :func:`model_error_message`'s text.
+    """
+
+    def __init__(self, module: torch.jit.ScriptModule, spec: ModelSpec, path: Path):
         self.module = module
-        self.metadata = metadata
+        self.spec = spec
         self.path = path
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "cpu") -> "Model":
-        metadata = load_metadata(path)
-        return cls(_load(path, device, {}), metadata, Path(path))
+        module, spec, _ = _read_model(path, device)
+        return cls(module, spec, Path(path))
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """``metadata.json`` as a dict (the spec's fields, cutoff_A and provenance)."""
+        return json.loads(self.spec.to_json())
 
     @property
     def params(self) -> BispectrumParams:
-        from mlsurrogate.data import params_from_json
-
-        return params_from_json(json.dumps(self.metadata["descriptor_params"]))
+        return self.spec.descriptor_params
 
     @property
     def energies(self) -> np.ndarray:
-        return np.asarray(self.metadata["energies_eV"])
+        return np.asarray(self.spec.energies_eV)
 
     def default_grid(self, atoms: ase.Atoms) -> tuple[int, int, int]:
         """Grid points per cell vector at the model's training grid spacing."""
-        lengths = np.linalg.norm(np.asarray(atoms.cell), axis=1)
-        spacing = self.metadata["grid_spacing_A"]
-        return tuple(max(1, int(round(length / spacing))) for length in lengths)
+        return grid_for_spacing(atoms.cell, self.spec.grid_spacing_A)
 
     def _check_elements(self, atoms: ase.Atoms) -> None:
-        unknown = sorted(set(atoms.get_chemical_symbols()) - set(self.metadata["elements"]))
+        unknown = sorted(set(atoms.get_chemical_symbols()) - set(self.spec.elements))
         if unknown:
             raise ValueError(
-                f"{self.path}: the model knows elements {self.metadata['elements']}, not {unknown}"
+                f"{self.path}: the model knows elements {list(self.spec.elements)}, not {unknown}"
             )
+
+    def _valence(self, atoms: ase.Atoms) -> np.ndarray:
+        charges = dict(zip(self.spec.elements, self.spec.valence_charges))
+        return np.array([charges[s] for s in atoms.get_chemical_symbols()])
 
     def predict_ldos_from_descriptors(self, descriptors: np.ndarray) -> np.ndarray:
         """LDOS [..., nE] from descriptors [..., K] (float64)."""
@@ -250,29 +411,63 @@ class Model:
             ldos = self.module(flat.to(next(self.module.parameters()).dtype))
         return ldos.double().cpu().numpy().reshape(*descriptors.shape[:-1], -1)
 
+    def _descriptors(self, atoms: ase.Atoms, grid: tuple[int, int, int] | None) -> np.ndarray:
+        """Descriptors on ``grid`` (default: the model's spacing), after the element and
+        memory checks (descriptors and LDOS of every point are held at once)."""
+        self._check_elements(atoms)
+        grid = grid or self.default_grid(atoms)
+        width = num_descriptors(self.params, len(self.spec.elements)) + len(self.spec.energies_eV)
+        check_grid_fits_memory(int(np.prod(grid)), width, f"{self.path} on grid {tuple(grid)}")
+        return compute_grid_descriptors(atoms, grid, self.params)
+
     def predict_ldos(
         self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None
     ) -> np.ndarray:
         """LDOS [nx, ny, nz, nE] in 1/(eV A^3) on ``grid`` (default: the model's spacing)."""
-        from mlsurrogate.descriptors import compute_grid_descriptors
+        return self.predict_ldos_from_descriptors(self._descriptors(atoms, grid))
 
-        self._check_elements(atoms)
-        grid = grid or self.default_grid(atoms)
-        descriptors = compute_grid_descriptors(atoms, grid, self.params)
-        return self.predict_ldos_from_descriptors(descriptors)
+    def predict(self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None) -> Prediction:
+        """LDOS, energy terms and forces F = -dA/dR: dA/dLDOS of the functional (at fixed
+        N_val), back-propagated to dA/dB, contracted with dB/dR by the adjoint kernel,
+        plus the ion-ion forces (DESIGN section 4, "Forces")."""
+        descriptors = self._descriptors(atoms, grid)
+        shape = descriptors.shape[:3]
+        ldos = self.predict_ldos_from_descriptors(descriptors)
+        cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
+        try:
+            terms, gradient = self.module.functional.evaluate(
+                torch.as_tensor(ldos), cell, float(self._valence(atoms).sum()), True, None
+            )
+        except (RuntimeError, torch.jit.Error) as exc:
+            raise ValueError(f"{self.path}: {model_error_message(exc)}") from exc
+        dtype = next(self.module.parameters()).dtype
+        flat = torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]), dtype=dtype)
+        beta = self.module.descriptor_gradient(flat, gradient.reshape(len(flat), -1).to(dtype))
+        electronic = descriptor_forces(
+            atoms, shape, self.params, beta.double().numpy().reshape(descriptors.shape)
+        )
+        ion_ion = ion_ion_energy(atoms, dict(zip(self.spec.elements, self.spec.valence_charges)))
+        out = {key: float(value) for key, value in terms.items()}
+        out["ion_ion"] = ion_ion.energy
+        out["free_energy"] = out["electronic"] + ion_ion.energy
+        return Prediction(ldos=ldos, terms=out, forces=electronic + ion_ion.forces)
 
     def energy_terms(
         self, atoms: ase.Atoms, ldos: np.ndarray, core: torch.Tensor | None = None
     ) -> dict[str, float]:
         """Energy terms (eV) of a predicted LDOS for ``atoms``, E_ii and A included."""
-        from mlsurrogate.ion_ion import ion_ion_energy
-
-        charges = dict(zip(self.metadata["elements"], self.module.valence_charges))
-        n_electrons = float(sum(charges[s] for s in atoms.get_chemical_symbols()))
+        charges = dict(zip(self.spec.elements, self.spec.valence_charges))
         cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
-        terms, _ = self.module.functional.evaluate(
-            torch.as_tensor(ldos, dtype=torch.float64), cell, n_electrons, False, core
-        )
+        try:
+            terms, _ = self.module.functional.evaluate(
+                torch.as_tensor(ldos, dtype=torch.float64),
+                cell,
+                float(self._valence(atoms).sum()),
+                False,
+                core,
+            )
+        except (RuntimeError, torch.jit.Error) as exc:
+            raise ValueError(f"{self.path}: {model_error_message(exc)}") from exc
         out = {key: float(value) for key, value in terms.items()}
         out["ion_ion"] = ion_ion_energy(atoms, charges).energy
         out["free_energy"] = out["electronic"] + out["ion_ion"]
@@ -284,17 +479,17 @@ class Model:
         """Electronic free energy (A - E_ii, eV) shared among the atoms, as the pair
         style's per-atom energy: each grid point's share of A - E_ii split by Becke's
         fuzzy Voronoi cells, points with no atom within the cutoff by valence charge."""
-        from mlsurrogate.descriptors import partition_to_atoms
-
         grid = grid or self.default_grid(atoms)
         ldos = torch.as_tensor(self.predict_ldos(atoms, grid), dtype=torch.float64)
-        charges = dict(zip(self.metadata["elements"], self.module.valence_charges))
-        valence = np.array([charges[s] for s in atoms.get_chemical_symbols()])
+        valence = self._valence(atoms)
         cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
         functional = self.module.functional
         voxel = abs(float(torch.linalg.det(cell))) / float(np.prod(grid))
         rows = ldos.reshape(-1, ldos.shape[-1])
-        mu = functional.fermi_level(functional.dos(rows, voxel), float(valence.sum()))
+        try:
+            mu = functional.fermi_level(functional.dos(rows, voxel), float(valence.sum()))
+        except (RuntimeError, torch.jit.Error) as exc:
+            raise ValueError(f"{self.path}: {model_error_message(exc)}") from exc
         density = functional.density(rows, mu).reshape(grid)
         points = functional.band_free_points(rows, mu, voxel).reshape(grid)
         points = points + functional.potential_points(density, cell)

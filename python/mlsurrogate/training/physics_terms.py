@@ -1,0 +1,327 @@
+"""The energy, force and stress terms of the training loss, and their QE targets.
+
+Optional terms (``energy_weight``, ``force_weight``; beyond MALA, which fits the LDOS
+only): every ``physics_every`` mini-batches one training snapshot, in turn, is predicted
+on a coarse grid (``physics_spacing``), its free energy A and forces F = -dA/dR go
+through the energy functional and descriptor derivatives, and
+w_E ((A - A_QE) / N)^2 + w_F mean |F - F_QE|^2 is added to that step's loss. The forces
+use dB/dR of the coarse grid (central finite differences of the descriptors, computed
+once) and dA/dLDOS of the functional at the current prediction (held fixed while
+differentiating the loss, a first-order approximation of its parameter gradient; the
+loss value itself is exact).
+
+The optional stress term (``stress_weight``) fits the strain derivatives of A to QE's
+stress: for each of the six symmetric strains (x -> (I + h S) x of atoms, cell and grid
+together) dA/dh = sum_r dA/dB . dB/dh (dB/dh once, by finite differences like dB/dR)
++ the functional's explicit cell dependence (central differences in the cell at fixed
+LDOS); the target is -V sigma_QE + W_ii (QE's sign: sigma = -(1/V) dE/deps; W_ii the
+E_ii virial). Its parameter gradient is first order, as for the forces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors, grid_for_spacing
+from mlsurrogate.evaluate import core_density_of
+from mlsurrogate.ion_ion import ion_ion_energy
+from mlsurrogate.model import LdosNetwork
+from mlsurrogate.training.config import TrainingConfig
+from mlsurrogate.training.dataset import SnapshotSource
+from mlsurrogate.units import GPA_PER_EV_PER_CUBIC_ANGSTROM
+
+
+@dataclass
+class SnapshotReference:
+    """A snapshot's QE values and E_ii terms: what energy, force and stress errors are
+    measured against (computed once)."""
+
+    natoms: int
+    electrons: float
+    cell: torch.Tensor
+    core: torch.Tensor | None
+    e_ii: float
+    ii_forces: np.ndarray  # [natoms, 3] eV/A
+    ii_virial: np.ndarray  # [3, 3] eV, -dE_ii/deps
+    qe_stress: np.ndarray  # [3, 3] eV/A^3, QE's sign: -(1/V) dE/deps
+    qe_band: float
+    qe_total: float
+    qe_fermi: float
+
+
+def snapshot_reference(source: SnapshotSource) -> SnapshotReference:
+    snap = source.snapshot
+    attrs = snap.attrs
+    ion_ion = ion_ion_energy(snap.atoms, attrs["valence_charges"])
+    return SnapshotReference(
+        natoms=len(snap.atoms),
+        electrons=float(attrs["num_valence_electrons"]),
+        cell=torch.as_tensor(np.asarray(snap.atoms.cell), dtype=torch.float64),
+        core=core_density_of(snap),
+        e_ii=ion_ion.energy,
+        ii_forces=ion_ion.forces,
+        ii_virial=ion_ion.virial,
+        qe_stress=snap.reference("stress"),
+        qe_band=attrs["energy_band_eV"],
+        qe_total=attrs["energy_total_eV"],
+        qe_fermi=attrs["fermi_energy_eV"],
+    )
+
+
+def energy_errors(
+    network: LdosNetwork,
+    functional: Any,
+    source: SnapshotSource,
+    target: SnapshotReference,
+    device: str,
+) -> dict[str, float]:
+    """Band energy, total free energy (meV/atom) and Fermi level (meV) errors vs QE;
+    NaN while the predicted LDOS is unphysical (e.g. holds fewer than N_val electrons)."""
+    x, _ = source.all_points()
+    with torch.no_grad():
+        ldos = network(torch.as_tensor(x, device=device)).double().cpu()
+    ldos = ldos.reshape(*source.grid_shape, -1)
+    try:
+        terms, _ = functional.evaluate(ldos, target.cell, target.electrons, False, target.core)
+    except (ValueError, RuntimeError):  # TorchScript-style errors surface as RuntimeError
+        return {key: math.nan for key in ("band_meV_atom", "total_meV_atom", "fermi_meV")}
+    scale = 1000.0 / target.natoms
+    return {
+        "band_meV_atom": (float(terms["band"]) - target.qe_band) * scale,
+        "total_meV_atom": (float(terms["electronic"]) + target.e_ii - target.qe_total) * scale,
+        "fermi_meV": (float(terms["fermi_level"]) - target.qe_fermi) * 1000.0,
+    }
+
+
+@dataclass
+class CoarseGridTarget:
+    """A snapshot's descriptors and their Jacobians on the coarse physics grid, with its
+    targets: what the energy, force and stress terms of the loss need."""
+
+    reference: SnapshotReference  # cell, electron count, QE and E_ii values
+    descriptors: torch.Tensor  # [P, K]
+    jacobian: torch.Tensor  # [P, K, 3N]: dB/dR at the P coarse grid points
+    grid: tuple[int, int, int]
+    electronic_forces: torch.Tensor  # F_QE - F_ii [3N] (eV/A)
+    # dB/dh [P, K, 6] for the strains of STRAINS (None: no stress term)
+    strain_jacobian: torch.Tensor | None
+    electronic_strain_derivative: torch.Tensor  # target dA/dh [6]: -V sigma_QE + W_ii (eV)
+
+    @property
+    def electronic_energy(self) -> float:
+        """A_QE - E_ii (eV)."""
+        return self.reference.qe_total - self.reference.e_ii
+
+
+# The six symmetric strains of the stress term, LAMMPS's Voigt order xx yy zz xy xz yz.
+STRAINS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+STRAIN_STEP = 1e-4  # of the functional's central differences in the cell (float64)
+
+
+def strain_matrix(component: int) -> np.ndarray:
+    """S of x -> (I + h S) x: dE/dh = dE/deps_ab for a symmetric strain (ab = ba)."""
+    a, b = STRAINS[component]
+    matrix = np.zeros((3, 3))
+    matrix[a, b] = matrix[b, a] = 1.0 if a == b else 0.5
+    return matrix
+
+
+def strained(atoms: Any, component: int, h: float) -> Any:
+    """A copy of ``atoms`` with atoms and cell deformed by I + h S (fractional
+    coordinates, hence the grid, move with the cell)."""
+    moved = atoms.copy()
+    deformation = np.eye(3) + h * strain_matrix(component)
+    moved.set_cell(np.asarray(atoms.cell) @ deformation.T, scale_atoms=True)
+    return moved
+
+
+def coarse_grid_target(
+    source: SnapshotSource,
+    reference: SnapshotReference,
+    params: BispectrumParams,
+    spacing: float,
+    device: str,
+    with_stress: bool = False,
+) -> CoarseGridTarget:
+    if reference.core is not None:
+        raise ValueError(
+            f"{source.path}: the energy/force terms of the loss do not handle core-corrected "
+            "pseudopotentials yet; set energy_weight = force_weight = 0"
+        )
+    atoms = source.snapshot.atoms
+    # at least 2 points per direction: central differences need a neighbouring point
+    grid = grid_for_spacing(atoms.cell, spacing, minimum=2)
+    step = 1e-4  # A (or strain); descriptors are smooth, central differences good to ~1e-8
+
+    def derivative(move: Any) -> np.ndarray:
+        """d(descriptors)/d(step) [P, K] for ``move(atoms, signed step)``."""
+        shifted = []
+        for sign in (1.0, -1.0):
+            values = compute_grid_descriptors(move(atoms, sign * step), grid, params)
+            shifted.append(values.reshape(-1, values.shape[-1]))
+        return ((shifted[0] - shifted[1]) / (2 * step)).astype(np.float32)
+
+    def displaced(coordinate: int) -> Any:
+        def move(atoms: Any, delta: float) -> Any:
+            moved = atoms.copy()
+            moved.positions[coordinate // 3, coordinate % 3] += delta
+            return moved
+
+        return move
+
+    jacobian = np.stack([derivative(displaced(c)) for c in range(3 * len(atoms))], axis=-1)
+    strain_jacobian = None
+    if with_stress:
+        strain_jacobian = torch.as_tensor(
+            np.stack(
+                [
+                    derivative(lambda atoms, h, c=c: strained(atoms, c, h))
+                    for c in range(len(STRAINS))
+                ],
+                axis=-1,
+            ),
+            device=device,
+        )
+    descriptors = compute_grid_descriptors(atoms, grid, params)  # float64: small
+    forces = source.snapshot.reference("forces") - reference.ii_forces
+    volume = abs(float(np.linalg.det(np.asarray(atoms.cell))))
+    strain_target = [
+        -volume * reference.qe_stress[a, b] + reference.ii_virial[a, b] for a, b in STRAINS
+    ]
+    return CoarseGridTarget(
+        reference=reference,
+        descriptors=torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]), device=device),
+        jacobian=torch.as_tensor(jacobian, device=device),
+        grid=grid,
+        electronic_forces=torch.as_tensor(forces.reshape(-1), dtype=torch.float32, device=device),
+        strain_jacobian=strain_jacobian,
+        electronic_strain_derivative=torch.as_tensor(strain_target, dtype=torch.float64),
+    )
+
+
+@dataclass
+class CoarsePrediction:
+    """The network's free energy and its derivatives on a target's coarse grid."""
+
+    energy: float  # electronic free energy A (eV)
+    forces: torch.Tensor  # -dA/dR [3N] (eV/A), with graph
+    linear: torch.Tensor  # sum_r dA/dd(r) . d(r): its parameter gradient is dA/dtheta
+    ldos: torch.Tensor  # [P, E], with graph
+    beta: torch.Tensor  # dA/dB [P, K] at the fixed cell, with graph
+
+
+def predicted_energy_forces(
+    network: LdosNetwork, functional: Any, target: CoarseGridTarget
+) -> CoarsePrediction | None:
+    """A, forces and the pieces the stress term reuses; None while the predicted LDOS is
+    unphysical (e.g. holds fewer than N_val electrons). Graphs are kept, so losses on
+    the forces can be back-propagated (dA/dLDOS held fixed)."""
+    dtype = network.feature_mean.dtype
+    x = target.descriptors.detach().to(dtype).requires_grad_(True)
+    ldos = network(x)
+    try:
+        # the functional differentiates internally (v_xc): a detached copy, not no_grad
+        terms, gradient = functional.evaluate(
+            ldos.detach().double().cpu().reshape(*target.grid, -1),
+            target.reference.cell,
+            target.reference.electrons,
+            True,
+        )
+    except (ValueError, RuntimeError):  # TorchScript-style errors surface as RuntimeError
+        return None
+    linear = (gradient.detach().reshape(ldos.shape).to(ldos) * ldos).sum()
+    beta = torch.autograd.grad(linear, x, create_graph=True)[0]  # dA/dB at every point
+    forces = -torch.einsum("pk,pkc->c", beta, target.jacobian.to(dtype))
+    return CoarsePrediction(float(terms["electronic"]), forces, linear, ldos, beta)
+
+
+def predicted_strain_derivatives(
+    prediction: CoarsePrediction, functional: Any, target: CoarseGridTarget
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """dA/dh (eV, float64 [6]) for the strains of STRAINS and a tensor [6] whose parameter
+    gradient is that of dA/dh (first order, as for the forces); None while the LDOS is
+    unphysical in a strained cell.
+
+    dA/dh = sum_r beta(r) . dB(r)/dh + dA/dh|_LDOS: the descriptor part exactly, the
+    explicit cell part (voxel volume, Hartree and gradient terms, mu at fixed N_val) by
+    central differences of the functional alone, all in float64."""
+    assert target.strain_jacobian is not None
+    ldos, cell = prediction.ldos, target.reference.cell
+    fixed = ldos.detach().double().cpu().reshape(*target.grid, -1)
+    descriptor_part = torch.einsum(
+        "pk,pkc->c", prediction.beta, target.strain_jacobian.to(ldos.dtype)
+    )
+    explicit, explicit_graph = [], []
+    for component in range(len(STRAINS)):
+        energies, linears = [], []
+        for sign in (1.0, -1.0):
+            deformation = torch.eye(3, dtype=cell.dtype) + sign * STRAIN_STEP * torch.as_tensor(
+                strain_matrix(component), dtype=cell.dtype
+            )
+            try:
+                terms, gradient = functional.evaluate(
+                    fixed, cell @ deformation.T, target.reference.electrons, True
+                )
+            except (ValueError, RuntimeError):  # TorchScript-style errors: RuntimeError
+                return None
+            energies.append(float(terms["electronic"]))
+            linears.append((gradient.reshape(ldos.shape).to(ldos) * ldos).sum())
+        explicit.append((energies[0] - energies[1]) / (2.0 * STRAIN_STEP))
+        explicit_graph.append((linears[0] - linears[1]) / (2.0 * STRAIN_STEP))
+    values = descriptor_part.detach().double().cpu() + torch.tensor(explicit, dtype=torch.float64)
+    return values, descriptor_part + torch.stack(explicit_graph)
+
+
+@dataclass
+class PhysicsErrors:
+    """A snapshot's errors in the energy, force and stress terms (squared, as fitted)."""
+
+    energy_sq: float  # ((A - A_QE) / N)^2, (eV/atom)^2
+    force_mse: float  # mean |F - F_QE|^2, (eV/A)^2
+    stress_mse: float  # mean over the strains of ((dA/dh - target) / N)^2; 0 without
+    gpa_per_ev_atom: float  # stress (GPa) of 1 eV/atom of dA/dh in this cell
+
+    @property
+    def stress_mse_gpa(self) -> float:
+        return self.stress_mse * self.gpa_per_ev_atom**2
+
+
+def physics_loss(
+    network: LdosNetwork, functional: Any, target: CoarseGridTarget, config: TrainingConfig
+) -> tuple[torch.Tensor, PhysicsErrors] | None:
+    """The loss term to back-propagate and the errors, or None while the predicted LDOS
+    is unphysical."""
+    predicted = predicted_energy_forces(network, functional, target)
+    if predicted is None:
+        return None
+    energy, forces, linear = predicted.energy, predicted.forces, predicted.linear
+    force_mse = ((forces - target.electronic_forces.to(forces)) ** 2).mean()
+    natoms = target.reference.natoms
+    energy_error = (energy - target.electronic_energy) / natoms
+    # d/dtheta of (energy error)^2 = 2 (error) dA/dtheta / N
+    loss = (
+        config.energy_weight * 2.0 * energy_error * linear / natoms
+        + config.force_weight * force_mse
+    )
+    stress_mse = 0.0
+    if config.stress_weight > 0 and target.strain_jacobian is not None:
+        strain = predicted_strain_derivatives(predicted, functional, target)
+        if strain is None:
+            return None
+        values, graphs = strain
+        errors = (values - target.electronic_strain_derivative) / natoms  # eV/atom
+        # d/dtheta of mean (error)^2 = 2 mean (error d(dA/dh)/dtheta) / N
+        loss = loss + config.stress_weight * 2.0 * (errors.to(graphs) * graphs).mean() / natoms
+        stress_mse = float(errors.pow(2).mean())
+    volume = abs(float(torch.linalg.det(target.reference.cell)))
+    return loss, PhysicsErrors(
+        energy_sq=energy_error**2,
+        force_mse=float(force_mse.detach()),
+        stress_mse=stress_mse,
+        gpa_per_ev_atom=natoms / volume * GPA_PER_EV_PER_CUBIC_ANGSTROM,
+    )

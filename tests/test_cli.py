@@ -1,0 +1,95 @@
+"""`mlsurrogate <verb>`: every verb's help, and user errors as one line
+(`mlsurrogate <verb>: <problem>`, exit 2), never a Python traceback."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mlsurrogate import cli
+from test_build import venv_tool
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
+SNAPSHOT = str(DATA / "snapshot_00.h5")
+VERBS = [
+    ["info"],
+    ["descriptors"],
+    ["qe", "run"],
+    ["qe", "ingest"],
+    ["data", "info"],
+    ["data", "descriptors"],
+    ["evaluate-dft"],
+    ["train"],
+    ["export"],
+    ["evaluate"],
+]
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=" ".join)
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([*verb, "--help"])
+    assert done.value.code == 0
+    assert f"usage: mlsurrogate {' '.join(verb)}" in capsys.readouterr().out
+
+
+def test_descriptor_options_are_the_keyword_list(capsys):
+    from mlsurrogate.descriptors import DESCRIPTOR_KEYWORDS
+
+    with pytest.raises(SystemExit):
+        cli.main(["descriptors", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"--{name}" in text for name in DESCRIPTOR_KEYWORDS)
+
+
+def user_errors(tmp_path: Path) -> list[tuple[list[str], str]]:
+    """(arguments, text the one-line error must hold)."""
+    structure = tmp_path / "al.xyz"
+    structure.write_text(
+        '1\nLattice="4 0 0 0 4 0 0 0 4" Properties=species:S:1:pos:R:3 pbc="T T T"\nAl 0 0 0\n'
+    )
+    junk = tmp_path / "junk.h5"
+    junk.write_text("not hdf5")
+    toml = tmp_path / "bad.toml"
+    toml.write_text("[training]\nmax_epochs = 'many'\n")
+    missing_dir = str(tmp_path / "no" / "out")
+    return [
+        (["descriptors", str(tmp_path / "none.xyz"), "--grid", "2", "2", "2",
+          "-o", str(tmp_path / "d.npy")], "none.xyz"),
+        (["descriptors", str(structure), "--grid", "2", "2", "2", "-o", missing_dir + ".npy"],
+         "does not exist"),
+        (["qe", "run", str(structure), "-o", str(tmp_path / "run"), "--pseudo", "Al"],
+         "ELEMENT=FILE"),
+        (["qe", "ingest", str(tmp_path / "nowhere"), "-o", str(tmp_path / "s.h5")], "nowhere"),
+        (["data", "info", str(junk)], "not an HDF5 file"),
+        (["data", "descriptors", SNAPSHOT, "-o", missing_dir + ".h5"], "does not exist"),
+        (["evaluate-dft", str(junk)], "not an HDF5 file"),
+        (["train", str(toml), "-o", str(tmp_path / "ck.pt")], "max_epochs (section [training])"),
+        (["export", str(tmp_path / "none.ckpt"), "-o", str(tmp_path / "m.pt")], "no such"),
+        (["evaluate", str(tmp_path / "none.pt"), SNAPSHOT], "no such model file"),
+        (["evaluate", str(junk), SNAPSHOT], "not a TorchScript model file"),
+    ]  # fmt: skip
+
+
+def test_user_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    for arguments, text in user_errors(tmp_path):
+        assert cli.main(arguments) == 2, arguments
+        err = capsys.readouterr().err
+        name = " ".join(arguments[:2] if arguments[0] in ("qe", "data") else arguments[:1])
+        assert err.startswith(f"mlsurrogate {name}: "), (arguments, err)
+        assert text in err, (arguments, err)
+        assert "Traceback" not in err
+    assert not list(tmp_path.glob("*.part*"))
+
+
+def test_the_installed_command_prints_no_traceback(tmp_path):
+    """The console script, not just main(): stderr is the one line."""
+    for arguments, text in user_errors(tmp_path)[-3:]:
+        proc = subprocess.run(
+            [venv_tool("mlsurrogate"), *arguments], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"mlsurrogate {arguments[0]}: ") and text in proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
