@@ -37,13 +37,13 @@ from mlsurrogate.descriptors import (
     BispectrumParams,
     check_grid_fits_memory,
     compute_grid_descriptors,
-    descriptor_forces,
+    descriptor_gradients,
     grid_for_spacing,
     keyword_type,
     num_descriptors,
     partition_to_atoms,
 )
-from mlsurrogate.ion_ion import ion_ion_energy
+from mlsurrogate.ion_ion import IonIon, ion_ion_energy
 from mlsurrogate.physics import LdosEnergy
 
 ACTIVATIONS = ("leaky_relu", "relu", "tanh", "silu", "gelu")
@@ -352,11 +352,36 @@ def model_error_message(exc: BaseException) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-    """What a model predicts for one structure on one grid."""
+    """What a model predicts for one structure on one grid (eV, A)."""
 
     ldos: np.ndarray  # [nx, ny, nz, nE] 1/(eV A^3)
-    terms: dict[str, float]  # energy terms (eV), free_energy = A and ion_ion included
-    forces: np.ndarray  # (natoms, 3) eV/A: -dA/dR, electronic (adjoint) + ion-ion
+    dos: np.ndarray  # [nE] states/eV on the model's energy grid
+    terms: dict[str, float]  # the functional's terms per cell, mu, electrons, ion_ion, A
+    electronic_forces: np.ndarray  # (natoms, 3): -d(A - E_ii)/dR
+    electronic_strain_derivative: np.ndarray  # (3, 3): d(A - E_ii)/d(eps)
+    electronic_atom_energies: np.ndarray  # (natoms,): A - E_ii per atom (pair style rule)
+    ion_ion: IonIon
+
+    @property
+    def free_energy(self) -> float:
+        """A = A_el + E_ii, the energy whose negative gradient the forces are."""
+        return self.terms["free_energy"]
+
+    @property
+    def forces(self) -> np.ndarray:
+        return self.electronic_forces + self.ion_ion.forces
+
+    @property
+    def strain_derivative(self) -> np.ndarray:
+        """dA/d(eps), symmetric (3, 3), for atoms, grid and cell deformed together (the
+        E_ii virial W = sum r (x) f is -dE_ii/deps)."""
+        total = self.electronic_strain_derivative - self.ion_ion.virial
+        return 0.5 * (total + total.T)
+
+    @property
+    def atom_energies(self) -> np.ndarray:
+        """A per atom: the pair style's split of A - E_ii plus LAMMPS's E_ii per atom."""
+        return self.electronic_atom_energies + self.ion_ion.atom_energies
 
 
 class Model:
@@ -408,17 +433,19 @@ class Model:
         """LDOS [..., nE] from descriptors [..., K] (float64)."""
         flat = torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]), dtype=torch.float64)
         with torch.no_grad():
-            ldos = self.module(flat.to(next(self.module.parameters()).dtype))
+            ldos = self.module(flat.to(next(self.module.network.parameters())))
         return ldos.double().cpu().numpy().reshape(*descriptors.shape[:-1], -1)
 
-    def _descriptors(self, atoms: ase.Atoms, grid: tuple[int, int, int] | None) -> np.ndarray:
+    def _descriptors(
+        self, atoms: ase.Atoms, grid: tuple[int, int, int] | None, threads: int | None = None
+    ) -> np.ndarray:
         """Descriptors on ``grid`` (default: the model's spacing), after the element and
         memory checks (descriptors and LDOS of every point are held at once)."""
         self._check_elements(atoms)
         grid = grid or self.default_grid(atoms)
         width = num_descriptors(self.params, len(self.spec.elements)) + len(self.spec.energies_eV)
         check_grid_fits_memory(int(np.prod(grid)), width, f"{self.path} on grid {tuple(grid)}")
-        return compute_grid_descriptors(atoms, grid, self.params)
+        return compute_grid_descriptors(atoms, grid, self.params, threads=threads)
 
     def predict_ldos(
         self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None
@@ -426,31 +453,63 @@ class Model:
         """LDOS [nx, ny, nz, nE] in 1/(eV A^3) on ``grid`` (default: the model's spacing)."""
         return self.predict_ldos_from_descriptors(self._descriptors(atoms, grid))
 
-    def predict(self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None) -> Prediction:
-        """LDOS, energy terms and forces F = -dA/dR: dA/dLDOS of the functional (at fixed
-        N_val), back-propagated to dA/dB, contracted with dB/dR by the adjoint kernel,
-        plus the ion-ion forces (DESIGN section 4, "Forces")."""
-        descriptors = self._descriptors(atoms, grid)
-        shape = descriptors.shape[:3]
-        ldos = self.predict_ldos_from_descriptors(descriptors)
-        cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
+    def predict(
+        self,
+        atoms: ase.Atoms,
+        grid: tuple[int, int, int] | None = None,
+        threads: int | None = None,
+    ) -> Prediction:
+        """Everything the pair style computes (``PairMLSurrogate::compute``), in one process
+        and with the same pieces: the network in its dtype on its device, the functional's
+        steps in float64 (docs/energy-functional.md), dA/dLDOS at fixed N_val
+        back-propagated to beta = dA/dB, the adjoint kernel for forces and the strain
+        derivative, E_ii by LAMMPS's Ewald sum. The electronic strain derivative is
+        sum_r beta dB/deps + (E_band - TS) I + dPhi/deps|_n - c N_val / D(mu) I.
+        ``grid`` defaults to the model's spacing; ``threads`` is the kernel's thread count."""
+        grid = tuple(grid or self.default_grid(atoms))
+        descriptors = self._descriptors(atoms, grid, threads)
+        weights = next(self.module.network.parameters())  # the network's device and dtype
+        rows = torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1])).to(weights)
+        with torch.no_grad():
+            ldos = self.module(rows).double()
+        cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64, device=weights.device)
+        voxel = abs(float(torch.linalg.det(cell))) / float(np.prod(grid))
+        valence = self._valence(atoms)
+        electrons = float(valence.sum())
+        functional = self.module.functional
         try:
-            terms, gradient = self.module.functional.evaluate(
-                torch.as_tensor(ldos), cell, float(self._valence(atoms).sum()), True, None
-            )
+            dos = functional.dos(ldos, voxel)
+            mu = functional.fermi_level(dos, electrons)
+            density = functional.density(ldos, mu).reshape(grid)
+            terms, phi, phi_strain = functional.global_terms(dos, density, cell, mu)
         except (RuntimeError, torch.jit.Error) as exc:
             raise ValueError(f"{self.path}: {model_error_message(exc)}") from exc
-        dtype = next(self.module.parameters()).dtype
-        flat = torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]), dtype=dtype)
-        beta = self.module.descriptor_gradient(flat, gradient.reshape(len(flat), -1).to(dtype))
-        electronic = descriptor_forces(
-            atoms, shape, self.params, beta.double().numpy().reshape(descriptors.shape)
-        )
+        phi_rows = phi.reshape(-1)
+        fermi_shift = functional.fermi_shift_part(ldos, mu, phi_rows)
+        ldos_gradient = functional.ldos_gradient(mu, phi_rows, dos, fermi_shift, voxel)
+        beta = self.module.descriptor_gradient(rows, ldos_gradient.to(weights))
+        beta = beta.double().cpu().numpy().reshape(descriptors.shape)
+        gradients = descriptor_gradients(atoms, grid, self.params, beta, threads=threads)
+        values = {key: float(value) for key, value in terms.items()}
+        c = values["edos_at_mu"] + float(fermi_shift)
+        isotropic = values["band_free"] - c * electrons / values["dos_at_mu"]
+        explicit = 0.5 * (phi_strain + phi_strain.T).cpu().numpy() + isotropic * np.eye(3)
+
+        points = functional.band_free_points(ldos, mu, voxel).reshape(grid)
+        points = (points + functional.potential_points(density, cell)).cpu().numpy()
+        shares, unclaimed = partition_to_atoms(atoms, grid, self.params, points[..., None])
         ion_ion = ion_ion_energy(atoms, dict(zip(self.spec.elements, self.spec.valence_charges)))
-        out = {key: float(value) for key, value in terms.items()}
-        out["ion_ion"] = ion_ion.energy
-        out["free_energy"] = out["electronic"] + ion_ion.energy
-        return Prediction(ldos=ldos, terms=out, forces=electronic + ion_ion.forces)
+        values["ion_ion"] = ion_ion.energy
+        values["free_energy"] = values["electronic"] + ion_ion.energy
+        return Prediction(
+            ldos=ldos.cpu().numpy().reshape(*grid, -1),
+            dos=dos.cpu().numpy(),
+            terms=values,
+            electronic_forces=gradients.forces,
+            electronic_strain_derivative=gradients.strain_derivative + explicit,
+            electronic_atom_energies=shares[:, 0] + unclaimed[0] * valence / electrons,
+            ion_ion=ion_ion,
+        )
 
     def energy_terms(
         self, atoms: ase.Atoms, ldos: np.ndarray, core: torch.Tensor | None = None
@@ -472,29 +531,6 @@ class Model:
         out["ion_ion"] = ion_ion_energy(atoms, charges).energy
         out["free_energy"] = out["electronic"] + out["ion_ion"]
         return out
-
-    def atom_energies(
-        self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None
-    ) -> np.ndarray:
-        """Electronic free energy (A - E_ii, eV) shared among the atoms, as the pair
-        style's per-atom energy: each grid point's share of A - E_ii split by Becke's
-        fuzzy Voronoi cells, points with no atom within the cutoff by valence charge."""
-        grid = grid or self.default_grid(atoms)
-        ldos = torch.as_tensor(self.predict_ldos(atoms, grid), dtype=torch.float64)
-        valence = self._valence(atoms)
-        cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
-        functional = self.module.functional
-        voxel = abs(float(torch.linalg.det(cell))) / float(np.prod(grid))
-        rows = ldos.reshape(-1, ldos.shape[-1])
-        try:
-            mu = functional.fermi_level(functional.dos(rows, voxel), float(valence.sum()))
-        except (RuntimeError, torch.jit.Error) as exc:
-            raise ValueError(f"{self.path}: {model_error_message(exc)}") from exc
-        density = functional.density(rows, mu).reshape(grid)
-        points = functional.band_free_points(rows, mu, voxel).reshape(grid)
-        points = points + functional.potential_points(density, cell)
-        shares, unclaimed = partition_to_atoms(atoms, grid, self.params, points[..., None].numpy())
-        return shares[:, 0] + unclaimed[0] * valence / valence.sum()
 
     def energy(self, atoms: ase.Atoms, grid: tuple[int, int, int] | None = None) -> float:
         """Total free energy A (eV) of ``atoms``."""
