@@ -28,7 +28,7 @@ from mlsurrogate.physics import LdosEnergy
 
 ACTIVATIONS = ("leaky_relu", "relu", "tanh", "silu", "gelu")
 MODEL_FORMAT = "mlsurrogate-model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
 
 
 def _activation(name: str) -> torch.nn.Module:
@@ -124,6 +124,8 @@ class SurrogateModel(torch.nn.Module):
         super().__init__()
         self.network = network
         self.functional = functional
+        self.format = MODEL_FORMAT
+        self.format_version = MODEL_FORMAT_VERSION
         radius = [_per_element(params.radius, e) for e in elements]
         weight = [_per_element(params.weight, e) for e in elements]
         self.elements = list(elements)
