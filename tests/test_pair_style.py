@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlsurrogate import _core
 from mlsurrogate.data import Snapshot
 from mlsurrogate.descriptors import BispectrumParams
 from mlsurrogate.lammps_pair import pair_style_energy_forces, pair_style_per_atom
@@ -416,6 +417,9 @@ def test_grid_from_spacing_rounds_half_up(smooth_model, tmp_path):
     expected = [max(1, math.floor(length / spacing + 0.5)) for length in lengths]
     # TODO(issue 16): compare with mlsurrogate.descriptors.grid_for_spacing once merged
     assert expected == [17, 16, 16] != [round(length / spacing) for length in lengths]
+    assert [_core.grid_points_for_spacing(length, spacing) for length in lengths] == expected
+    with pytest.raises(ValueError, match="positive length and spacing"):
+        _core.grid_points_for_spacing(4.05, 0.0)
     _, positions, _, _ = structure()
     scaled = (np.array(positions) / 4.05 * np.array(lengths)).tolist()
     log = tmp_path / "log.lammps"
