@@ -26,6 +26,7 @@
 #include <exception>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <string>
 
 using namespace LAMMPS_NS;
@@ -145,9 +146,10 @@ void PairMLSurrogate::allocate()
 int PairMLSurrogate::positive_int(const std::string &keyword, const char *word,
                                   const char *meaning)
 {
-  if (!utils::is_integer(word) || utils::inumeric(FLERR, word, false, lmp) <= 0)
+  const int value = utils::is_integer(word) ? utils::inumeric(FLERR, word, false, lmp) : 0;
+  if (value <= 0)
     error->all(FLERR, "pair_style mlsurrogate: {} needs {}, got '{}'", keyword, meaning, word);
-  return utils::inumeric(FLERR, word, false, lmp);
+  return value;
 }
 
 /* ----------------------------------------------------------------------
@@ -186,18 +188,11 @@ void PairMLSurrogate::settings(int narg, char **arg)
     const char *value = arg[iarg + 1];
 
     if (kw == "grid") {
-      const std::string values = fmt::format("{} {} {}", arg[iarg + 1], arg[iarg + 2], arg[iarg + 3]);
       for (int d = 0; d < 3; ++d)
-        if (!utils::is_integer(arg[iarg + 1 + d]) ||
-            utils::inumeric(FLERR, arg[iarg + 1 + d], false, lmp) <= 0)
-          error->all(FLERR,
-                     "pair_style mlsurrogate: grid needs three positive integers nx ny nz, "
-                     "got '{}'",
-                     values);
-      for (int d = 0; d < 3; ++d) grid[d] = utils::inumeric(FLERR, arg[iarg + 1 + d], false, lmp);
+        grid[d] = positive_int(kw, arg[iarg + 1 + d], "three positive integers nx ny nz");
     } else if (kw == "spacing") {
-      if (utils::is_double(value)) spacing = utils::numeric(FLERR, value, false, lmp);
-      if (!utils::is_double(value) || !std::isfinite(spacing) || spacing <= 0.0)
+      spacing = utils::is_double(value) ? utils::numeric(FLERR, value, false, lmp) : 0.0;
+      if (!std::isfinite(spacing) || spacing <= 0.0)
         error->all(FLERR,
                    "pair_style mlsurrogate: spacing needs a positive length (distance units), "
                    "got '{}'",

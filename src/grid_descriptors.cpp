@@ -151,8 +151,29 @@ void GridBlock::validate() const {
   }
 }
 
+std::optional<std::size_t> find_non_finite_atom(AtomsView atoms, std::size_t num_checked) {
+  for (std::size_t i = 0; i < std::min(num_checked, atoms.n); ++i)
+    for (int k = 0; k < 3; ++k)
+      if (!std::isfinite(atoms.pos[3 * i + k])) return i;
+  return std::nullopt;
+}
+
+namespace {
+
+// A NaN or infinite coordinate would send the cell list's bin arithmetic out of range.
+void check_finite(AtomsView atoms) {
+  if (const auto bad = find_non_finite_atom(atoms, atoms.n))
+    throw std::invalid_argument("atom " + std::to_string(*bad) + " has a non-finite position (" +
+                                std::to_string(atoms.pos[3 * *bad]) + ", " +
+                                std::to_string(atoms.pos[3 * *bad + 1]) + ", " +
+                                std::to_string(atoms.pos[3 * *bad + 2]) + ")");
+}
+
+}  // namespace
+
 PeriodicImages periodic_images(const Cell& cell, AtomsView atoms, double cutoff) {
   check_cell(cell);
+  check_finite(atoms);
   // reach along each lattice direction in fractional units: cutoff / plane spacing
   double reach[3];
   const double vol = std::fabs(cell.volume());
@@ -217,13 +238,6 @@ int grid_points_for_spacing(double length, double spacing) {
   return std::max(1, static_cast<int>(n));
 }
 
-std::optional<std::size_t> find_non_finite_atom(AtomsView atoms, std::size_t num_checked) {
-  for (std::size_t i = 0; i < std::min(num_checked, atoms.n); ++i)
-    for (int k = 0; k < 3; ++k)
-      if (!std::isfinite(atoms.pos[3 * i + k])) return i;
-  return std::nullopt;
-}
-
 std::optional<std::pair<std::size_t, std::size_t>> find_coincident_atoms(AtomsView atoms,
                                                                          std::size_t num_checked,
                                                                          double tolerance) {
@@ -254,19 +268,6 @@ std::optional<std::pair<std::size_t, std::size_t>> find_coincident_atoms(AtomsVi
   }
   return std::nullopt;
 }
-
-namespace {
-
-// A NaN or infinite coordinate would send the cell list's bin arithmetic out of range.
-void check_finite(AtomsView atoms) {
-  if (const auto bad = find_non_finite_atom(atoms, atoms.n))
-    throw std::invalid_argument("atom " + std::to_string(*bad) + " has a non-finite position (" +
-                                std::to_string(atoms.pos[3 * *bad]) + ", " +
-                                std::to_string(atoms.pos[3 * *bad + 1]) + ", " +
-                                std::to_string(atoms.pos[3 * *bad + 2]) + ")");
-}
-
-}  // namespace
 
 GridDescriptors::GridDescriptors(const BispectrumSettings& settings, int num_threads)
     : sna_(settings), threads_(num_threads) {

@@ -510,6 +510,19 @@ def test_non_finite_positions_are_reported(smooth_model):
     assert "exit 0" in out, out
 
 
+def test_descriptor_kernel_refuses_non_finite_positions():
+    """The kernel itself (used by Python and the pair style) names the atom rather than
+    dropping it (periodic images) or indexing out of range (cell list)."""
+    from mlsurrogate.descriptors import compute_grid_descriptors
+
+    atoms = Snapshot(DATA / "snapshot_07.h5").atoms
+    positions = atoms.positions
+    positions[1, 2] = np.inf
+    atoms.positions = positions
+    with pytest.raises(ValueError, match=r"atom 1 has a non-finite position \(.*inf\)"):
+        compute_grid_descriptors(atoms, (4, 4, 4), BispectrumParams(twojmax=2))
+
+
 @pytest.mark.parametrize(
     ("position", "partner"),
     [("0.5 0.5 0.5", "0.5 0.5 0.500000000001"), ("4.0499999999 1.0 1.0", "0.0 1.0 1.0")],
