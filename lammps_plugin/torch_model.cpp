@@ -227,7 +227,7 @@ ModelContract read_contract(const torch::jit::Module &module, const std::string 
 }  // namespace
 
 TorchModel::TorchModel(const std::string &path, const std::string &device)
-    : impl_(std::make_unique<Impl>()), path_(path), device_(device) {
+    : impl_(std::make_unique<Impl>()), path_(path) {
   check_archive(path);
   guarded([&] {
     impl_->module = torch::jit::load(path, torch::Device(device));

@@ -50,8 +50,6 @@ class TorchModel {
   TorchModel(const TorchModel &) = delete;
   TorchModel &operator=(const TorchModel &) = delete;
 
-  const std::string &path() const { return path_; }
-  const std::string &device() const { return device_; }
   const ModelContract &contract() const { return contract_; }
 
   // The electronic-structure steps of an exported mlsurrogate model, in the order of
@@ -94,7 +92,6 @@ class TorchModel {
   struct Impl;
   std::unique_ptr<Impl> impl_;
   std::string path_;
-  std::string device_;
   ModelContract contract_;
 };
 
