@@ -548,3 +548,44 @@ def test_grid_too_large_for_memory_is_reported(smooth_model):
     assert "grid 1000 x 1000 x 1000 (1000000000 points) needs about" in out, out
     assert "use more ranks or a coarser grid (spacing h" in out, out
     assert "exit 0" in out, out
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    ("extra", "grid", "message"),
+    [
+        (
+            "create_atoms 1 single 7.0 1.0 1.0 units box\n" * 2,
+            16,
+            "ERROR: pair_style mlsurrogate: atoms 33 and 34 (or one and a periodic image",
+        ),
+        ("", 4, "ERROR: pair_style mlsurrogate: the predicted LDOS gives no Fermi level"),
+    ],
+    ids=["coincident atoms", "coarse grid"],
+)
+def test_bad_input_ends_mpi_runs_with_one_message(smooth_model, tmp_path, extra, grid, message):
+    """On 2 ranks (the duplicate atoms on one of them) every rank stops with the same
+    error: no rank waits forever in a reduction."""
+    (tmp_path / "in.bad").write_text(
+        textwrap.dedent(
+            """\
+            units metal
+            lattice fcc 4.05
+            region b block 0 2 0 2 0 2
+            create_box 1 b
+            create_atoms 1 box
+            mass 1 26.98
+            displace_atoms all random 0.01 0.01 0.01 5
+            """
+        )
+        + extra
+        + f"pair_style mlsurrogate {smooth_model} grid {grid} {grid} {grid} ionion off\n"
+        + "pair_coeff * * Al\nrun 0\n"
+    )
+    command = [venv_tool("mpiexec"), "-n", "2", venv_tool("lmp"), "-in", "in.bad", "-log", "none"]
+    proc = subprocess.run(
+        command, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "1 by 1 by 2 MPI processor grid" in out, out
+    assert out.count(message) == 1, out
