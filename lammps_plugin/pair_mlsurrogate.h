@@ -4,10 +4,11 @@
  *                          [device cpu|cuda|cuda:N] [threads N] [batch M] [ionion on|off]
  *   pair_coeff * * Elem_1 ... Elem_ntypes
  *
- * Every rank computes descriptors of the grid points it owns (the compute sna/grid/local
- * rule), runs the network on them, and takes part in the reductions of the energy
- * functional (DOS, density, Fermi-level shift); forces come from back-propagation and
- * the adjoint descriptor contraction (requires newton pair on).
+ * LAMMPS glue only: positions in, forces, energy and virial tallied out. The electronic
+ * step (descriptors of the grid points each rank owns, the network, the energy
+ * functional's reductions, back-propagation and the adjoint descriptor contraction) is
+ * mlsurrogate::ElectronicStep; the model's contract is mlsurrogate::ModelContract.
+ * Requires newton pair on. Reference: docs/pair_style.md.
  */
 #ifndef LMP_PAIR_MLSURROGATE_H
 #define LMP_PAIR_MLSURROGATE_H
@@ -21,10 +22,9 @@
 
 namespace mlsurrogate {
 class TorchModel;
-class GridDescriptors;
-struct Cell;
-struct GridBlock;
+class ElectronicStep;
 struct AtomsView;
+struct GridBlock;
 }
 
 namespace LAMMPS_NS {
@@ -44,6 +44,7 @@ class PairMLSurrogate : public Pair {
  protected:
   void allocate();
   void reset_settings();
+  int positive_int(const std::string &keyword, const char *word, const char *meaning);
 
   std::string model_file;
   int grid[3];             // grid points per box direction; 0 = not given
@@ -51,32 +52,25 @@ class PairMLSurrogate : public Pair {
   std::string device;      // "cpu", "cuda", "cuda:N"
   int nthreads;            // kernel and libtorch threads per rank; 0 = not given (1)
   int batch;               // grid points per network call; 0 = all at once
-  double cutmax;           // descriptor cutoff from the model; 0 = unknown
+  bool ionion;             // require coul/long + kspace with the valence charges
   std::vector<std::string> type_element;    // element name of each atom type (1-based)
   std::vector<int> type_index;              // model element index of each atom type
   std::vector<double> type_charge;          // valence charge of each atom type
   std::unique_ptr<mlsurrogate::TorchModel> model;
-  std::unique_ptr<mlsurrogate::GridDescriptors> kernel;
+  std::unique_ptr<mlsurrogate::ElectronicStep> electronic;    // uses *model: reset first
 
   void grid_shape(int shape[3]) const;
+  mlsurrogate::GridBlock owned_block(const int shape[3]) const;
   void check_grid_spacing(const int shape[3]);
+  void check_grid_memory(const mlsurrogate::GridBlock &block);
+  void report_grid(const int shape[3]);
   void warn_atoms_on_grid_points(const int shape[3]);
+  void check_positions(const mlsurrogate::AtomsView &atoms);
   void check_ion_ion();
-  void tally_per_atom(const mlsurrogate::Cell &, const mlsurrogate::GridBlock &,
-                      const mlsurrogate::AtomsView &, const std::vector<std::size_t> &owned,
-                      const std::vector<double> &band_points,
-                      const std::vector<double> &potential_points,
-                      const std::vector<double> &strain_per_atom,
-                      const std::vector<double> &strain_per_point,
-                      const std::array<double, 9> &explicit_rest, double electrons);
 
-  bool ionion;             // require coul/long + kspace with the valence charges
   // thermo extras (compute pair mlsurrogate): band energy, -TS, Fermi level, E_H,
   // E_xc, electron count, electronic free energy (no E_ii)
   std::array<double, 7> extras{};
-  // wall time per stage, summed over the run: descriptors, inference, functional,
-  // back-propagation, force contraction, communication
-  std::array<double, 6> seconds{};
 };
 
 }    // namespace LAMMPS_NS

@@ -1,12 +1,15 @@
-/* Thin wrapper around a TorchScript module.
+/* An exported mlsurrogate model (one TorchScript file): its contract, read once at load,
+ * and the steps of the energy functional.
  *
  * This header includes no torch header, and torch_model.cpp includes no LAMMPS
  * header: both projects ship their own {fmt} and macros, and keeping them in
  * separate translation units avoids any clash. Errors are reported as
- * std::runtime_error with a message meant for the user.
+ * std::runtime_error with a message meant for the user (no TorchScript traceback).
  */
 #ifndef MLSURROGATE_TORCH_MODEL_H
 #define MLSURROGATE_TORCH_MODEL_H
+
+#include "bispectrum.hpp"
 
 #include <memory>
 #include <string>
@@ -15,32 +18,43 @@
 
 namespace mlsurrogate {
 
+// What `mlsurrogate export` writes on the module (mlsurrogate.model.SurrogateModel).
+constexpr const char *kModelFormat = "mlsurrogate-model";
+constexpr int kModelFormatVersion = 2;
+
+// Everything the pair style needs to know about a model, from its typed TorchScript
+// attributes; every one is required (no defaults: a missing one means an older export).
+struct ModelContract {
+  std::vector<std::string> elements;    // element of model type 0, 1, ...
+  std::vector<double> valence_charges;  // per element, electrons
+  std::vector<double> masses;           // per element, g/mol
+  double grid_spacing = 0.0;            // training grid spacing, A
+  double cutoff = 0.0;                  // descriptor neighbour cutoff, A
+  BispectrumSettings descriptors;       // compute sna/grid keywords (per-element lists)
+  int num_energies = 0;                 // points of the LDOS energy grid
+  std::string network_dtype;            // "float64" or "float32"
+  std::string metadata_json;            // metadata.json of the archive
+
+  // Index of `element` in `elements`, or -1.
+  int element_index(const std::string &element) const;
+};
+
 class TorchModel {
  public:
-  // Loads the TorchScript file `path` onto `device` ("cpu", "cuda", "cuda:N").
-  // Throws std::runtime_error with torch's message if that fails.
+  // Loads the TorchScript file `path` onto `device` ("cpu", "cuda", "cuda:N") and reads
+  // its contract. Throws std::runtime_error naming the file and what to do if it is not
+  // a zip archive, a training checkpoint, not TorchScript, of another format version,
+  // or lacks an attribute.
   TorchModel(const std::string &path, const std::string &device);
   ~TorchModel();
   TorchModel(const TorchModel &) = delete;
   TorchModel &operator=(const TorchModel &) = delete;
 
-  const std::string &path() const { return path_; }
-  const std::string &device() const { return device_; }
-
-  // Value of a numeric attribute of the module, or `fallback` if it has none.
-  double number_attr(const std::string &name, double fallback) const;
-  // Value of a list-of-strings attribute; empty if the module has none.
-  std::vector<std::string> string_list_attr(const std::string &name) const;
-
-  // Value of a list-of-numbers attribute; throws if the module has none.
-  std::vector<double> number_list_attr(const std::string &name) const;
-  // Value of a boolean attribute; throws if the module has none.
-  bool bool_attr(const std::string &name) const;
+  const ModelContract &contract() const { return contract_; }
 
   // The electronic-structure steps of an exported mlsurrogate model, in the order of
   // the distributed interface of mlsurrogate.physics (local, global, local). Arrays are
   // row-major doubles on the host; `npoints` grid points of this rank.
-  int num_energies() const;
   std::vector<double> predict_ldos(const double *descriptors, int npoints, int nfeatures) const;
   std::vector<double> dos(const std::vector<double> &ldos, double voxel) const;
   double fermi_level(const std::vector<double> &dos, double n_electrons) const;
@@ -78,7 +92,7 @@ class TorchModel {
   struct Impl;
   std::unique_ptr<Impl> impl_;
   std::string path_;
-  std::string device_;
+  ModelContract contract_;
 };
 
 }  // namespace mlsurrogate

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <exception>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -150,8 +151,29 @@ void GridBlock::validate() const {
   }
 }
 
+std::optional<std::size_t> find_non_finite_atom(AtomsView atoms, std::size_t num_checked) {
+  for (std::size_t i = 0; i < std::min(num_checked, atoms.n); ++i)
+    for (int k = 0; k < 3; ++k)
+      if (!std::isfinite(atoms.pos[3 * i + k])) return i;
+  return std::nullopt;
+}
+
+namespace {
+
+// A NaN or infinite coordinate would send the cell list's bin arithmetic out of range.
+void check_finite(AtomsView atoms) {
+  if (const auto bad = find_non_finite_atom(atoms, atoms.n))
+    throw std::invalid_argument("atom " + std::to_string(*bad) + " has a non-finite position (" +
+                                std::to_string(atoms.pos[3 * *bad]) + ", " +
+                                std::to_string(atoms.pos[3 * *bad + 1]) + ", " +
+                                std::to_string(atoms.pos[3 * *bad + 2]) + ")");
+}
+
+}  // namespace
+
 PeriodicImages periodic_images(const Cell& cell, AtomsView atoms, double cutoff) {
   check_cell(cell);
+  check_finite(atoms);
   // reach along each lattice direction in fractional units: cutoff / plane spacing
   double reach[3];
   const double vol = std::fabs(cell.volume());
@@ -204,6 +226,49 @@ std::pair<int, int> owned_grid_range(int n, double frac_lo, double frac_hi) {
   return {lo, hi + 1};
 }
 
+int grid_points_for_spacing(double length, double spacing) {
+  if (!(length > 0.0) || !(spacing > 0.0) || !std::isfinite(length / spacing))
+    throw std::invalid_argument("grid from spacing needs a positive length and spacing, got " +
+                                std::to_string(length) + " and " + std::to_string(spacing));
+  const double n = std::floor(length / spacing + 0.5);
+  if (n > static_cast<double>(std::numeric_limits<int>::max()))
+    throw std::invalid_argument("spacing " + std::to_string(spacing) + " gives more than " +
+                                std::to_string(std::numeric_limits<int>::max()) +
+                                " grid points along " + std::to_string(length));
+  return std::max(1, static_cast<int>(n));
+}
+
+std::optional<std::pair<std::size_t, std::size_t>> find_coincident_atoms(AtomsView atoms,
+                                                                         std::size_t num_checked,
+                                                                         double tolerance) {
+  if (atoms.n < 2) return std::nullopt;
+  // bins of about one atom each (CellList bins are half its cutoff wide): O(1) work per atom
+  double volume = 1.0;
+  for (int k = 0; k < 3; ++k) {
+    double lo = atoms.pos[k], hi = atoms.pos[k];
+    for (std::size_t i = 0; i < atoms.n; ++i) {
+      lo = std::min(lo, atoms.pos[3 * i + k]);
+      hi = std::max(hi, atoms.pos[3 * i + k]);
+    }
+    volume *= std::max(hi - lo, tolerance);
+  }
+  const double cutoff = std::max(tolerance, 2.0 * std::cbrt(volume / atoms.n));
+  const CellList bins(atoms, cutoff);
+  const double tolsq = tolerance * tolerance;
+  for (std::size_t i = 0; i < std::min(num_checked, atoms.n); ++i) {
+    const double* xi = &atoms.pos[3 * i];
+    std::optional<std::size_t> partner;
+    bins.for_each_candidate(xi, [&](std::size_t j) {
+      const double* xj = &atoms.pos[3 * j];
+      const double rsq = (xi[0] - xj[0]) * (xi[0] - xj[0]) + (xi[1] - xj[1]) * (xi[1] - xj[1]) +
+                         (xi[2] - xj[2]) * (xi[2] - xj[2]);
+      if (j != i && rsq < tolsq && !partner) partner = j;
+    });
+    if (partner) return std::make_pair(i, *partner);
+  }
+  return std::nullopt;
+}
+
 GridDescriptors::GridDescriptors(const BispectrumSettings& settings, int num_threads)
     : sna_(settings), threads_(num_threads) {
   if (num_threads < 1)
@@ -226,6 +291,7 @@ void GridDescriptors::for_each_batch(const Cell& cell, const GridBlock& block, A
                                   std::to_string(atoms.type[i] + 1) + " but only " +
                                   std::to_string(sna_.settings().num_types()) +
                                   " element radii and weights are given");
+  check_finite(atoms);
   const std::size_t npoints = block.num_points();
   if (npoints == 0) return;
   const CellList bins(atoms, sna_.settings().max_cutoff());
@@ -358,6 +424,7 @@ std::vector<double> GridDescriptors::partition(const Cell& cell, const GridBlock
   block.validate();
   check_cell(cell);
   if (width < 1) throw std::invalid_argument("partition needs width >= 1");
+  check_finite(atoms);
   std::vector<double> unclaimed(width, 0.0);
   const double cutoff = sna_.settings().max_cutoff();
   const CellList bins(atoms, cutoff);

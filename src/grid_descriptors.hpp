@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstddef>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -51,6 +52,20 @@ PeriodicImages periodic_images(const Cell& cell, AtomsView atoms, double cutoff)
 // [frac_lo, frac_hi) of the box: the rule of LAMMPS compute grid/local (points on the
 // lower boundary belong to the subdomain, points on the upper one do not).
 std::pair<int, int> owned_grid_range(int n, double frac_lo, double frac_hi);
+
+// Grid points along a cell vector of `length` for a target `spacing` (same units): the
+// nearest integer to length / spacing with halves rounded up, at least 1. The one rule
+// of the pair style's `spacing` keyword and mlsurrogate.descriptors.grid_for_spacing.
+int grid_points_for_spacing(double length, double spacing);
+
+// Index of the first atom i < num_checked with a non-finite coordinate, if any.
+std::optional<std::size_t> find_non_finite_atom(AtomsView atoms, std::size_t num_checked);
+
+// The first pair (i, j) of distinct atoms closer than `tolerance` with i < num_checked
+// (the lowest such i), if any, found with a cell list in O(n). Positions must be finite.
+std::optional<std::pair<std::size_t, std::size_t>> find_coincident_atoms(AtomsView atoms,
+                                                                         std::size_t num_checked,
+                                                                         double tolerance);
 
 class GridDescriptors {
  public:

@@ -36,23 +36,55 @@ def venv_tool(name: str) -> str:
     return found
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    """A trivial TorchScript model with the attributes the pair style reads."""
+CONTRACT = {
+    "format": "mlsurrogate-model",
+    "format_version": 2,
+    "elements": ["Al"],
+    "valence_charges": [3.0],
+    "masses": [26.98],
+    "grid_spacing": 0.2,
+    "cutoff": 4.67637,
+    "rcutfac": 4.67637,
+    "rfac0": 0.99363,
+    "twojmax": 4,
+    "radius": [0.5],
+    "weight": [1.0],
+    "rmin0": 0.0,
+    "switchflag": True,
+    "bzeroflag": False,
+    "quadraticflag": False,
+    "chemflag": False,
+    "bnormflag": False,
+    "wselfallflag": False,
+    "metadata_json": "{}",
+}
+
+
+def tiny_model(path: Path, drop: str = "", **changes) -> Path:
+    """A TorchScript module with the contract attributes of an exported model (without
+    ``drop``, with ``changes``) but no network or functional submodule."""
     torch = pytest.importorskip("torch")
 
     class Tiny(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.cutoff = 4.5
-            self.elements = ["Al"]
+            for name, value in {**CONTRACT, **changes}.items():
+                if name != drop:
+                    setattr(self, name, value)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return 2.0 * x
 
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
     torch.jit.script(Tiny()).save(str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+NO_NETWORK = "has no 'network' submodule: it is not an mlsurrogate model"
 
 
 @pytest.fixture
@@ -171,6 +203,7 @@ def test_pair_style_missing_model_file(lmp):
         ("device gpu", "device must be cpu, cuda or cuda:N, got 'gpu'"),
         ("threads 0", "threads needs a positive integer"),
         ("batch 1.5", "batch needs a positive integer"),
+        ("ionion maybe", "Expected boolean parameter instead of 'maybe'"),
     ],
 )
 def test_pair_style_bad_arguments(lmp, model_file, args, message):
@@ -186,7 +219,7 @@ def test_pair_style_keyword_instead_of_model(lmp):
 def test_pair_style_rejects_non_torchscript_file(lmp, tmp_path):
     bad = tmp_path / "not_a_model.pt"
     bad.write_text("this is not a TorchScript archive\n")
-    with pytest.raises(Exception, match=r"cannot load TorchScript model '.*not_a_model\.pt'"):
+    with pytest.raises(Exception, match=r"model '.*not_a_model\.pt' is not a TorchScript model"):
         lmp.command(f"pair_style mlsurrogate {bad}")
 
 
@@ -198,17 +231,31 @@ def test_cuda_device_without_cuda(lmp, model_file):
         lmp.command(f"pair_style mlsurrogate {model_file} device cuda")
 
 
-def test_valid_model_and_coeff(lmp, model_file):
-    fcc_box(lmp)
-    lmp.command(f"pair_style mlsurrogate {model_file} grid 8 8 8 device cpu threads 1 batch 64")
-    with pytest.raises(Exception, match="'\\* \\* Elem_1"):
-        lmp.command("pair_coeff * * Al Al")
-    with pytest.raises(Exception, match="element 'Cu' .* not in model"):
-        lmp.command("pair_coeff * * Cu")
-    lmp.command("pair_coeff * * Al")
-    # the tiny module has the attributes pair_style and pair_coeff read, but no network
-    with pytest.raises(Exception, match="is not a usable mlsurrogate model"):
-        lmp.command("run 0")
+@pytest.mark.parametrize(
+    ("drop", "changes", "message"),
+    [
+        ("format", {}, "has no 'format': it is not an mlsurrogate model, or it was exported by"),
+        ("", {"format": "other"}, "has format 'other', not 'mlsurrogate-model'"),
+        ("", {"format_version": 1}, "has format version 1, this build reads 2: export it again"),
+        (
+            "rmin0",
+            {},
+            "has no 'rmin0': it was exported by an older mlsurrogate; export the "
+            "model again with `mlsurrogate export`",
+        ),
+        ("cutoff", {}, "has no 'cutoff': it was exported by an older mlsurrogate"),
+        ("", {"radius": [0.5, 0.5]}, "'radius' has 2 values for 1 elements"),
+        ("", {"twojmax": 4.0}, "attribute 'twojmax' is not an integer"),
+        ("", {"rcutfac": -1.0}, "descriptor settings: .*rcutfac"),
+        ("", {}, NO_NETWORK),
+    ],
+)
+def test_model_contract_is_checked_at_load(lmp, tmp_path, drop, changes, message):
+    """Every attribute of the contract is required: an older or foreign file is refused
+    when pair_style loads it, naming the file and the attribute."""
+    path = tiny_model(tmp_path / "partial.pt", drop, **changes)
+    with pytest.raises(Exception, match=rf"model '{path}' {message}|model '{path}': {message}"):
+        lmp.command(f"pair_style mlsurrogate {path}")
 
 
 # ---------------------------------------------------------- lmp executable
@@ -226,7 +273,7 @@ def test_lmp_executable_knows_pair_style(tmp_path, model_file):
     (tmp_path / "in.test").write_text(input_script(model_file))
     proc, out = run_clean([venv_tool("lmp"), "-in", "in.test", "-log", "none", "-nocite"], tmp_path)
     assert f"plugins from {plugin_dir()}" in out, out
-    assert "is not a usable mlsurrogate model" in out, out
+    assert NO_NETWORK in out, out
 
 
 # ----------------------------------------------------------------- MPI
@@ -240,7 +287,7 @@ def test_mpiexec_lmp(tmp_path, model_file):
         tmp_path,
     )
     assert "2 MPI processor grid" in out, out
-    assert "is not a usable mlsurrogate model" in out, out
+    assert NO_NETWORK in out, out
 
 
 @pytest.mark.mpi
@@ -255,8 +302,10 @@ def test_mpiexec_python_in_process(tmp_path, model_file):
             lmp.command("units metal")
             lmp.command("region box block 0 8 0 8 0 8")
             lmp.command("create_box 1 box")
-            lmp.command("pair_style mlsurrogate {model_file}")
-            lmp.command("pair_coeff * * Al")
+            try:
+                lmp.command("pair_style mlsurrogate {model_file}")
+            except Exception as error:  # every rank reads the contract and refuses it
+                assert {NO_NETWORK!r} in str(error)
             rank = lmp.extract_setting("world_rank")
             size = lmp.extract_setting("world_size")
             print(f"rank {{rank}} of {{size}} ok", flush=True)

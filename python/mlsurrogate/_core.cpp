@@ -180,6 +180,10 @@ PYBIND11_MODULE(_core, m) {
         py::arg("values"),
         "Becke-cell shares (natoms, width) of per-point values (bx, by, bz, width) and the "
         "sums (width,) of points with no atom within the cutoff.");
+  m.def("grid_points_for_spacing", &mlsurrogate::grid_points_for_spacing, py::arg("length"),
+        py::arg("spacing"),
+        "Grid points along a cell vector of this length for a target spacing: "
+        "max(1, floor(length / spacing + 0.5)), the pair style's rule.");
   m.def("owned_grid_range", &mlsurrogate::owned_grid_range, py::arg("n"), py::arg("frac_lo"),
         py::arg("frac_hi"),
         "Half-open range of grid indices a subdomain [frac_lo, frac_hi) owns (compute "
