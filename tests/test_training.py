@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_clean, venv_tool
 from mlsurrogate import cli
 from mlsurrogate import descriptors as descriptors_module
 from mlsurrogate.data import Snapshot, add_descriptors
@@ -42,7 +43,6 @@ from mlsurrogate.training.physics_terms import (
     snapshot_reference,
     strained,
 )
-from test_build import run_clean, venv_tool
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
 SNAP = [str(DATA / f"snapshot_{i:02d}.h5") for i in range(10)]

@@ -11,12 +11,12 @@ __version__ = "0.1.0"
 
 _preload_libmpi()
 
-__all__ = ["Model", "TrainingConfig", "__version__", "train"]
+__all__ = ["MLSurrogateCalculator", "Model", "TrainingConfig", "__version__", "train"]
 
 
 def __getattr__(name: str):
-    """``mlsurrogate.train``, ``mlsurrogate.TrainingConfig`` and ``mlsurrogate.Model``,
-    imported on first use (they need torch)."""
+    """``mlsurrogate.train``, ``mlsurrogate.TrainingConfig``, ``mlsurrogate.Model`` and
+    ``mlsurrogate.MLSurrogateCalculator``, imported on first use (they need torch)."""
     if name in ("train", "TrainingConfig"):
         from mlsurrogate import training
 
@@ -25,4 +25,8 @@ def __getattr__(name: str):
         from mlsurrogate.model import Model
 
         return Model
+    if name == "MLSurrogateCalculator":
+        from mlsurrogate.calculator import MLSurrogateCalculator
+
+        return MLSurrogateCalculator
     raise AttributeError(f"module 'mlsurrogate' has no attribute {name!r}")

@@ -70,15 +70,16 @@ def keyword_type(name: str) -> type:
 
 
 def grid_for_spacing(cell: Any, spacing: float, minimum: int = 1) -> tuple[int, int, int]:
-    """Grid points along each cell vector for a target spacing h (Angstrom):
-    n_i = max(minimum, floor(|a_i| / h + 0.5)), i.e. rounded half up, as C++ ``lround``
-    for positive values (Python's ``round`` rounds half to even and disagreed at x.5)."""
+    """Grid points along each cell vector for a target spacing h (Angstrom): the pair
+    style's rule (``_core.grid_points_for_spacing``, one C++ implementation),
+    n_i = floor(|a_i| / h + 0.5) rounded half up (Python's ``round`` rounds half to even),
+    and at least ``minimum``."""
     h = float(spacing) if isinstance(spacing, (int, float, np.floating)) else math.nan
     if not (math.isfinite(h) and h > 0):
         raise ValueError(f"grid spacing must be a finite number > 0 Angstrom, got {spacing!r}")
     lengths = np.linalg.norm(np.asarray(cell, dtype=np.float64).reshape(3, 3), axis=1)
     return tuple(  # type: ignore[return-value]
-        max(int(minimum), int(math.floor(length / h + 0.5))) for length in lengths
+        max(int(minimum), _core.grid_points_for_spacing(float(length), h)) for length in lengths
     )
 
 

@@ -6,8 +6,6 @@ stress terms of the loss and their QE targets), ``loop`` (``train``) and ``check
 Export of a checkpoint is :mod:`mlsurrogate.export`.
 """
 
-from typing import Any
-
 from mlsurrogate.training.checkpoint import CHECKPOINT_VERSION, load_checkpoint
 from mlsurrogate.training.config import TrainingConfig
 from mlsurrogate.training.dataset import SnapshotSource
@@ -15,12 +13,3 @@ from mlsurrogate.training.loop import train
 
 __all__ = ["CHECKPOINT_VERSION", "SnapshotSource", "TrainingConfig", "load_checkpoint", "train"]
 
-
-def __getattr__(name: str) -> Any:
-    # build_model moved to mlsurrogate.export; resolved on use so that importing
-    # training never imports export (export depends on training, not the reverse)
-    if name == "build_model":
-        from mlsurrogate.export import build_model
-
-        return build_model
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
