@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import venv_tool
+from conftest import DATA, venv_tool
 from mlsurrogate import cli
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
 SNAPSHOT = str(DATA / "snapshot_00.h5")
 VERBS = [
     ["info"],
@@ -93,3 +92,11 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith(f"mlsurrogate {arguments[0]}: ") and text in proc.stderr
         assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_reference_page_is_current():
+    """docs/cli.md is generated from the parser (run cli_reference())."""
+    from mlsurrogate.cli import cli_reference
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    assert page.read_text() == cli_reference()

@@ -486,16 +486,18 @@ def test_non_finite_positions_are_reported(smooth_model):
 
 
 def test_descriptor_kernel_refuses_non_finite_positions():
-    """The kernel itself (used by Python and the pair style) names the atom rather than
-    dropping it (periodic images) or indexing out of range (cell list)."""
-    from mlsurrogate.descriptors import compute_grid_descriptors
+    """The kernel itself (used by the pair style; Python checks before it) names the atom
+    rather than dropping it (periodic images) or indexing out of range (cell list)."""
+    from mlsurrogate.descriptors import core_settings, resolve_species
 
     atoms = Snapshot(DATA / "snapshot_07.h5").atoms
     positions = atoms.positions
     positions[1, 2] = np.inf
-    atoms.positions = positions
+    params = BispectrumParams(twojmax=2)
+    settings = core_settings(params, resolve_species(atoms, params))
+    cell, types = np.ascontiguousarray(atoms.cell.array), resolve_species(atoms, params).types
     with pytest.raises(ValueError, match=r"atom 1 has a non-finite position \(.*inf\)"):
-        compute_grid_descriptors(atoms, (4, 4, 4), BispectrumParams(twojmax=2))
+        _core.grid_descriptors(settings, cell, positions, types, [4, 4, 4], [0, 0, 0], [4, 4, 4], 1)
 
 
 @pytest.mark.parametrize(
