@@ -297,6 +297,17 @@ def test_bad_input_is_a_clear_error():
     assert math.isfinite(float(functional.evaluate(ldos, cell, 12.0, False)[0]["electronic"]))
 
 
+def strain_difference(function, cell: torch.Tensor, a: int, b: int, step: float) -> float:
+    """Central difference of ``function(cell)`` in the strain component eps_ab, for the
+    deformation x -> (I + eps) x of the cell."""
+    unit = torch.zeros(3, 3, dtype=torch.float64)
+    unit[a, b] = step
+    identity = torch.eye(3, dtype=torch.float64)
+    return (function(cell @ (identity + unit).T) - function(cell @ (identity - unit).T)) / (
+        2 * step
+    )
+
+
 @pytest.mark.parametrize("xc", ["lda_pz", "pbe"])
 def test_strain_derivative_at_fixed_density(xc):
     """dPhi/dstrain (Phi = -E_H + E_xc - int v_xc n, density values kept at the moving grid
@@ -311,15 +322,9 @@ def test_strain_derivative_at_fixed_density(xc):
         return float(-terms["hartree"] + terms["xc"] - terms["vxc_n"])
 
     _, _, derivative = functional.potential_terms(density, cell)
-    step = 1e-6
     for a, b in [(0, 0), (1, 2), (2, 1)]:
-        unit = torch.zeros(3, 3, dtype=torch.float64)
-        unit[a, b] = step
-        plus = phi(cell @ (torch.eye(3, dtype=torch.float64) + unit).T)
-        minus = phi(cell @ (torch.eye(3, dtype=torch.float64) - unit).T)
-        assert float(derivative[a, b]) == pytest.approx(
-            (plus - minus) / (2 * step), rel=1e-6, abs=1e-6
-        )
+        difference = strain_difference(phi, cell, a, b, 1e-6)
+        assert float(derivative[a, b]) == pytest.approx(difference, rel=1e-6, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -397,12 +402,6 @@ def test_strain_derivative_of_the_electronic_energy(rule):
     def energy(c_):
         return float(functional.evaluate(ldos, c_, electrons, False)[0]["electronic"])
 
-    step = 1e-5
     for a, b in [(0, 0), (1, 2)]:
-        unit = torch.zeros(3, 3, dtype=torch.float64)
-        unit[a, b] = step
-        plus = energy(cell @ (torch.eye(3, dtype=torch.float64) + unit).T)
-        minus = energy(cell @ (torch.eye(3, dtype=torch.float64) - unit).T)
-        assert float(formula[a, b]) == pytest.approx(
-            (plus - minus) / (2 * step), rel=1e-5, abs=1e-5
-        )
+        difference = strain_difference(energy, cell, a, b, 1e-5)
+        assert float(formula[a, b]) == pytest.approx(difference, rel=1e-5, abs=1e-5)

@@ -295,6 +295,28 @@ def file_kind(path: str | os.PathLike[str]) -> str:
     return "other"
 
 
+# what to do when one kind of file is given where another is expected
+_WRONG_KIND = {
+    ("model", "checkpoint"): "is a training checkpoint, not a model: run "
+    "`mlsurrogate export {path} -o model.pt` and use model.pt",
+    ("checkpoint", "model"): "is an exported model, not a training checkpoint: give the "
+    "checkpoint written by `mlsurrogate train -o CKPT` (a model cannot be trained further "
+    "or exported again)",
+}
+
+
+def require_file_kind(path: str | os.PathLike[str], expected: str) -> str:
+    """:func:`file_kind` of ``path``; ValueError if it is missing or the other of
+    model/checkpoint than ``expected``, saying what to give instead."""
+    kind = file_kind(path)
+    if kind == "missing":
+        raise ValueError(f"{path}: no such {expected} file")
+    advice = _WRONG_KIND.get((expected, kind))
+    if advice:
+        raise ValueError(f"{path} {advice.format(path=path)}")
+    return kind
+
+
 def _load(path: str | os.PathLike[str], device: str, extra: dict[str, Any]) -> Any:
     with _torchscript():
         return torch.jit.load(str(path), map_location=device, _extra_files=extra)
@@ -303,15 +325,7 @@ def _load(path: str | os.PathLike[str], device: str, extra: dict[str, Any]) -> A
 def _read_model(path: str | os.PathLike[str], device: str) -> tuple[Any, ModelSpec, str]:
     """(module, spec, metadata.json text) of an exported model; ValueError naming the
     file and what to do for anything else."""
-    kind = file_kind(path)
-    if kind == "missing":
-        raise ValueError(f"{path}: no such model file")
-    if kind == "checkpoint":
-        raise ValueError(
-            f"{path} is a training checkpoint, not a model: run `mlsurrogate export {path} "
-            "-o model.pt` and use model.pt"
-        )
-    if kind != "model":
+    if require_file_kind(path, "model") != "model":
         raise ValueError(f"{path}: not a TorchScript model file written by `mlsurrogate export`")
     extra = {"metadata.json": ""}
     try:

@@ -17,7 +17,7 @@ import torch
 
 from mlsurrogate.data import Snapshot
 from mlsurrogate.files import atomic_output
-from mlsurrogate.model import CHECKPOINT_FORMAT, LdosNetwork, file_kind
+from mlsurrogate.model import CHECKPOINT_FORMAT, LdosNetwork, require_file_kind
 from mlsurrogate.training.config import TrainingConfig
 
 CHECKPOINT_VERSION = 1
@@ -53,15 +53,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The state dict of a checkpoint; ValueError naming the file for anything else."""
-    kind = file_kind(path)
-    if kind == "missing":
-        raise ValueError(f"{path}: no such checkpoint")
-    if kind == "model":
-        raise ValueError(
-            f"{path} is an exported model, not a training checkpoint: give the checkpoint "
-            "written by `mlsurrogate train -o CKPT` (a model cannot be trained further or "
-            "exported again)"
-        )
+    require_file_kind(path, "checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for damaged files
