@@ -84,7 +84,7 @@ def test_snapshot_physics(path):
         assert total == pytest.approx(broadened, rel=1e-3)
 
         # Fermi level re-solved on the LDOS: with the kernel -f' of width k_B T,
-        # N(mu) = integral_{-inf}^{mu} D exactly (see mlsurrogate.qe docstring).
+        # N(mu) = integral_{-inf}^{mu} D exactly (docs/energy-functional.md).
         nval = attrs["num_valence_electrons"]
         lo, hi = energies[1], energies[-2]
         for _ in range(60):

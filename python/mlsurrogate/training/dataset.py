@@ -18,7 +18,6 @@ import torch
 from mlsurrogate.data import Snapshot
 from mlsurrogate.descriptors import BispectrumParams, snapshot_descriptors
 from mlsurrogate.model import LdosNetwork
-from mlsurrogate.physics import integration_weights
 
 # snapshot attributes that must agree across a model's training and validation data:
 # they fix the energy functional and the meaning of the LDOS
@@ -127,7 +126,8 @@ def density_weights(source: SnapshotSource, functional: Any) -> np.ndarray:
     )
     electrons = float(snap.attrs["num_valence_electrons"])
     mu = functional.fermi_level(torch.as_tensor(dos * volume / points), electrons)
-    return (integration_weights(functional.energies, mu) * volume / electrons).numpy()
+    # the snapshot's integration rule (exact for -f' of k_B T, Fermi-weighted otherwise)
+    return (functional.occupation_weights(mu) * volume / electrons).numpy()
 
 
 def fit_scalers(network: LdosNetwork, sources: Sequence[SnapshotSource]) -> None:
