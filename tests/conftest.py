@@ -45,14 +45,13 @@ def run_clean(command: list[str], cwd) -> tuple[subprocess.CompletedProcess, str
 
 
 @pytest.fixture(scope="session")
-def smooth_model(tmp_path_factory) -> str:
-    """The session's small model (exported): twojmax 4, one SiLU layer of 32, 6 epochs on
-    three bundled 4-atom snapshots; smooth, so forces are exact derivatives of energies."""
+def smooth_checkpoint(tmp_path_factory) -> Path:
+    """The session's small training checkpoint: twojmax 4, one SiLU layer of 32, 6 epochs
+    on three bundled 4-atom snapshots; smooth, so forces are exact derivatives."""
     from mlsurrogate.descriptors import BispectrumParams
-    from mlsurrogate.export import export_model
     from mlsurrogate.training import TrainingConfig, train
 
-    base = tmp_path_factory.mktemp("smooth_model")
+    path = tmp_path_factory.mktemp("smooth_model") / "ck.pt"
     config = TrainingConfig(
         train=[str(DATA / f"snapshot_0{i}.h5") for i in (0, 3, 9)],
         validation=[str(DATA / "snapshot_05.h5")],
@@ -64,8 +63,37 @@ def smooth_model(tmp_path_factory) -> str:
         seed=3,
         descriptor_params=asdict(BispectrumParams(twojmax=4)),
     )
-    train(config, base / "ck.pt", progress=False, log=lambda line: None)
-    return str(export_model(base / "ck.pt", base / "model.pt"))
+    train(config, path, progress=False, log=lambda line: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smooth_model(smooth_checkpoint) -> str:
+    """The session's small model: ``smooth_checkpoint`` exported."""
+    from mlsurrogate.export import export_model
+
+    return str(export_model(smooth_checkpoint, smooth_checkpoint.with_name("model.pt")))
+
+
+def run_with_file_size_limit(command: list[str], cwd, limit_bytes: int):
+    """Run ``command`` with RLIMIT_FSIZE = ``limit_bytes`` (SIGXFSZ ignored), so writes
+    past it fail as on a full disk: the process sees EFBIG or a short write."""
+    import resource
+    import signal
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        env=clean_env(),
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # One-atom fcc Al, low cutoff, coarse energy grid: pw.x + pp.x take a few seconds.

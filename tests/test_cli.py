@@ -7,8 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from ase.build import bulk
 
-from conftest import DATA, venv_tool
+from conftest import DATA, run_with_file_size_limit, venv_tool
 from mlsurrogate import cli
 
 SNAPSHOT = str(DATA / "snapshot_00.h5")
@@ -100,3 +101,25 @@ def test_reference_page_is_current():
 
     page = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
     assert page.read_text() == cli_reference()
+
+
+@pytest.mark.parametrize("verb", ["descriptors", "export"])
+def test_a_full_disk_leaves_nothing_half_written(verb, smooth_checkpoint, tmp_path):
+    """Writes that fail as on a full disk (a 20 kB file size limit) end with one line,
+    exit 2, and no output or temporary file (torch's writer used to abort the process and
+    leave a .part file)."""
+    structure = tmp_path / "al.xyz"
+    atoms = bulk("Al", "fcc", a=4.05, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    atoms.write(structure)
+    arguments = {
+        "descriptors": [str(structure), "--grid", "8", "8", "8", "--twojmax", "4", "-q"],
+        "export": [str(smooth_checkpoint)],
+    }[verb]
+    output = tmp_path / "out.bin"
+    command = [venv_tool("mlsurrogate"), verb, *arguments, "-o", str(output)]
+    proc = run_with_file_size_limit(command, tmp_path, 20_000)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"mlsurrogate {verb}: cannot write {output}")
+    assert "nothing was written" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["al.xyz"]

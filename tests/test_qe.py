@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_SETTINGS, broadened_ldos_run, tiny_atoms
+from conftest import (
+    TINY_SETTINGS,
+    broadened_ldos_run,
+    run_with_file_size_limit,
+    tiny_atoms,
+    venv_tool,
+)
 from mlsurrogate import cli
 from mlsurrogate.data import REQUIRED_ATTRIBUTES, Snapshot, round_mantissa, summary
 from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors
@@ -496,3 +502,15 @@ def test_kernel_mismatch_is_an_error(tiny_qe_run, tmp_path):
     (run / "pp_ldos.in").write_text(text.replace("degauss_ldos = 0.1", "degauss_ldos = 0.2"))
     with pytest.raises(QEError, match=r"matches neither a Fermi-Dirac nor a Gaussian"):
         ingest(run, tmp_path / "x.h5", progress=False)
+
+
+def test_ingest_on_a_full_disk_leaves_nothing_half_written(tiny_qe_run, tmp_path):
+    """h5py's writes failing as on a full disk (a 50 kB file size limit): one line, exit
+    2, no snapshot and no temporary file."""
+    output = tmp_path / "snap.h5"
+    command = [venv_tool("mlsurrogate"), "qe", "ingest", str(tiny_qe_run), "-o", str(output)]
+    proc = run_with_file_size_limit([*command, "--no-descriptors", "-q"], tmp_path, 50_000)
+    assert proc.returncode == 2, proc.stderr
+    assert f"mlsurrogate qe ingest: cannot write {output}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []

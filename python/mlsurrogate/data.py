@@ -7,9 +7,11 @@ x-planes and gzip-compressed, so training reads grid points plane by plane.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import h5py
 import numpy as np
 
 from mlsurrogate.descriptors import BispectrumParams
-from mlsurrogate.files import atomic_output
+from mlsurrogate.files import check_output_path, write_bytes_atomically
 
 FORMAT_NAME = "mlsurrogate-snapshot"
 FORMAT_VERSION = 1
@@ -103,6 +105,18 @@ def _plane_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1, *shape[1:])
 
 
+@contextmanager
+def _hdf5_output(path: str | os.PathLike[str], initial: bytes = b"") -> Iterator[h5py.File]:
+    """An HDF5 file built in memory (from ``initial``, or new) and written to ``path``
+    atomically once complete: h5py leaves a file whose disk write failed half-closed
+    and crashes the process at exit, so the disk is written by Python instead."""
+    check_output_path(path)
+    buffer = io.BytesIO(initial)
+    with h5py.File(buffer, "r+" if initial else "w") as h5:
+        yield h5
+    write_bytes_atomically(path, buffer.getvalue())
+
+
 def write_snapshot(
     path: str | os.PathLike[str],
     *,
@@ -131,7 +145,7 @@ def write_snapshot(
     if descriptors is not None and (descriptors.shape[:3] != grid or descriptor_params is None):
         raise ValueError("descriptors need the LDOS grid shape and their parameters")
     path = Path(path)
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as h5:
+    with _hdf5_output(path) as h5:
         for key, value in attributes.items():
             h5.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
         h5.attrs["format"] = FORMAT_NAME
@@ -313,21 +327,18 @@ def add_descriptors(
 ) -> Path:
     """Compute descriptors on the snapshot's grid and store them (replacing any).
 
-    Written to ``output`` (default: in place) through a temporary copy and a rename.
+    Written to ``output`` (default: in place) only once complete (temporary name, then
+    rename); the output path is checked before the descriptors are computed.
     """
-    import shutil
-
     from mlsurrogate.descriptors import compute_grid_descriptors
 
     source = Path(path)
+    target = check_output_path(output if output is not None else source)
     with Snapshot(source) as snap:
         atoms, grid = snap.atoms, snap.grid_shape
     descriptors = compute_grid_descriptors(atoms, grid, params, threads=threads, progress=progress)
-    target = Path(output) if output is not None else source
-    with atomic_output(target) as tmp:
-        shutil.copyfile(source, tmp)
-        with h5py.File(tmp, "r+") as h5:
-            _write_descriptors(h5, descriptors, params)
+    with _hdf5_output(target, Path(source).read_bytes()) as h5:
+        _write_descriptors(h5, descriptors, params)
     return target
 
 

@@ -32,6 +32,15 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def write_bytes_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_output`. For serializers that
+    abort the process when a write fails (torch's zip writer throws from a destructor:
+    std::terminate): they write into memory, Python writes the file."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` only on success.
@@ -44,9 +53,11 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
-        if exc.errno in _WRITE_ERRNOS:
+        # errno None: a short write (numpy reports "N requested and M written")
+        if exc.errno is None or exc.errno in _WRITE_ERRNOS:
+            reason = os.strerror(exc.errno) if exc.errno else f"short write ({exc})"
             raise OutputError(
-                f"cannot write {path}: {os.strerror(exc.errno)}; nothing was written"
+                f"cannot write {path}: {reason}; nothing was written (disk full?)"
             ) from exc
         raise
     finally:

@@ -17,6 +17,7 @@ XC functional, provenance). ``SurrogateModel`` is what ``mlsurrogate export`` wr
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -43,6 +44,7 @@ from mlsurrogate.descriptors import (
     num_descriptors,
     partition_to_atoms,
 )
+from mlsurrogate.files import check_output_path, write_bytes_atomically
 from mlsurrogate.ion_ion import IonIon, ion_ion_energy
 from mlsurrogate.physics import LdosEnergy
 
@@ -266,13 +268,12 @@ def _torchscript() -> Iterator[None]:
 
 def save_model(model: SurrogateModel, path: str | os.PathLike[str]) -> Path:
     """Script and save atomically, with ``metadata.json`` as an extra file."""
-    from mlsurrogate.files import atomic_output
-
-    path = Path(path)
-    with _torchscript(), atomic_output(path) as tmp:
+    check_output_path(path)
+    buffer = io.BytesIO()
+    with _torchscript():
         scripted = torch.jit.script(model)
-        torch.jit.save(scripted, str(tmp), _extra_files={"metadata.json": model.metadata_json})
-    return path
+        torch.jit.save(scripted, buffer, _extra_files={"metadata.json": model.metadata_json})
+    return write_bytes_atomically(path, buffer.getvalue())
 
 
 def file_kind(path: str | os.PathLike[str]) -> str:

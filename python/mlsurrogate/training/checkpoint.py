@@ -8,6 +8,7 @@ settings of the snapshots (``dft_settings``, key ``snapshot_attrs``).
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from mlsurrogate.data import Snapshot
-from mlsurrogate.files import atomic_output
+from mlsurrogate.files import write_bytes_atomically
 from mlsurrogate.model import CHECKPOINT_FORMAT, LdosNetwork, require_file_kind
 from mlsurrogate.training.config import TrainingConfig
 
@@ -47,8 +48,9 @@ def network_for(config: TrainingConfig, num_features: int, num_energies: int) ->
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_output(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, tmp)
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, buffer)
+    write_bytes_atomically(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
