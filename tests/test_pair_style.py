@@ -72,12 +72,19 @@ def fcc_cell_lammps(*commands, units: str = "metal", atom_style: str = "atomic")
 
 
 def test_energy_equals_python_pipeline(smooth_model):
+    """The pair style (ionion off) against the serial Python reference, Model.predict
+    (what the ASE calculator runs), and against the energy-only path."""
     cell, positions, grid, atoms = structure()
     energy, forces = pair_style_energy_forces(smooth_model, cell, positions, grid)
     model = Model.load(smooth_model)
     terms = model.energy_terms(atoms, model.predict_ldos(atoms, tuple(grid)))
     assert energy == pytest.approx(terms["electronic"], rel=1e-8)
-    assert np.isfinite(forces).all() and np.abs(forces).max() > 1e-3
+    prediction = model.predict(atoms, tuple(grid))
+    assert energy == pytest.approx(prediction.terms["electronic"], rel=1e-8)
+    assert np.abs(forces).max() > 1e-3
+    np.testing.assert_allclose(
+        forces, prediction.electronic_forces, rtol=0, atol=1e-8 * np.abs(forces).max()
+    )
     # network calls in batches and two threads change nothing but the speed
     batched, batched_forces = pair_style_energy_forces(
         smooth_model, cell, positions, grid, options="batch 1000 threads 2"
