@@ -44,15 +44,13 @@ def run_clean(command: list[str], cwd) -> tuple[subprocess.CompletedProcess, str
     return proc, proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="session")
-def smooth_checkpoint(tmp_path_factory) -> Path:
-    """The session's small training checkpoint: twojmax 4, one SiLU layer of 32, 6 epochs
-    on three bundled 4-atom snapshots; smooth, so forces are exact derivatives."""
+def smooth_training_config(**changes):
+    """The session model's training config (twojmax 4, one SiLU layer of 32, 6 epochs on
+    three bundled 4-atom snapshots), with ``changes``."""
     from mlsurrogate.descriptors import BispectrumParams
-    from mlsurrogate.training import TrainingConfig, train
+    from mlsurrogate.training import TrainingConfig
 
-    path = tmp_path_factory.mktemp("smooth_model") / "ck.pt"
-    config = TrainingConfig(
+    settings = dict(
         train=[str(DATA / f"snapshot_0{i}.h5") for i in (0, 3, 9)],
         validation=[str(DATA / "snapshot_05.h5")],
         hidden=[32],
@@ -63,7 +61,17 @@ def smooth_checkpoint(tmp_path_factory) -> Path:
         seed=3,
         descriptor_params=asdict(BispectrumParams(twojmax=4)),
     )
-    train(config, path, progress=False, log=lambda line: None)
+    return TrainingConfig(**{**settings, **changes})
+
+
+@pytest.fixture(scope="session")
+def smooth_checkpoint(tmp_path_factory) -> Path:
+    """The session's small training checkpoint (``smooth_training_config()``); smooth,
+    so forces are exact derivatives."""
+    from mlsurrogate.training import train
+
+    path = tmp_path_factory.mktemp("smooth_model") / "ck.pt"
+    train(smooth_training_config(), path, progress=False, log=lambda line: None)
     return path
 
 

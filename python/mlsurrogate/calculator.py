@@ -14,7 +14,12 @@ Results (eV, eV/A, eV/A^3):
   point's share of A_el by Becke's fuzzy Voronoi cells, E_ii per atom from LAMMPS;
 * electronic extras: ``electronic_free_energy`` (A_el = A - E_ii) and ``ion_ion_energy``
   (E_ii), eV; ``fermi_level`` (eV), ``band_energy`` (eV), ``entropy_term`` (-TS, eV),
-  ``electrons``, ``dos`` (states/eV on ``dos_energies``, eV), ``grid``.
+  ``electrons``, ``dos`` (states/eV on ``dos_energies``, eV), ``grid``;
+* uncertainty, for an ensemble model or with ``dropout_passes`` (MC dropout): each member
+  through the functional on its own (:meth:`Model.predict_uncertainty`):
+  ``energy_uncertainty`` (standard deviation of A/N, eV/atom), ``forces_uncertainty``
+  (per atom, sqrt(<|F - <F>|^2>), eV/A: deepmd-kit's model deviation),
+  ``fermi_level_uncertainty`` (eV) and ``dos_uncertainty`` (states/eV).
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ class MLSurrogateCalculator(Calculator):
     model's training spacing), rounded half up as in the pair style. ``device``: where
     the network and functional run (a loaded model keeps its own). ``threads``: the
     descriptor kernel's and torch's threads (default: all usable cores; torch's setting
-    is process-wide).
+    is process-wide). ``uncertainty``: compute the members' spread (default: for ensemble
+    models; each member costs about one more prediction); ``dropout_passes``: MC-dropout
+    passes for a network trained with dropout (turns ``uncertainty`` on).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -55,6 +62,8 @@ class MLSurrogateCalculator(Calculator):
         spacing: float | None = None,
         device: str = "cpu",
         threads: int | None = None,
+        uncertainty: bool | None = None,
+        dropout_passes: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -66,10 +75,16 @@ class MLSurrogateCalculator(Calculator):
             raise ValueError(f"spacing must be a positive length (A), got {spacing!r}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        if dropout_passes < 0 or dropout_passes == 1:
+            raise ValueError(f"dropout_passes must be 0 or >= 2, got {dropout_passes}")
         self.model = model if isinstance(model, Model) else Model.load(model, device)
         self.grid = None if grid is None else tuple(int(n) for n in grid)
         self.spacing = spacing
         self.threads = threads
+        self.dropout_passes = dropout_passes
+        if uncertainty is None:
+            uncertainty = dropout_passes > 0 or self.model.ensemble_size > 1
+        self.uncertainty = uncertainty
 
     def grid_for(self, atoms: ase.Atoms) -> tuple[int, int, int]:
         """The grid this calculator uses for ``atoms``."""
@@ -108,3 +123,13 @@ class MLSurrogateCalculator(Calculator):
             "dos_energies": self.model.energies,
             "grid": grid,
         }
+        if self.uncertainty:
+            spread = self.model.predict_uncertainty(
+                self.atoms, grid, self.dropout_passes, threads=self.threads
+            )
+            self.results.update(
+                energy_uncertainty=spread.energy_per_atom,
+                forces_uncertainty=spread.atom_force_deviation,
+                fermi_level_uncertainty=spread.fermi_level,
+                dos_uncertainty=spread.dos_deviation,
+            )

@@ -399,6 +399,58 @@ class Prediction:
         return self.electronic_atom_energies + self.ion_ion.atom_energies
 
 
+@dataclasses.dataclass(frozen=True)
+class Uncertainty:
+    """The spread of a prediction over ensemble members or MC-dropout passes, each taken
+    through the energy functional and the adjoint on its own (not only the mean LDOS).
+    Deviations follow deepmd-kit's model deviation: the force deviation of an atom is
+    sqrt(<|F - <F>|^2>) over members, the energy deviation the standard deviation of A/N."""
+
+    free_energies: np.ndarray  # (members,) A of each member, eV
+    fermi_levels: np.ndarray  # (members,) eV
+    forces: np.ndarray  # (members, natoms, 3) eV/A
+    dos: np.ndarray  # (members, nE) states/eV
+
+    @property
+    def energy_per_atom(self) -> float:
+        """Standard deviation of A / N over the members, eV/atom."""
+        return float(np.std(self.free_energies) / self.forces.shape[1])
+
+    @property
+    def atom_force_deviation(self) -> np.ndarray:
+        """(natoms,) sqrt(<|F_i - <F_i>|^2>), eV/A."""
+        spread = self.forces - self.forces.mean(axis=0)
+        return np.sqrt((spread**2).sum(axis=2).mean(axis=0))
+
+    @property
+    def max_force_deviation(self) -> float:
+        return float(self.atom_force_deviation.max())
+
+    @property
+    def fermi_level(self) -> float:
+        """Standard deviation of the Fermi level over the members, eV."""
+        return float(np.std(self.fermi_levels))
+
+    @property
+    def dos_deviation(self) -> np.ndarray:
+        """(nE,) standard deviation of D(e) over the members, states/eV."""
+        return self.dos.std(axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ElectronicPass:
+    """One network's pass through the functional's steps (docs/energy-functional.md)."""
+
+    ldos: torch.Tensor  # [points, nE] float64
+    dos: torch.Tensor
+    mu: torch.Tensor
+    density: torch.Tensor  # [nx, ny, nz]
+    terms: dict[str, float]
+    phi_strain: torch.Tensor  # 3 x 3
+    fermi_shift: float
+    beta: np.ndarray  # dA/dB, shaped like the descriptors
+
+
 class Model:
     """An exported model in Python: LDOS, energies and metadata for ``ase.Atoms``.
 
@@ -468,6 +520,56 @@ class Model:
         """LDOS [nx, ny, nz, nE] in 1/(eV A^3) on ``grid`` (default: the model's spacing)."""
         return self.predict_ldos_from_descriptors(self._descriptors(atoms, grid))
 
+    def _inputs(
+        self, atoms: ase.Atoms, grid: tuple[int, int, int] | None, threads: int | None
+    ) -> tuple[tuple[int, int, int], np.ndarray, torch.Tensor, torch.Tensor]:
+        """(grid, descriptors, their rows on the network's device and dtype, cell)."""
+        grid = tuple(grid or self.default_grid(atoms))
+        descriptors = self._descriptors(atoms, grid, threads)
+        weights = next(self.module.network.parameters())  # the network's device and dtype
+        rows = torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1])).to(weights)
+        cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64, device=weights.device)
+        return grid, descriptors, rows, cell
+
+    def _electronic_pass(
+        self,
+        network: Any,
+        rows: torch.Tensor,
+        shape: tuple[int, ...],
+        cell: torch.Tensor,
+        electrons: float,
+    ) -> _ElectronicPass:
+        """LDOS of ``network`` and the functional's steps 1-3, then dA/dLDOS at fixed N_val
+        back-propagated through the same forward pass to beta = dA/dB (equal to the
+        exported ``descriptor_gradient``, which the pair style calls)."""
+        grid = shape[:3]
+        inputs = rows.detach().requires_grad_(True)
+        output = network(inputs)
+        ldos = output.detach().double()
+        voxel = abs(float(torch.linalg.det(cell))) / float(np.prod(grid))
+        functional = self.module.functional
+        try:
+            dos = functional.dos(ldos, voxel)
+            mu = functional.fermi_level(dos, electrons)
+            density = functional.density(ldos, mu).reshape(grid)
+            terms, phi, phi_strain = functional.global_terms(dos, density, cell, mu)
+        except (RuntimeError, torch.jit.Error) as exc:
+            raise ValueError(f"{self.path}: {model_error_message(exc)}") from exc
+        phi_rows = phi.reshape(-1)
+        fermi_shift = functional.fermi_shift_part(ldos, mu, phi_rows)
+        ldos_gradient = functional.ldos_gradient(mu, phi_rows, dos, fermi_shift, voxel)
+        (beta,) = torch.autograd.grad([output], [inputs], [ldos_gradient.to(output)])
+        return _ElectronicPass(
+            ldos=ldos,
+            dos=dos,
+            mu=mu,
+            density=density,
+            terms={key: float(value) for key, value in terms.items()},
+            phi_strain=phi_strain,
+            fermi_shift=float(fermi_shift),
+            beta=beta.double().cpu().numpy().reshape(shape),
+        )
+
     def predict(
         self,
         atoms: ase.Atoms,
@@ -481,49 +583,96 @@ class Model:
         derivative, E_ii by LAMMPS's Ewald sum. The electronic strain derivative is
         sum_r beta dB/deps + (E_band - TS) I + dPhi/deps|_n - c N_val / D(mu) I.
         ``grid`` defaults to the model's spacing; ``threads`` is the kernel's thread count."""
-        grid = tuple(grid or self.default_grid(atoms))
-        descriptors = self._descriptors(atoms, grid, threads)
-        weights = next(self.module.network.parameters())  # the network's device and dtype
-        rows = torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1])).to(weights)
-        with torch.no_grad():
-            ldos = self.module(rows).double()
-        cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64, device=weights.device)
-        voxel = abs(float(torch.linalg.det(cell))) / float(np.prod(grid))
+        grid, descriptors, rows, cell = self._inputs(atoms, grid, threads)
         valence = self._valence(atoms)
         electrons = float(valence.sum())
-        functional = self.module.functional
-        try:
-            dos = functional.dos(ldos, voxel)
-            mu = functional.fermi_level(dos, electrons)
-            density = functional.density(ldos, mu).reshape(grid)
-            terms, phi, phi_strain = functional.global_terms(dos, density, cell, mu)
-        except (RuntimeError, torch.jit.Error) as exc:
-            raise ValueError(f"{self.path}: {model_error_message(exc)}") from exc
-        phi_rows = phi.reshape(-1)
-        fermi_shift = functional.fermi_shift_part(ldos, mu, phi_rows)
-        ldos_gradient = functional.ldos_gradient(mu, phi_rows, dos, fermi_shift, voxel)
-        beta = self.module.descriptor_gradient(rows, ldos_gradient.to(weights))
-        beta = beta.double().cpu().numpy().reshape(descriptors.shape)
-        gradients = descriptor_gradients(atoms, grid, self.params, beta, threads=threads)
-        values = {key: float(value) for key, value in terms.items()}
-        c = values["edos_at_mu"] + float(fermi_shift)
+        step = self._electronic_pass(self.module, rows, descriptors.shape, cell, electrons)
+        gradients = descriptor_gradients(atoms, grid, self.params, step.beta, threads=threads)
+        values = dict(step.terms)
+        c = values["edos_at_mu"] + step.fermi_shift
         isotropic = values["band_free"] - c * electrons / values["dos_at_mu"]
-        explicit = 0.5 * (phi_strain + phi_strain.T).cpu().numpy() + isotropic * np.eye(3)
+        symmetric = 0.5 * (step.phi_strain + step.phi_strain.T).cpu().numpy()
+        explicit = symmetric + isotropic * np.eye(3)
 
-        points = functional.band_free_points(ldos, mu, voxel).reshape(grid)
-        points = (points + functional.potential_points(density, cell)).cpu().numpy()
+        functional = self.module.functional
+        voxel = abs(float(torch.linalg.det(cell))) / float(np.prod(grid))
+        points = functional.band_free_points(step.ldos, step.mu, voxel).reshape(grid)
+        points = (points + functional.potential_points(step.density, cell)).cpu().numpy()
         shares, unclaimed = partition_to_atoms(atoms, grid, self.params, points[..., None])
         ion_ion = ion_ion_energy(atoms, dict(zip(self.spec.elements, self.spec.valence_charges)))
         values["ion_ion"] = ion_ion.energy
         values["free_energy"] = values["electronic"] + ion_ion.energy
         return Prediction(
-            ldos=ldos.cpu().numpy().reshape(*grid, -1),
-            dos=dos.cpu().numpy(),
+            ldos=step.ldos.cpu().numpy().reshape(*grid, -1),
+            dos=step.dos.cpu().numpy(),
             terms=values,
             electronic_forces=gradients.forces,
             electronic_strain_derivative=gradients.strain_derivative + explicit,
             electronic_atom_energies=shares[:, 0] + unclaimed[0] * valence / electrons,
             ion_ion=ion_ion,
+        )
+
+    @property
+    def ensemble_size(self) -> int:
+        """Networks of an ensemble model; 1 for a single network."""
+        network = self.module.network
+        return len(list(network.members.children())) if hasattr(network, "members") else 1
+
+    def has_dropout(self) -> bool:
+        return any(m.original_name == "Dropout" for m in self.module.network.modules())
+
+    def predict_uncertainty(
+        self,
+        atoms: ase.Atoms,
+        grid: tuple[int, int, int] | None = None,
+        dropout_passes: int = 0,
+        seed: int = 0,
+        threads: int | None = None,
+    ) -> Uncertainty:
+        """Each ensemble member's energy, Fermi level, DOS and forces, each through the
+        functional and the adjoint; or, with ``dropout_passes`` T > 0, those of T
+        stochastic passes of a network trained with dropout (MC dropout; the passes draw
+        from torch's generator seeded with ``seed``, restored afterwards)."""
+        network = self.module.network
+        if dropout_passes > 0:
+            if not self.has_dropout():
+                raise ValueError(
+                    f"{self.path}: the network was trained without dropout, so MC dropout "
+                    "gives no spread; train with dropout > 0 or export an ensemble"
+                )
+            members = [network] * dropout_passes
+        elif self.ensemble_size > 1:
+            members = list(network.members.children())
+        else:
+            raise ValueError(
+                f"{self.path}: one network without dropout passes has no uncertainty: export "
+                "an ensemble (`mlsurrogate export A.ckpt B.ckpt ... -o model.pt`) or give "
+                "dropout_passes for a network trained with dropout"
+            )
+        grid, descriptors, rows, cell = self._inputs(atoms, grid, threads)
+        electrons = float(self._valence(atoms).sum())
+        ion_ion = ion_ion_energy(atoms, dict(zip(self.spec.elements, self.spec.valence_charges)))
+        energies, fermi_levels, forces, dos = [], [], [], []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            network.train(dropout_passes > 0)
+            try:
+                for member in members:
+                    step = self._electronic_pass(member, rows, descriptors.shape, cell, electrons)
+                    electronic = descriptor_gradients(
+                        atoms, grid, self.params, step.beta, threads=threads
+                    ).forces
+                    energies.append(step.terms["electronic"] + ion_ion.energy)
+                    fermi_levels.append(step.terms["fermi_level"])
+                    forces.append(electronic + ion_ion.forces)
+                    dos.append(step.dos.cpu().numpy())
+            finally:
+                network.train(False)
+        return Uncertainty(
+            free_energies=np.array(energies),
+            fermi_levels=np.array(fermi_levels),
+            forces=np.stack(forces),
+            dos=np.stack(dos),
         )
 
     def energy_terms(
