@@ -240,6 +240,55 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select(args: argparse.Namespace) -> int:
+    import ase.io
+    import numpy as np
+
+    from mlsurrogate.data import Snapshot
+    from mlsurrogate.files import atomic_output, check_output_path
+    from mlsurrogate.selection import format_scores, pick, score_candidates
+
+    if args.output:
+        check_output_path(args.output)
+    candidates = []
+    for path in args.candidates:
+        try:
+            frames = ase.io.read(path, index=":")
+        except Exception as exc:  # ase raises many types for unreadable files
+            raise UsageError(f"cannot read {path}: {exc}") from exc
+        for index, atoms in enumerate(frames):
+            if args.elements:  # LAMMPS dumps: ase reads atom type t as atomic number t
+                types = atoms.get_atomic_numbers()
+                if types.max() > len(args.elements):
+                    raise UsageError(
+                        f"{path}: atom type {types.max()} but --elements names "
+                        f"{len(args.elements)} types"
+                    )
+                atoms.set_chemical_symbols([args.elements[t - 1] for t in types])
+            candidates.append((f"{path}:{index}", atoms))
+    model = None
+    if args.model:
+        from mlsurrogate.model import Model
+
+        model = Model.load(args.model)
+    params = model.params if model is not None else _descriptor_params(args)
+    spacing = args.spacing
+    if spacing is None:  # the training grid's spacing: candidates sampled alike
+        with Snapshot(args.train[0]) as snap:
+            lengths = np.linalg.norm(np.asarray(snap.atoms.cell), axis=1)
+            spacing = float((lengths / np.array(snap.grid_shape)).max())
+    scores = score_candidates(
+        candidates, args.train, params, spacing, model, tuple(args.trust), threads=args.threads
+    )
+    picks = pick(scores, args.k)
+    print(format_scores(scores, picks))
+    if args.output:
+        with atomic_output(args.output) as tmp:
+            ase.io.write(tmp, [candidates[i][1] for i in picks], format="extxyz")
+        print(f"wrote {len(picks)} structures to {args.output}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlsurrogate", description=__doc__)
     parser.add_argument("--version", action="version", version=mlsurrogate.__version__)
@@ -420,6 +469,31 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("snapshots", nargs="+", help="snapshot files (.h5)")
     ev.add_argument("--plots", default=None, help="directory for PNG plots")
     ev.set_defaults(handler=_evaluate)
+
+    select = sub.add_parser(
+        "select",
+        help="pick the next structures to label with DFT",
+        description="Score candidate structures by descriptor-space dissimilarity to the "
+        "training snapshots (PCA: PC1 mean distance, PC1 Wasserstein distance, "
+        "reconstruction error) and, with an ensemble model, by its force deviation and "
+        "dpgen's trust levels; pick K diverse ones (farthest-point order).",
+    )
+    select.add_argument("candidates", nargs="+", help="structure files (any ase.io format; "
+                        "every frame of a trajectory or LAMMPS dump is a candidate)")
+    select.add_argument("--train", nargs="+", required=True, help="training snapshots (.h5)")
+    select.add_argument("-k", type=int, default=1, help="structures to pick (default 1)")
+    select.add_argument("--model", help="ensemble model (.pt): uncertainty and trust levels")
+    select.add_argument("--trust", nargs=2, type=float, default=[0.05, 0.15],
+                        metavar=("LOW", "HIGH"), help="trust levels on the max force "
+                        "deviation, eV/A (default 0.05 0.15)")
+    select.add_argument("--spacing", type=float, default=None,
+                        help="grid spacing of the candidates' descriptors, A (default: "
+                        "that of the first training snapshot)")
+    select.add_argument("--elements", nargs="+", default=None,
+                        help="element of LAMMPS atom types 1, 2, ... (for dumps)")
+    select.add_argument("-o", "--output", default=None, help="write the picks (extxyz)")
+    _add_descriptor_options(select)
+    select.set_defaults(handler=_select)
     return parser
 
 
