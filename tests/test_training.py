@@ -283,19 +283,11 @@ def test_force_term_forces_are_minus_the_energy_gradient(checkpoint):
     assert target.electronic_forces.shape == (3 * len(atoms),)
 
 
-@pytest.fixture(scope="module")
-def smooth_checkpoint(tmp_path_factory) -> Path:
-    """SiLU: finite differences across LeakyReLU kinks are off by ~1e-3 relative."""
-    path = tmp_path_factory.mktemp("train") / "silu.pt"
-    config = replace(CONFIG, activation="silu", max_epochs=1)
-    train(config, path, progress=False, log=lambda line: None)
-    return path
-
-
 def test_stress_term_strain_derivatives_are_those_of_the_energy(smooth_checkpoint):
     """dA/dh of the stress term (descriptor part through dB/dh, the functional's explicit
     cell part) equals central differences of A with the descriptors recomputed on the
-    strained cell; the target is -V sigma_QE + W_ii."""
+    strained cell; the target is -V sigma_QE + W_ii. The session's SiLU model: differences
+    across LeakyReLU kinks are off by ~1e-3."""
     network = build_model(smooth_checkpoint).network.double()
     params = CONFIG.params()
     source = SnapshotSource(SNAP[3], params)
@@ -684,3 +676,39 @@ def test_evaluate_prints_the_errors_computed_independently(smooth_checkpoint, tm
     assert printed[1] == pytest.approx(expected[1], abs=0.006)
     assert printed[2] == pytest.approx(expected[2], abs=0.06)
     assert printed[3] == pytest.approx(expected[3], abs=6e-5)
+
+
+def test_fine_tuning_starts_from_the_initial_checkpoint(smooth_checkpoint, tmp_path):
+    """initial_checkpoint: the run starts from its best network (weights and scalers);
+    frozen_layers keep the first layers as they were."""
+    from conftest import smooth_training_config
+
+    initial = load_checkpoint(smooth_checkpoint)["best_network"]
+    still = tmp_path / "still.ckpt"
+    config = smooth_training_config(
+        initial_checkpoint=str(smooth_checkpoint), max_epochs=1, learning_rate=1e-12
+    )
+    train(config, still, progress=False, log=lambda line: None)
+    for key, value in load_checkpoint(still)["best_network"].items():
+        np.testing.assert_allclose(value.numpy(), initial[key].numpy(), rtol=0, atol=1e-9)
+
+    frozen = tmp_path / "frozen.ckpt"
+    config = smooth_training_config(
+        initial_checkpoint=str(smooth_checkpoint), frozen_layers=1, max_epochs=2, seed=9
+    )
+    train(config, frozen, progress=False, log=lambda line: None)
+    tuned = load_checkpoint(frozen)["network"]
+    assert torch.equal(tuned["layers.0.weight"], initial["layers.0.weight"])
+    assert torch.equal(tuned["layers.0.bias"], initial["layers.0.bias"])
+    assert not torch.equal(tuned["layers.2.weight"], initial["layers.2.weight"])
+
+    with pytest.raises(ValueError, match="trained with hidden = \\[32\\]"):
+        train(
+            smooth_training_config(initial_checkpoint=str(smooth_checkpoint), hidden=[16]),
+            tmp_path / "other.ckpt",
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="frozen_layers .section \\[transfer\\]. needs"):
+        smooth_training_config(frozen_layers=1).validate()
+    with pytest.raises(ValueError, match="frozen_layers = 2 .section \\[transfer\\]. is out"):
+        smooth_training_config(initial_checkpoint="x.ckpt", frozen_layers=2).validate()

@@ -25,6 +25,7 @@ SECTIONS = {
     "model": "the network",
     "training": "optimizer, schedule and run settings",
     "physics": "optional energy, force, stress and density terms of the loss",
+    "transfer": "fine-tuning a trained network on new data (warm start, frozen layers)",
     "descriptor_params": "BispectrumParams keywords (LAMMPS compute sna/grid)",
 }
 
@@ -87,6 +88,18 @@ class TrainingConfig:
     density_weight: float = _key(
         "physics", 0.0, "on (density error / mean density)^2 per grid point"
     )
+    initial_checkpoint: str = _key(
+        "transfer",
+        "",
+        "checkpoint whose best network (weights and scalers) starts the training, relative "
+        "to the TOML; empty = random initial weights",
+    )
+    frozen_layers: int = _key(
+        "transfer",
+        0,
+        "the first N linear layers keep the initial checkpoint's weights; 0 .. len(hidden) "
+        "(the output layer always trains)",
+    )
     descriptor_params: dict[str, Any] = _key(
         "descriptor_params",
         lambda: asdict(BispectrumParams()),
@@ -131,6 +144,8 @@ class TrainingConfig:
         for key in ("train", "validation"):
             if isinstance(flat.get(key), list):
                 flat[key] = [str(base / p) if isinstance(p, str) else p for p in flat[key]]
+        if isinstance(flat.get("initial_checkpoint"), str) and flat["initial_checkpoint"]:
+            flat["initial_checkpoint"] = str(base / flat["initial_checkpoint"])
         config = cls(**flat)
         try:
             config.validate(require_data=False)  # flags may still add the snapshots
@@ -165,6 +180,8 @@ class TrainingConfig:
             "physics_spacing": self.physics_spacing > 0,
             "weight_averaging": 0.0 <= self.weight_averaging < 1.0,
             "hidden": bool(self.hidden) and all(width >= 1 for width in self.hidden),
+            # at least the output layer trains
+            "frozen_layers": 0 <= self.frozen_layers <= len(self.hidden),
             **{
                 key: getattr(self, key) >= 0
                 for key in ("energy_weight", "force_weight", "stress_weight", "density_weight")
@@ -176,6 +193,11 @@ class TrainingConfig:
                     f"{key} = {getattr(self, key)!r} (section [{_section(key)}]) is out of "
                     f"range: {_field(key).metadata['doc']}"
                 )
+        if self.frozen_layers and not self.initial_checkpoint:
+            raise ValueError(
+                "frozen_layers (section [transfer]) needs initial_checkpoint: frozen random "
+                "weights learn nothing"
+            )
 
     @property
     def uses_physics(self) -> bool:

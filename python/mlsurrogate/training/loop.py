@@ -104,6 +104,28 @@ def non_finite_loss(
     )
 
 
+def warm_start(network: LdosNetwork, config: TrainingConfig, energies: np.ndarray) -> None:
+    """Load the best network of ``config.initial_checkpoint`` into ``network``
+    (fine-tuning): its weights and its scalers (the weights were fitted to those), after
+    checking that the architecture, descriptors and energy grid are the same."""
+    path = config.initial_checkpoint
+    state = load_checkpoint(path)
+    for key in ("hidden", "activation", "descriptor_params"):
+        if state["config"][key] != getattr(config, key):
+            raise ValueError(
+                f"{path}: initial_checkpoint was trained with {key} = {state['config'][key]!r}, "
+                f"this config has {getattr(config, key)!r}; they must match to fine-tune"
+            )
+    if not np.array_equal(np.asarray(state["energies"]), np.asarray(energies)):
+        raise ValueError(f"{path}: initial_checkpoint has another energy grid than the data")
+    if state["num_features"] != network.feature_mean.numel():
+        raise ValueError(
+            f"{path}: initial_checkpoint has {state['num_features']} descriptors per point, "
+            f"the data {network.feature_mean.numel()} (other elements?)"
+        )
+    network.load_state_dict(state["best_network"] or state["network"])
+
+
 def train(
     config: TrainingConfig,
     checkpoint: str | os.PathLike[str],
@@ -172,8 +194,13 @@ def train(
     network = network_for(config, num_features, len(energies))
     if resume:
         network.load_state_dict(state["network"])
+    elif config.initial_checkpoint:
+        warm_start(network, config, energies)
     else:
         fit_scalers(network, train_sources)
+    linear_layers = [layer for layer in network.layers if isinstance(layer, torch.nn.Linear)]
+    for layer in linear_layers[: config.frozen_layers]:
+        layer.requires_grad_(False)
     network.to(config.device)
     # the averaged copy (Polyak averaging) smooths the step-to-step noise of SGD, which
     # moves the integrated energies by several meV/atom between epochs
@@ -186,7 +213,8 @@ def train(
         else None
     )
     evaluated = averaged.module if averaged is not None else network
-    optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
+    trainable = [parameter for parameter in network.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=config.lr_factor, patience=config.lr_patience
     )
