@@ -123,3 +123,37 @@ def test_select_command(candidates, tmp_path, capsys):
     assert len(ase.io.read(output, index=":")) == 2
     assert cli.main([*arguments, "-k", "0"]) == 2
     assert "k must be >= 1" in capsys.readouterr().err
+
+
+def test_classical_md_frames(tmp_path):
+    from ase.build import bulk
+
+    from mlsurrogate.candidates import classical_md_frames
+
+    atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat(2)
+    frames = classical_md_frames(atoms, [300, 1500], [0.98, 1.0], steps=40, every=20)
+    assert [name for name, _ in frames][:2] == ["300K_scale0.98_step20", "300K_scale0.98_step40"]
+    assert len(frames) == 2 * 2 * 2
+    again = classical_md_frames(atoms, [300, 1500], [0.98, 1.0], steps=40, every=20)
+    np.testing.assert_array_equal(frames[-1][1].positions, again[-1][1].positions)
+
+    def displacement(frame) -> float:
+        """Mean distance of the atoms from their lattice sites (A)."""
+        reference = atoms.copy()
+        reference.set_cell(frame.cell, scale_atoms=True)
+        return float(np.linalg.norm(frame.positions - reference.positions, axis=1).mean())
+
+    by_name = dict(frames)
+    hot, cold = by_name["1500K_scale1_step40"], by_name["300K_scale1_step40"]
+    assert displacement(hot) > displacement(cold)
+    assert by_name["300K_scale0.98_step40"].get_volume() == pytest.approx(
+        atoms.get_volume() * 0.98**3
+    )
+    structure = tmp_path / "al.xyz"
+    atoms.write(structure)
+    output = tmp_path / "frames.extxyz"
+    command = ["explore", str(structure), "--temperatures", "600", "--steps", "20",
+               "--every", "10", "-o", str(output)]
+    assert cli.main(command) == 0
+    assert len(ase.io.read(output, index=":")) == 2
+    assert cli.main([*command[:-1], str(tmp_path / "missing" / "f.extxyz")]) == 2

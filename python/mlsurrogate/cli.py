@@ -240,6 +240,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explore(args: argparse.Namespace) -> int:
+    import ase.io
+
+    from mlsurrogate.candidates import classical_md_frames
+    from mlsurrogate.files import atomic_output, check_output_path
+
+    check_output_path(args.output)
+    atoms = _read_structure(args.structure)
+    frames = classical_md_frames(
+        atoms,
+        args.temperatures,
+        args.scales,
+        steps=args.steps,
+        every=args.every,
+        timestep_fs=args.timestep,
+        seed=args.seed,
+    )
+    with atomic_output(args.output) as tmp:
+        ase.io.write(tmp, [frame for _, frame in frames], format="extxyz")
+    print(f"wrote {len(frames)} frames to {args.output}; next: mlsurrogate select "
+          f"{args.output} --train SNAPSHOTS... -k K")
+    return 0
+
+
 def _select(args: argparse.Namespace) -> int:
     import ase.io
     import numpy as np
@@ -469,6 +493,26 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("snapshots", nargs="+", help="snapshot files (.h5)")
     ev.add_argument("--plots", default=None, help="directory for PNG plots")
     ev.set_defaults(handler=_evaluate)
+
+    explore = sub.add_parser(
+        "explore",
+        help="candidate structures from classical MD (EMT) over temperatures and densities",
+        description="Bootstrap candidates for the next DFT snapshots: Langevin MD of a "
+        "structure with ASE's EMT potential (Al, Cu, Ag, Au, Ni, Pd, Pt) at each temperature "
+        "and lattice scaling, a frame every --every steps; the frames go to `mlsurrogate "
+        "select`.",
+    )
+    explore.add_argument("structure", help="start structure (any ase.io format)")
+    explore.add_argument("--temperatures", nargs="+", type=float, required=True,
+                         help="temperatures, K")
+    explore.add_argument("--scales", nargs="+", type=float, default=[1.0],
+                         help="lattice scalings of the cell (default 1)")
+    explore.add_argument("--steps", type=int, default=1000, help="MD steps per run (1000)")
+    explore.add_argument("--every", type=int, default=100, help="steps between frames (100)")
+    explore.add_argument("--timestep", type=float, default=2.0, help="fs (default 2)")
+    explore.add_argument("--seed", type=int, default=0, help="velocities and noise (0)")
+    explore.add_argument("-o", "--output", required=True, help="frames file (extxyz)")
+    explore.set_defaults(handler=_explore)
 
     select = sub.add_parser(
         "select",
