@@ -13,18 +13,14 @@ from conftest import DATA, run_with_file_size_limit, venv_tool
 from mlsurrogate import cli
 
 SNAPSHOT = str(DATA / "snapshot_00.h5")
-VERBS = [
-    ["info"],
-    ["descriptors"],
-    ["qe", "run"],
-    ["qe", "ingest"],
-    ["data", "info"],
-    ["data", "descriptors"],
-    ["evaluate-dft"],
-    ["train"],
-    ["export"],
-    ["evaluate"],
-]
+# every verb and sub-verb the parser has (so a new verb cannot be left out)
+VERBS = [command.split()[1:] for command, _ in cli._verbs(cli._build_parser(), ["mlsurrogate"])]
+VERBS = [verb for verb in VERBS if verb]
+
+
+def test_the_verb_list_is_complete():
+    names = {" ".join(verb) for verb in VERBS}
+    assert {"qe ingest", "data descriptors", "train", "export", "select", "explore"} <= names
 
 
 @pytest.mark.parametrize("verb", VERBS, ids=" ".join)
