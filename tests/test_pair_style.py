@@ -621,7 +621,8 @@ def test_ensemble_deviations_equal_python(ensemble_model, ionion, tmp_path):
 
 
 @pytest.mark.mpi
-def test_ensemble_deviations_on_two_ranks_equal_serial(ensemble_model, tmp_path):
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ensemble_deviations_on_mpi_ranks_equal_serial(ensemble_model, ranks, tmp_path):
     cell, positions, grid, _ = structure((2, 1, 1))
     serial = pair_style_deviations(
         ensemble_model, cell, positions, grid, str(tmp_path / "serial.out")
@@ -632,7 +633,7 @@ def test_ensemble_deviations_on_two_ranks_equal_serial(ensemble_model, tmp_path)
     command = [
         venv_tool("mpiexec"),
         "-n",
-        "2",
+        str(ranks),
         sys.executable,
         str(HERE / "mpi_deviations.py"),
         ensemble_model,
