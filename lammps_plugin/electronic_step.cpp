@@ -51,12 +51,36 @@ void ElectronicStep::allreduce(double *data, int count) {
   seconds_[COMMUNICATION] += MPI_Wtime() - start;
 }
 
-ElectronicResult ElectronicStep::run(const ElectronicInput &in) {
-  auto timed = [this](Stage stage, auto &&work) {
-    const double start = MPI_Wtime();
-    work();
-    seconds_[stage] += MPI_Wtime() - start;
-  };
+template <class Work>
+void ElectronicStep::timed(Stage stage, Work &&work) {
+  const double start = MPI_Wtime();
+  work();
+  seconds_[stage] += MPI_Wtime() - start;
+}
+
+// Descriptors of the owned grid points, one row of num_descriptors() per point
+std::vector<double> ElectronicStep::describe(const ElectronicInput &in) {
+  std::vector<double> descriptors(in.block.num_points() * kernel_.num_descriptors());
+  step(false, [&] {
+    if (descriptors.empty()) return;
+    timed(DESCRIPTORS, [&] { kernel_.compute(in.cell, in.block, in.atoms, descriptors.data()); });
+  });
+  return descriptors;
+}
+
+ElectronicResult ElectronicStep::run(const ElectronicInput &in) { return solve(in, describe(in)); }
+
+std::vector<ElectronicResult> ElectronicStep::run_members(const ElectronicInput &in) {
+  const std::vector<double> descriptors = describe(in);
+  std::vector<ElectronicResult> results;
+  ElectronicInput member_in = in;
+  for (member_in.member = 0; member_in.member < model_.ensemble_size(); ++member_in.member)
+    results.push_back(solve(member_in, descriptors));
+  return results;
+}
+
+ElectronicResult ElectronicStep::solve(const ElectronicInput &in,
+                                       const std::vector<double> &descriptors) {
   int rank = 0;
   MPI_Comm_rank(comm_, &rank);
   const std::array<int, 3> &shape = in.block.shape;
@@ -68,19 +92,18 @@ ElectronicResult ElectronicStep::run(const ElectronicInput &in) {
   const std::size_t nall = in.atoms.n;
   ElectronicResult out;
 
-  // 1. local: descriptors, LDOS and the partial DOS of the owned grid points
-  std::vector<double> descriptors(static_cast<std::size_t>(npoints) * nfeatures);
+  // 1. local: LDOS and the partial DOS of the owned grid points
   std::vector<double> ldos;
   std::vector<double> dos(nenergies, 0.0);
   step(false, [&] {
     if (npoints == 0) return;
-    timed(DESCRIPTORS, [&] { kernel_.compute(in.cell, in.block, in.atoms, descriptors.data()); });
     timed(INFERENCE, [&] {
       const int chunk = batch_ > 0 ? batch_ : npoints;
       for (int first = 0; first < npoints; first += chunk) {
         const int count = std::min(chunk, npoints - first);
         const std::vector<double> part = model_.predict_ldos(
-            descriptors.data() + static_cast<std::size_t>(first) * nfeatures, count, nfeatures);
+            descriptors.data() + static_cast<std::size_t>(first) * nfeatures, count, nfeatures,
+            in.member);
         ldos.insert(ldos.end(), part.begin(), part.end());
       }
     });
@@ -154,7 +177,8 @@ ElectronicResult ElectronicStep::run(const ElectronicInput &in) {
     timed(FUNCTIONAL,
           [&] { dA_dldos = model_.ldos_gradient(mu, phi_local, dos, fermi_shift, voxel); });
     timed(BACKPROP, [&] {
-      beta = model_.descriptor_gradient(descriptors.data(), npoints, nfeatures, dA_dldos);
+      beta = model_.descriptor_gradient(descriptors.data(), npoints, nfeatures, dA_dldos,
+                                        in.member);
     });
     timed(CONTRACTION, [&] {
       kernel_.gradient(in.cell, in.block, in.atoms, beta.data(), out.dE_dR.data(), strain.data(),

@@ -32,6 +32,8 @@ struct ElectronicInput {
   // dE/d(strain)_aa per N_val^2 (each diagonal entry, replicated) of a term the caller's
   // ion-ion energy leaves out of its virial (the kspace background of a charged cell)
   double background_strain_per_charge2 = 0.0;
+  // the network whose LDOS the step uses: TorchModel::kWholeNetwork (-1) or an ensemble member
+  int member = -1;
   bool virial = false;
   bool energy_per_atom = false;
   bool virial_per_atom = false;
@@ -71,6 +73,10 @@ class ElectronicStep {
   ElectronicStep(const TorchModel &model, int threads, int batch, MPI_Comm comm);
 
   ElectronicResult run(const ElectronicInput &in);
+  // One result per ensemble member, each through the whole step with its own LDOS (DOS,
+  // Fermi level, functional, back-propagation, adjoint forces); the descriptors are
+  // computed once. `in.member` is ignored.
+  std::vector<ElectronicResult> run_members(const ElectronicInput &in);
 
   int num_descriptors() const { return kernel_.num_descriptors(); }
   // Bytes one rank holds at once for `npoints` owned points of an `ngrid`-point grid:
@@ -82,6 +88,10 @@ class ElectronicStep {
 
  private:
   void allreduce(double *data, int count);
+  template <class Work>
+  void timed(Stage stage, Work &&work);
+  std::vector<double> describe(const ElectronicInput &in);
+  ElectronicResult solve(const ElectronicInput &in, const std::vector<double> &descriptors);
   void share_per_atom(const ElectronicInput &in, const std::vector<std::size_t> &owned,
                       const std::vector<double> &band_points,
                       const std::vector<double> &potential_points,

@@ -25,8 +25,10 @@
 #include <cstring>
 #include <exception>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <map>
+#include <numeric>
 #include <string>
 
 using namespace LAMMPS_NS;
@@ -35,7 +37,13 @@ namespace {
 
 const char *const USAGE =
     "pair_style mlsurrogate model.pt [grid nx ny nz | spacing h] [device cpu|cuda|cuda:N] "
-    "[threads N] [batch M] [ionion on|off]";
+    "[threads N] [batch M] [ionion on|off] [uncertainty N [file FILE] [warn F]]";
+
+// the table of ensemble deviations, by default (deepmd-kit's name)
+const char *const DEFAULT_DEVIATION_FILE = "model_devi.out";
+
+// atoms named by the force-deviation warning
+constexpr int WORST_ATOMS = 5;
 
 // two atoms closer than this (A) have no defined descriptors or Becke cells
 constexpr double COINCIDENT_DISTANCE = 1e-8;
@@ -43,7 +51,8 @@ constexpr double COINCIDENT_DISTANCE = 1e-8;
 bool is_keyword(const std::string &word)
 {
   return word == "grid" || word == "spacing" || word == "device" || word == "threads" ||
-      word == "batch" || word == "ionion";
+      word == "batch" || word == "ionion" || word == "uncertainty" || word == "file" ||
+      word == "warn";
 }
 
 // Lengths of the three box vectors a, b, c (triclinic boxes included)
@@ -93,6 +102,39 @@ bool lowest_report(MPI_Comm world, double key, std::array<double, N> &payload)
   return true;
 }
 
+// Standard deviation over the members (population, as numpy.std and deepmd-kit)
+double spread(const std::vector<double> &values)
+{
+  const double n = static_cast<double>(values.size());
+  const double mean = std::accumulate(values.begin(), values.end(), 0.0) / n;
+  double sum = 0.0;
+  for (const double v : values) sum += (v - mean) * (v - mean);
+  return std::sqrt(sum / n);
+}
+
+// Runs the electronic step `work`; a failure ends the run with its message, through
+// error->all when every rank has it alike, else error->one.
+template <class Work>
+auto electronic_or_error(Error *error, Work &&work) -> decltype(work())
+{
+  decltype(work()) result;
+  std::string problem;
+  bool collective = false;
+  try {
+    result = work();
+  } catch (const mlsurrogate::StepError &e) {
+    problem = e.what();
+    collective = e.collective();
+  } catch (const std::exception &e) {
+    problem = e.what();
+  }
+  if (!problem.empty()) {
+    if (collective) error->all(FLERR, "pair_style mlsurrogate: {}", problem);
+    error->one(FLERR, "pair_style mlsurrogate: {}", problem);
+  }
+  return result;
+}
+
 }    // namespace
 
 /* ---------------------------------------------------------------------- */
@@ -127,6 +169,14 @@ void PairMLSurrogate::reset_settings()
   nthreads = 0;
   batch = 0;
   ionion = true;
+  uncertainty_every = 0;
+  deviation_file = DEFAULT_DEVIATION_FILE;
+  warn_force = 0.0;
+  if (deviation_out.is_open()) deviation_out.close();
+  member_forces.clear();
+  atom_deviation.clear();
+  max_force_deviation = energy_deviation = 0.0;
+  comm_reverse = 0;
   electronic.reset();
   model.reset();
 }
@@ -176,7 +226,7 @@ void PairMLSurrogate::settings(int narg, char **arg)
     if (!is_keyword(kw))
       error->all(FLERR,
                  "pair_style mlsurrogate: unknown keyword '{}'. Valid keywords: grid, spacing, "
-                 "device, threads, batch, ionion. Usage: {}",
+                 "device, threads, batch, ionion, uncertainty, file, warn. Usage: {}",
                  kw, USAGE);
     if (std::find(seen.begin(), seen.end(), kw) != seen.end())
       error->all(FLERR, "pair_style mlsurrogate: keyword '{}' is given twice", kw);
@@ -208,12 +258,30 @@ void PairMLSurrogate::settings(int narg, char **arg)
       ionion = utils::logical(FLERR, value, false, lmp) == 1;
     } else if (kw == "batch") {
       batch = positive_int(kw, value, "a positive integer (grid points per network call)");
+    } else if (kw == "uncertainty") {
+      uncertainty_every = positive_int(kw, value, "a positive integer (steps between evaluations)");
+    } else if (kw == "file") {
+      deviation_file = value;
+    } else if (kw == "warn") {
+      warn_force = utils::is_double(value) ? utils::numeric(FLERR, value, false, lmp) : 0.0;
+      if (!std::isfinite(warn_force) || warn_force <= 0.0)
+        error->all(FLERR,
+                   "pair_style mlsurrogate: warn needs a positive force deviation (eV/A), "
+                   "got '{}'",
+                   value);
     }
     iarg += 1 + nvalues;
   }
   if (grid[0] > 0 && spacing > 0.0)
     error->all(FLERR,
                "pair_style mlsurrogate: give either 'grid nx ny nz' or 'spacing h', not both");
+  for (const char *needs_uncertainty : {"file", "warn"})
+    if (uncertainty_every == 0 &&
+        std::find(seen.begin(), seen.end(), needs_uncertainty) != seen.end())
+      error->all(FLERR,
+                 "pair_style mlsurrogate: keyword '{}' belongs to uncertainty: add "
+                 "'uncertainty N' (steps between ensemble evaluations) before it",
+                 needs_uncertainty);
 
   // The model: the file must exist and load as an mlsurrogate model on the device.
 
@@ -243,6 +311,72 @@ void PairMLSurrogate::settings(int narg, char **arg)
     problem = e.what();
   }
   if (!problem.empty()) error->all(FLERR, "pair_style mlsurrogate: {}", problem);
+
+  if (uncertainty_every > 0) {
+    const int members = model->ensemble_size();
+    if (members < 2)
+      error->all(FLERR,
+                 "pair_style mlsurrogate: uncertainty needs an ensemble model, but '{}' has one "
+                 "network: export several checkpoints together (mlsurrogate export A.ckpt "
+                 "B.ckpt ... -o model.pt), or drop the uncertainty keyword",
+                 model_file);
+    comm_reverse = 3 * members;    // each member's forces on ghost atoms go to their owners
+    atom_deviation.assign(std::max(atom->nmax, 1), 0.0);
+    open_deviation_file();
+  }
+}
+
+/* ----------------------------------------------------------------------
+   The deviation table, written by rank 0 (deepmd-kit's model_devi.out layout, forces
+   and energies only): opened, and truncated, when pair_style is given, before any run
+------------------------------------------------------------------------- */
+
+void PairMLSurrogate::open_deviation_file()
+{
+  int opened = 1;
+  if (comm->me == 0) {
+    deviation_out.open(deviation_file, std::ios::out | std::ios::trunc);
+    opened = deviation_out.is_open() ? 1 : 0;
+    if (opened)
+      deviation_out << fmt::format("# {:>10} {:>18} {:>18} {:>18} {:>18} {:>18}\n", "step",
+                                   "max_devi_f", "min_devi_f", "avg_devi_f", "devi_e", "devi_mu")
+                    << std::flush;
+  }
+  MPI_Bcast(&opened, 1, MPI_INT, 0, world);
+  if (!opened)
+    error->all(FLERR,
+               "pair_style mlsurrogate: cannot write the uncertainty file '{}': check that its "
+               "directory exists and is writable, or name another with 'file FILE'",
+               deviation_file);
+}
+
+/* ----------------------------------------------------------------------
+   fix ID group pair N mlsurrogate devi_f 0: each local atom's force deviation (eV/A)
+   of the last evaluation
+------------------------------------------------------------------------- */
+
+void *PairMLSurrogate::extract_peratom(const char *name, int &ncol)
+{
+  ncol = 0;
+  if (uncertainty_every > 0 && strcmp(name, "devi_f") == 0) return atom_deviation.data();
+  return nullptr;
+}
+
+int PairMLSurrogate::pack_reverse_comm(int n, int first, double *buf)
+{
+  const std::size_t width = comm_reverse;
+  int m = 0;
+  for (int i = first; i < first + n; ++i)
+    for (std::size_t k = 0; k < width; ++k) buf[m++] = member_forces[width * i + k];
+  return m;
+}
+
+void PairMLSurrogate::unpack_reverse_comm(int n, int *list, double *buf)
+{
+  const std::size_t width = comm_reverse;
+  int m = 0;
+  for (int i = 0; i < n; ++i)
+    for (std::size_t k = 0; k < width; ++k) member_forces[width * list[i] + k] += buf[m++];
 }
 
 /* ----------------------------------------------------------------------
@@ -628,30 +762,24 @@ void PairMLSurrogate::compute(int eflag, int vflag)
         (2.0 * g * g * domain->xprd * domain->yprd * domain->zprd);
   }
 
-  mlsurrogate::ElectronicResult result;
-  std::string problem;
-  bool collective = false;
-  try {
-    result = electronic->run(in);
-  } catch (const mlsurrogate::StepError &e) {
-    problem = e.what();
-    collective = e.collective();
-  } catch (const std::exception &e) {
-    problem = e.what();
-  }
-  if (!problem.empty()) {
-    if (collective) error->all(FLERR, "pair_style mlsurrogate: {}", problem);
-    error->one(FLERR, "pair_style mlsurrogate: {}", problem);
-  }
+  mlsurrogate::ElectronicResult result =
+      electronic_or_error(error, [&] { return electronic->run(in); });
 
   for (int i = 0; i < nall; ++i)
     for (int d = 0; d < 3; ++d) f[i][d] -= result.dE_dR[3 * i + d];
   std::map<std::string, double> &terms = result.terms;
   // compute pair sums pvector over ranks: the replicated values go on rank 0 only
+  if (uncertainty_every > 0) {
+    // fix pair reads nlocal values on any step; they are filled on evaluation steps
+    if (atom_deviation.size() < static_cast<std::size_t>(nlocal))
+      atom_deviation.resize(nlocal, 0.0);
+    if (update->setupflag || update->ntimestep % uncertainty_every == 0) ensemble_deviations(in);
+  }
   extras.fill(0.0);
   if (comm->me == 0)
-    extras = {terms["band"], terms["entropy"],   terms["fermi_level"], terms["hartree"],
-              terms["xc"],   terms["electrons"], terms["electronic"]};
+    extras = {terms["band"],      terms["entropy"],    terms["fermi_level"],
+              terms["hartree"],   terms["xc"],         terms["electrons"],
+              terms["electronic"], max_force_deviation, energy_deviation};
   if (eflag_global && comm->me == 0) eng_vdwl += terms["electronic"];
   if (vflag_global)
     for (int k = 0; k < 6; ++k) virial[k] -= result.dE_dstrain[k];
@@ -660,4 +788,104 @@ void PairMLSurrogate::compute(int eflag, int vflag)
   if (vflag_atom)
     for (int i = 0; i < nall; ++i)
       for (int k = 0; k < 6; ++k) vatom[i][k] -= result.atom_strain[6 * i + k];
+}
+
+/* ----------------------------------------------------------------------
+   Every ensemble member through the whole electronic step on its own, and the spread of
+   their predictions as in deepmd-kit's model deviation (Zhang et al., Phys. Rev.
+   Materials 3, 023804 (2019)): per atom sqrt(<|F_i - <F_i>|^2>) over members, then its
+   max, min and mean over atoms; the standard deviation of A/N and of the Fermi level.
+   E_ii is the same for every member, so it leaves the spread unchanged and is left out.
+------------------------------------------------------------------------- */
+
+void PairMLSurrogate::ensemble_deviations(const mlsurrogate::ElectronicInput &in)
+{
+  mlsurrogate::ElectronicInput forces_only = in;
+  forces_only.virial = forces_only.energy_per_atom = forces_only.virial_per_atom = false;
+  std::vector<mlsurrogate::ElectronicResult> results =
+      electronic_or_error(error, [&] { return electronic->run_members(forces_only); });
+
+  const std::size_t members = results.size();
+  const std::size_t width = 3 * members;
+  const int nlocal = atom->nlocal;
+  const std::size_t nall = in.atoms.n;
+  member_forces.assign(width * nall, 0.0);
+  for (std::size_t m = 0; m < members; ++m)
+    for (std::size_t i = 0; i < nall; ++i)
+      for (int d = 0; d < 3; ++d) member_forces[width * i + 3 * m + d] = -results[m].dE_dR[3 * i + d];
+  comm->reverse_comm(this);
+
+  double local[3] = {0.0, INFINITY, 0.0};    // max, min, sum over this rank's atoms
+  for (int i = 0; i < nlocal; ++i) {
+    const double *f = &member_forces[width * i];
+    double mean[3] = {0.0, 0.0, 0.0};
+    for (std::size_t m = 0; m < members; ++m)
+      for (int d = 0; d < 3; ++d) mean[d] += f[3 * m + d] / static_cast<double>(members);
+    double squares = 0.0;
+    for (std::size_t m = 0; m < members; ++m)
+      for (int d = 0; d < 3; ++d) squares += (f[3 * m + d] - mean[d]) * (f[3 * m + d] - mean[d]);
+    atom_deviation[i] = std::sqrt(squares / static_cast<double>(members));
+    local[0] = std::max(local[0], atom_deviation[i]);
+    local[1] = std::min(local[1], atom_deviation[i]);
+    local[2] += atom_deviation[i];
+  }
+  double max_f = 0.0, min_f = 0.0, sum_f = 0.0;
+  MPI_Allreduce(&local[0], &max_f, 1, MPI_DOUBLE, MPI_MAX, world);
+  MPI_Allreduce(&local[1], &min_f, 1, MPI_DOUBLE, MPI_MIN, world);
+  MPI_Allreduce(&local[2], &sum_f, 1, MPI_DOUBLE, MPI_SUM, world);
+
+  std::vector<double> energies, fermi_levels;
+  for (const mlsurrogate::ElectronicResult &r : results) {
+    energies.push_back(r.terms.at("electronic"));
+    fermi_levels.push_back(r.terms.at("fermi_level"));
+  }
+  const double natoms = static_cast<double>(atom->natoms);
+  max_force_deviation = max_f;
+  energy_deviation = spread(energies) / natoms;
+  if (comm->me == 0) {
+    deviation_out << fmt::format("{:>12} {:18.10e} {:18.10e} {:18.10e} {:18.10e} {:18.10e}\n",
+                                 update->ntimestep, max_f, min_f, sum_f / natoms,
+                                 energy_deviation, spread(fermi_levels))
+                  << std::flush;
+  }
+  if (warn_force > 0.0 && max_f > warn_force) warn_deviating_atoms(nlocal);
+}
+
+/* ----------------------------------------------------------------------
+   Rank 0 names the atoms whose force deviation exceeds `warn`, the worst first
+------------------------------------------------------------------------- */
+
+void PairMLSurrogate::warn_deviating_atoms(int nlocal)
+{
+  std::vector<std::pair<double, tagint>> above;
+  for (int i = 0; i < nlocal; ++i)
+    if (atom_deviation[i] > warn_force) above.emplace_back(atom_deviation[i], atom->tag[i]);
+  const auto keep = std::min<std::size_t>(above.size(), WORST_ATOMS);
+  std::partial_sort(above.begin(), above.begin() + keep, above.end(), std::greater<>());
+  std::array<double, 2 * WORST_ATOMS> mine;
+  mine.fill(-1.0);    // no atom: below any deviation
+  for (std::size_t k = 0; k < keep; ++k) {
+    mine[2 * k] = above[k].first;
+    mine[2 * k + 1] = static_cast<double>(above[k].second);
+  }
+  double count = static_cast<double>(above.size()), total = 0.0;
+  MPI_Reduce(&count, &total, 1, MPI_DOUBLE, MPI_SUM, 0, world);
+  std::vector<double> all(comm->me == 0 ? mine.size() * comm->nprocs : 0);
+  MPI_Gather(mine.data(), (int) mine.size(), MPI_DOUBLE, all.data(), (int) mine.size(),
+             MPI_DOUBLE, 0, world);
+  if (comm->me != 0) return;
+  std::vector<std::pair<double, tagint>> worst;
+  for (std::size_t k = 0; k < all.size(); k += 2)
+    if (all[k] >= 0.0) worst.emplace_back(all[k], static_cast<tagint>(all[k + 1]));
+  std::sort(worst.begin(), worst.end(), std::greater<>());
+  if (worst.size() > WORST_ATOMS) worst.resize(WORST_ATOMS);
+  std::string names;
+  for (const auto &atom_devi : worst)
+    names += fmt::format("{}{} ({:.4g} eV/A)", names.empty() ? "" : ", ", atom_devi.second,
+                         atom_devi.first);
+  error->warning(FLERR,
+                 "pair_style mlsurrogate: step {}: {} atoms have an ensemble force deviation "
+                 "above {} eV/A; the worst, by atom id: {}. The structure may be outside the "
+                 "model's training data",
+                 update->ntimestep, static_cast<long>(total), warn_force, names);
 }

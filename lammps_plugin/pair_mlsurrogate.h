@@ -2,6 +2,7 @@
  *
  *   pair_style mlsurrogate model.pt [grid nx ny nz | spacing h]
  *                          [device cpu|cuda|cuda:N] [threads N] [batch M] [ionion on|off]
+ *                          [uncertainty N [file FILE] [warn F]]
  *   pair_coeff * * Elem_1 ... Elem_ntypes
  *
  * LAMMPS glue only: positions in, forces, energy and virial tallied out. The electronic
@@ -16,6 +17,7 @@
 #include "pair.h"
 
 #include <array>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -25,6 +27,7 @@ class TorchModel;
 class ElectronicStep;
 struct AtomsView;
 struct GridBlock;
+struct ElectronicInput;
 }
 
 namespace LAMMPS_NS {
@@ -40,6 +43,9 @@ class PairMLSurrogate : public Pair {
   void init_style() override;
   double init_one(int, int) override;
   void finish() override;
+  void *extract_peratom(const char *, int &) override;
+  int pack_reverse_comm(int, int, double *) override;
+  void unpack_reverse_comm(int, int *, double *) override;
 
  protected:
   void allocate();
@@ -67,10 +73,24 @@ class PairMLSurrogate : public Pair {
   void warn_atoms_on_grid_points(const int shape[3]);
   void check_positions(const mlsurrogate::AtomsView &atoms);
   void check_ion_ion();
+  void open_deviation_file();
+  void ensemble_deviations(const mlsurrogate::ElectronicInput &in);
+  void warn_deviating_atoms(int nlocal);
+
+  // ensemble deviations (uncertainty keyword), deepmd-kit's model deviation
+  int uncertainty_every;            // steps between evaluations; 0 = off
+  std::string deviation_file;       // the table rank 0 writes
+  double warn_force;                // warn above this max force deviation (eV/A); 0 = never
+  std::ofstream deviation_out;      // rank 0 only
+  std::vector<double> member_forces;   // per atom (ghosts included): 3 per member
+  std::vector<double> atom_deviation;  // per local atom, eV/A (fix pair ... devi_f)
+  double max_force_deviation = 0.0;    // of the last evaluation, eV/A
+  double energy_deviation = 0.0;       // of the last evaluation, eV/atom
 
   // thermo extras (compute pair mlsurrogate): band energy, -TS, Fermi level, E_H,
-  // E_xc, electron count, electronic free energy (no E_ii)
-  std::array<double, 7> extras{};
+  // E_xc, electron count, electronic free energy (no E_ii); the last evaluation's max
+  // force deviation and energy deviation (0 without uncertainty)
+  std::array<double, 9> extras{};
 };
 
 }    // namespace LAMMPS_NS

@@ -1,6 +1,7 @@
 #include "torch_model.h"
 
 #include <torch/cuda.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/script.h>
 #include <ATen/Parallel.h>
 #include <caffe2/serialize/inline_container.h>
@@ -162,9 +163,18 @@ int ModelContract::element_index(const std::string &element) const {
 struct TorchModel::Impl {
   torch::jit::Module module;
   torch::jit::Module functional;
+  std::vector<torch::jit::Module> members;  // an ensemble's networks, in export order
   torch::Device device{torch::kCPU};
   torch::Dtype network_dtype = torch::kFloat64;
   int64_t num_energies = 0;
+
+  // The network `member` (kWholeNetwork: the model itself, whose forward is its network's).
+  torch::jit::Module network(int member) const {
+    if (member == kWholeNetwork) return module;
+    if (member < 0 || member >= static_cast<int>(members.size()))
+      throw std::runtime_error("the model has no ensemble member " + std::to_string(member));
+    return members[member];
+  }
 };
 
 namespace {
@@ -255,6 +265,10 @@ TorchModel::TorchModel(const std::string &path, const std::string &device)
     if (weights.size() == 0)
       throw std::runtime_error("model '" + path + "': the network has no weights");
     impl_->network_dtype = (*weights.begin()).scalar_type();
+    const torch::jit::Module network = impl_->module.attr("network").toModule();
+    if (network.hasattr("members") && network.attr("members").isModule())
+      for (const torch::jit::Module &member : network.attr("members").toModule().children())
+        impl_->members.push_back(member);
     if (impl_->network_dtype != torch::kFloat64 && impl_->network_dtype != torch::kFloat32)
       throw std::runtime_error("model '" + path + "': the network's weights are " +
                                std::string(c10::toString(impl_->network_dtype)) +
@@ -265,6 +279,10 @@ TorchModel::TorchModel(const std::string &path, const std::string &device)
 }
 
 TorchModel::~TorchModel() = default;
+
+int TorchModel::ensemble_size() const {
+  return impl_->members.empty() ? 1 : static_cast<int>(impl_->members.size());
+}
 
 std::string TorchModel::check_device(const std::string &device) {
   torch::Device dev(torch::kCPU);
@@ -312,13 +330,13 @@ torch::Tensor scalar(double value, const torch::Device &device) {
 }  // namespace
 
 std::vector<double> TorchModel::predict_ldos(const double *descriptors, int npoints,
-                                             int nfeatures) const {
+                                             int nfeatures, int member) const {
   return guarded([&] {
     torch::NoGradGuard no_grad;
     const torch::Tensor x =
         torch::from_blob(const_cast<double *>(descriptors), {npoints, nfeatures}, torch::kFloat64)
             .to(impl_->device, impl_->network_dtype);
-    return to_vector(impl_->module.forward({x}).toTensor());
+    return to_vector(impl_->network(member).forward({x}).toTensor());
   });
 }
 
@@ -436,14 +454,22 @@ std::vector<double> TorchModel::ldos_gradient(double mu, const std::vector<doubl
 
 std::vector<double> TorchModel::descriptor_gradient(const double *descriptors, int npoints,
                                                     int nfeatures,
-                                                    const std::vector<double> &ldos_gradient) const {
+                                                    const std::vector<double> &ldos_gradient,
+                                                    int member) const {
   return guarded([&] {
     const Impl &m = *impl_;
     const torch::Tensor x =
         torch::from_blob(const_cast<double *>(descriptors), {npoints, nfeatures}, torch::kFloat64)
             .to(m.device, m.network_dtype);
     const torch::Tensor g = rows_of(ldos_gradient, m.num_energies, m.device).to(m.network_dtype);
-    return to_vector(m.module.get_method("descriptor_gradient")({x, g}).toTensor());
+    if (member == kWholeNetwork)
+      return to_vector(m.module.get_method("descriptor_gradient")({x, g}).toTensor());
+    // one member: the same back-propagation as the exported descriptor_gradient, through
+    // that member's forward pass alone
+    torch::AutoGradMode enable_grad(true);
+    const torch::Tensor inputs = x.detach().clone().requires_grad_(true);
+    const torch::Tensor ldos = m.network(member).forward({inputs}).toTensor();
+    return to_vector(torch::autograd::grad({ldos}, {inputs}, {g})[0]);
   });
 }
 

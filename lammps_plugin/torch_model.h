@@ -52,10 +52,17 @@ class TorchModel {
 
   const ModelContract &contract() const { return contract_; }
 
+  // Networks of an ensemble model (the `members` of its network); 1 for a single network.
+  int ensemble_size() const;
+  // `member` selects the network of predict_ldos and descriptor_gradient: kWholeNetwork is
+  // the model's network (an ensemble's mean LDOS), 0 .. ensemble_size() - 1 one member.
+  static constexpr int kWholeNetwork = -1;
+
   // The electronic-structure steps of an exported mlsurrogate model, in the order of
   // the distributed interface of mlsurrogate.physics (local, global, local). Arrays are
   // row-major doubles on the host; `npoints` grid points of this rank.
-  std::vector<double> predict_ldos(const double *descriptors, int npoints, int nfeatures) const;
+  std::vector<double> predict_ldos(const double *descriptors, int npoints, int nfeatures,
+                                   int member = kWholeNetwork) const;
   std::vector<double> dos(const std::vector<double> &ldos, double voxel) const;
   double fermi_level(const std::vector<double> &dos, double n_electrons) const;
   std::vector<double> density(const std::vector<double> &ldos, double mu) const;
@@ -78,7 +85,8 @@ class TorchModel {
                                     const std::vector<double> &dos, double fermi_shift,
                                     double voxel) const;
   std::vector<double> descriptor_gradient(const double *descriptors, int npoints, int nfeatures,
-                                          const std::vector<double> &ldos_gradient) const;
+                                          const std::vector<double> &ldos_gradient,
+                                          int member = kWholeNetwork) const;
 
   // Empty if `device` can be used by this libtorch on this machine, otherwise
   // the reason why not.

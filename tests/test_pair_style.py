@@ -18,7 +18,11 @@ from conftest import DATA, clean_env, venv_tool
 from mlsurrogate import _core
 from mlsurrogate.data import Snapshot
 from mlsurrogate.descriptors import BispectrumParams, grid_for_spacing
-from mlsurrogate.lammps_pair import pair_style_energy_forces, pair_style_per_atom
+from mlsurrogate.lammps_pair import (
+    pair_style_deviations,
+    pair_style_energy_forces,
+    pair_style_per_atom,
+)
 from mlsurrogate.model import Model
 from mlsurrogate.units import LAMMPS_METAL_BAR_A3_PER_EV
 
@@ -573,3 +577,127 @@ def test_bad_input_ends_mpi_runs_with_one_message(smooth_model, tmp_path, extra,
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "1 by 1 by 2 MPI processor grid" in out, out
     assert out.count(message) == 1, out
+
+
+@pytest.fixture(scope="module")
+def ensemble_model(smooth_checkpoint, tmp_path_factory) -> str:
+    """The session's checkpoint and one trained with seed 4, exported as one ensemble."""
+    from conftest import smooth_training_config
+    from mlsurrogate.export import export_model
+    from mlsurrogate.training import train
+
+    base = tmp_path_factory.mktemp("ensemble")
+    other = base / "seed4.ckpt"
+    train(smooth_training_config(seed=4), other, progress=False, log=lambda line: None)
+    return str(export_model([smooth_checkpoint, other], base / "ensemble.pt"))
+
+
+def read_deviation_table(path: Path) -> tuple[list[str], np.ndarray]:
+    """(header words after '#', rows [evaluations, 6]) of a pair style deviation table."""
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("#"), lines[0]
+    return lines[0][1:].split(), np.array([[float(v) for v in line.split()] for line in lines[1:]])
+
+
+@pytest.mark.parametrize("ionion", [False, True])
+def test_ensemble_deviations_equal_python(ensemble_model, ionion, tmp_path):
+    """Each member through the whole electronic step in LAMMPS gives Model.predict_uncertainty's
+    deviations; E_ii (on or off) is the same for every member and leaves them unchanged."""
+    cell, positions, grid, atoms = structure()
+    table = tmp_path / "model_devi.out"
+    lammps = pair_style_deviations(ensemble_model, cell, positions, grid, str(table), ionion)
+    python = Model.load(ensemble_model).predict_uncertainty(atoms, tuple(grid))
+    assert python.max_force_deviation > 1e-4 and python.energy_per_atom > 1e-6
+    np.testing.assert_allclose(lammps["atom_devi_f"], python.atom_force_deviation, rtol=1e-8)
+    assert lammps["max_devi_f"] == pytest.approx(python.max_force_deviation, rel=1e-8)
+    assert lammps["devi_e"] == pytest.approx(python.energy_per_atom, rel=1e-8)
+    header, rows = read_deviation_table(table)
+    assert header == ["step", "max_devi_f", "min_devi_f", "avg_devi_f", "devi_e", "devi_mu"]
+    assert rows.shape == (1, 6) and rows[0, 0] == 0
+    deviation = python.atom_force_deviation
+    expected = [deviation.max(), deviation.min(), deviation.mean(), python.energy_per_atom]
+    np.testing.assert_allclose(rows[0, 1:5], expected, rtol=1e-8)
+    assert rows[0, 5] == pytest.approx(python.fermi_level, rel=1e-8)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ensemble_deviations_on_mpi_ranks_equal_serial(ensemble_model, ranks, tmp_path):
+    cell, positions, grid, _ = structure((2, 1, 1))
+    serial = pair_style_deviations(
+        ensemble_model, cell, positions, grid, str(tmp_path / "serial.out")
+    )
+    (tmp_path / "structure.json").write_text(
+        json.dumps({"cell": cell, "positions": positions, "grid": grid})
+    )
+    command = [
+        venv_tool("mpiexec"),
+        "-n",
+        str(ranks),
+        sys.executable,
+        str(HERE / "mpi_deviations.py"),
+        ensemble_model,
+        str(tmp_path / "structure.json"),
+        str(tmp_path / "ranks.out"),
+        str(tmp_path / "out.json"),
+    ]
+    proc = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "out.json").read_text())
+    np.testing.assert_allclose(result["atom_devi_f"], serial["atom_devi_f"], rtol=1e-10)
+    assert result["max_devi_f"] == pytest.approx(serial["max_devi_f"], rel=1e-10)
+    assert result["devi_e"] == pytest.approx(serial["devi_e"], rel=1e-10)
+    _, serial_rows = read_deviation_table(tmp_path / "serial.out")
+    _, rank_rows = read_deviation_table(tmp_path / "ranks.out")
+    np.testing.assert_allclose(rank_rows, serial_rows, rtol=1e-9)
+
+
+def test_uncertainty_needs_an_ensemble_and_a_writable_table(smooth_model, ensemble_model, tmp_path):
+    from lammps import lammps
+
+    lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
+    lmp.commands_list(["units metal", "region b block 0 4 0 4 0 4", "create_box 1 b"])
+    with pytest.raises(Exception, match="uncertainty needs an ensemble model, but .* one network"):
+        lmp.command(f"pair_style mlsurrogate {smooth_model} uncertainty 10")
+    with pytest.raises(Exception, match="'warn' belongs to uncertainty"):
+        lmp.command(f"pair_style mlsurrogate {smooth_model} warn 0.1")
+    table = tmp_path / "missing" / "devi.out"
+    with pytest.raises(Exception, match=f"cannot write the uncertainty file '{table}'"):
+        lmp.command(f"pair_style mlsurrogate {ensemble_model} uncertainty 10 file {table}")
+    lmp.close()
+
+
+def test_deviation_warning_and_fix_halt(ensemble_model, tmp_path):
+    """The warning names the atom of the largest force deviation; fix halt on the max
+    deviation (compute pair extra 8) ends the run at its first check."""
+    _, positions, grid, atoms = structure()
+    deviation = Model.load(ensemble_model).predict_uncertainty(atoms, tuple(grid))
+    threshold = 0.5 * deviation.max_force_deviation
+    log = tmp_path / "log.lammps"
+    table = tmp_path / "devi.out"
+    lmp = al4_lammps(
+        positions,
+        (
+            f"pair_style mlsurrogate {ensemble_model} grid {grid[0]} {grid[1]} {grid[2]} "
+            f"ionion off uncertainty 1 file {table} warn {threshold!r}",
+            "pair_coeff * * Al",
+            "compute extras all pair mlsurrogate",
+            "variable devi equal c_extras[8]",
+            "thermo_style custom step pe v_devi",
+            "thermo 1",
+            "velocity all create 300 5",
+            "fix nve all nve",
+            f"fix stop all halt 1 v_devi > {threshold!r} error continue",
+            "run 5",
+        ),
+        log=str(log),
+    )
+    steps = lmp.extract_global("ntimestep")
+    lmp.close()
+    assert steps == 1
+    worst = int(np.argmax(deviation.atom_force_deviation)) + 1
+    text = log.read_text()
+    warning = rf"step 0: \d atoms have an ensemble force deviation above .*: {worst} \("
+    assert re.search(warning, text), text
+    _, rows = read_deviation_table(table)
+    np.testing.assert_array_equal(rows[:, 0], [0, 1])

