@@ -289,27 +289,29 @@ def test_missing_or_wrong_ion_ion_setup_is_refused(smooth_model):
     lmp.close()
 
 
+def run_on_mpi_ranks(
+    script: str, model: str, ranks: int, structure_data: tuple, tmp_path: Path, *extra: str
+) -> dict:
+    """The JSON result of ``tests/<script> model structure.json [extra...] out.json`` run
+    under ``mpiexec -n ranks`` (the wheel's MPICH) for (cell, positions, grid)."""
+    cell, positions, grid = structure_data
+    (tmp_path / "structure.json").write_text(
+        json.dumps({"cell": cell, "positions": positions, "grid": grid})
+    )
+    command = [venv_tool("mpiexec"), "-n", str(ranks), sys.executable, str(HERE / script)]
+    command += [model, str(tmp_path / "structure.json"), *extra, str(tmp_path / "out.json")]
+    proc = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((tmp_path / "out.json").read_text())
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_mpi_ranks_give_the_serial_result(smooth_model, ranks, tmp_path):
     cell, positions, grid, _ = structure((2, 1, 1))
     serial_energy, serial_forces = pair_style_energy_forces(smooth_model, cell, positions, grid)
-    (tmp_path / "structure.json").write_text(
-        json.dumps({"cell": cell, "positions": positions, "grid": grid})
-    )
-    command = [
-        venv_tool("mpiexec"),
-        "-n",
-        str(ranks),
-        sys.executable,
-        str(HERE / "mpi_pair_style.py"),
-        smooth_model,
-        str(tmp_path / "structure.json"),
-        str(tmp_path / "out.json"),
-    ]
-    proc = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads((tmp_path / "out.json").read_text())
+    structure_data = (cell, positions, grid)
+    result = run_on_mpi_ranks("mpi_pair_style.py", smooth_model, ranks, structure_data, tmp_path)
     assert result["energy"] == pytest.approx(serial_energy, rel=1e-10)
     np.testing.assert_allclose(result["forces"], serial_forces, rtol=1e-8, atol=1e-10)
     _, _, energies, virials = pair_style_per_atom(smooth_model, cell, positions, grid)
@@ -627,23 +629,11 @@ def test_ensemble_deviations_on_mpi_ranks_equal_serial(ensemble_model, ranks, tm
     serial = pair_style_deviations(
         ensemble_model, cell, positions, grid, str(tmp_path / "serial.out")
     )
-    (tmp_path / "structure.json").write_text(
-        json.dumps({"cell": cell, "positions": positions, "grid": grid})
+    structure_data = (cell, positions, grid)
+    table = str(tmp_path / "ranks.out")
+    result = run_on_mpi_ranks(
+        "mpi_deviations.py", ensemble_model, ranks, structure_data, tmp_path, table
     )
-    command = [
-        venv_tool("mpiexec"),
-        "-n",
-        str(ranks),
-        sys.executable,
-        str(HERE / "mpi_deviations.py"),
-        ensemble_model,
-        str(tmp_path / "structure.json"),
-        str(tmp_path / "ranks.out"),
-        str(tmp_path / "out.json"),
-    ]
-    proc = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads((tmp_path / "out.json").read_text())
     np.testing.assert_allclose(result["atom_devi_f"], serial["atom_devi_f"], rtol=1e-10)
     assert result["max_devi_f"] == pytest.approx(serial["max_devi_f"], rel=1e-10)
     assert result["devi_e"] == pytest.approx(serial["devi_e"], rel=1e-10)
