@@ -158,34 +158,17 @@ def pair_style_per_atom(
     """Like :func:`pair_style_energy_forces`, with LAMMPS's per-atom computes: (pe,
     virial [6], per-atom energies [natoms], per-atom virials [natoms, 6]), eV, in LAMMPS's
     order xx, yy, zz, xy, xz, yz; virials are sum r f (stress times volume, negated)."""
-    from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_ARRAY, LMP_TYPE_VECTOR
+    import ase
 
-    commands = (
-        "compute energy all pe/atom",
-        "compute stress all stress/atom NULL virial",
-        "compute total all pressure NULL virial",
-        "compute sums all reduce sum c_energy c_stress[1]",  # makes thermo invoke them
-        "thermo_style custom step pe vol c_sums[1] c_sums[2] c_total",
+    atoms = ase.Atoms(["Al"] * len(positions), positions=positions, cell=cell, pbc=True)
+    result = pair_style_calculation(model, atoms, grid, ionion, options)
+    rows, columns = [0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]  # LAMMPS's order
+    return (
+        result["energy"],
+        result["virial"][rows, columns],
+        result["energies"],
+        result["atom_virials"][:, rows, columns],
     )
-    lmp = _pair_style_session(model, cell, positions, grid, ionion, commands, options)
-    try:
-        energy, volume = float(lmp.get_thermo("pe")), float(lmp.get_thermo("vol"))
-        pressure = np.array(lmp.numpy.extract_compute("total", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR))
-        atom_energy = np.asarray(
-            lmp.numpy.extract_compute("energy", LMP_STYLE_ATOM, LMP_TYPE_VECTOR)
-        )
-        atom_stress = np.asarray(
-            lmp.numpy.extract_compute("stress", LMP_STYLE_ATOM, LMP_TYPE_ARRAY)
-        )
-        n = len(positions)
-        return (
-            energy,
-            pressure[:6] * volume / LAMMPS_METAL_BAR_A3_PER_EV,
-            _gather_per_atom(lmp, atom_energy, n),
-            -_gather_per_atom(lmp, atom_stress, n) / LAMMPS_METAL_BAR_A3_PER_EV,
-        )
-    finally:
-        lmp.close()
 
 
 def pair_style_deviations(
@@ -230,16 +213,18 @@ def pair_style_calculation(
     ionion: bool = True,
     options: str = "",
 ) -> dict[str, np.ndarray | float]:
-    """pe (eV), forces (eV/A), virial (3 x 3, eV: sum r f = -dE/deps) and per-atom
-    energies of ``atoms`` (any cell shape), in the frame of ``atoms``."""
-    from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
+    """pe (eV), forces (eV/A), virial (3 x 3, eV: sum r f = -dE/deps), per-atom energies
+    and per-atom virials ([natoms, 3, 3], eV) of ``atoms`` (any cell shape), in the frame
+    of ``atoms``."""
+    from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_ARRAY, LMP_TYPE_VECTOR
 
     cell = np.asarray(atoms.cell, dtype=float)
     commands = (
         "compute energy all pe/atom",
+        "compute stress all stress/atom NULL virial",
         "compute total all pressure NULL virial",
-        "compute sums all reduce sum c_energy",  # makes thermo invoke pe/atom
-        "thermo_style custom step pe vol c_sums c_total",
+        "compute sums all reduce sum c_energy c_stress[1]",  # makes thermo invoke them
+        "thermo_style custom step pe vol c_sums[1] c_sums[2] c_total",
     )
     lmp = _pair_style_session(
         model, cell.tolist(), atoms.positions.tolist(), list(grid), ionion, commands, options
@@ -248,21 +233,33 @@ def pair_style_calculation(
         rotation = lab_rotation(cell)
         energy, volume = float(lmp.get_thermo("pe")), float(lmp.get_thermo("vol"))
         pressure = np.array(lmp.numpy.extract_compute("total", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR))
-        xx, yy, zz, xy, xz, yz = pressure[:6] * volume / LAMMPS_METAL_BAR_A3_PER_EV
-        virial = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
         n = len(atoms)
         forces = _gather_per_atom(lmp, np.asarray(lmp.numpy.extract_atom("f")), n)
         atom_energy = np.asarray(
             lmp.numpy.extract_compute("energy", LMP_STYLE_ATOM, LMP_TYPE_VECTOR)
         )
+        atom_stress = np.asarray(
+            lmp.numpy.extract_compute("stress", LMP_STYLE_ATOM, LMP_TYPE_ARRAY)
+        )
+        # stress/atom is -(sum r f) in bar A^3; the global pressure is the virial / V
+        atom_virials = _symmetric(-_gather_per_atom(lmp, atom_stress, n))
         return {
             "energy": energy,
             "forces": forces @ rotation.T,
-            "virial": rotation @ virial @ rotation.T,
+            "virial": rotation @ _symmetric(pressure[:6] * volume) @ rotation.T,
             "energies": _gather_per_atom(lmp, atom_energy, n),
+            "atom_virials": rotation @ atom_virials @ rotation.T,
         }
     finally:
         lmp.close()
+
+
+def _symmetric(voigt: np.ndarray) -> np.ndarray:
+    """[..., 3, 3] in eV from LAMMPS's [..., 6] (xx yy zz xy xz yz) in bar A^3."""
+    xx, yy, zz, xy, xz, yz = np.moveaxis(np.asarray(voigt) / LAMMPS_METAL_BAR_A3_PER_EV, -1, 0)
+    return np.stack(
+        [np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1), np.stack([xz, yz, zz], -1)], -2
+    )
 
 
 def pair_style_nve(
