@@ -104,7 +104,9 @@ class MLSurrogateCalculator(Calculator):
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         grid = self.grid_for(self.atoms)
-        prediction = self.model.predict(self.atoms, grid, self.threads)
+        prediction = self.model.predict(
+            self.atoms, grid, self.threads, self.uncertainty, self.dropout_passes
+        )
         sigma = prediction.strain_derivative / abs(self.atoms.get_volume())
         terms = prediction.terms
         self.results = {
@@ -123,10 +125,8 @@ class MLSurrogateCalculator(Calculator):
             "dos_energies": self.model.energies,
             "grid": grid,
         }
-        if self.uncertainty:
-            spread = self.model.predict_uncertainty(
-                self.atoms, grid, self.dropout_passes, threads=self.threads
-            )
+        spread = prediction.uncertainty
+        if spread is not None:
             self.results.update(
                 energy_uncertainty=spread.energy_per_atom,
                 forces_uncertainty=spread.atom_force_deviation,

@@ -366,40 +366,6 @@ def model_error_message(exc: BaseException) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Prediction:
-    """What a model predicts for one structure on one grid (eV, A)."""
-
-    ldos: np.ndarray  # [nx, ny, nz, nE] 1/(eV A^3)
-    dos: np.ndarray  # [nE] states/eV on the model's energy grid
-    terms: dict[str, float]  # the functional's terms per cell, mu, electrons, ion_ion, A
-    electronic_forces: np.ndarray  # (natoms, 3): -d(A - E_ii)/dR
-    electronic_strain_derivative: np.ndarray  # (3, 3): d(A - E_ii)/d(eps)
-    electronic_atom_energies: np.ndarray  # (natoms,): A - E_ii per atom (pair style rule)
-    ion_ion: IonIon
-
-    @property
-    def free_energy(self) -> float:
-        """A = A_el + E_ii, the energy whose negative gradient the forces are."""
-        return self.terms["free_energy"]
-
-    @property
-    def forces(self) -> np.ndarray:
-        return self.electronic_forces + self.ion_ion.forces
-
-    @property
-    def strain_derivative(self) -> np.ndarray:
-        """dA/d(eps), symmetric (3, 3), for atoms, grid and cell deformed together (the
-        E_ii virial W = sum r (x) f is -dE_ii/deps)."""
-        total = self.electronic_strain_derivative - self.ion_ion.virial
-        return 0.5 * (total + total.T)
-
-    @property
-    def atom_energies(self) -> np.ndarray:
-        """A per atom: the pair style's split of A - E_ii plus LAMMPS's E_ii per atom."""
-        return self.electronic_atom_energies + self.ion_ion.atom_energies
-
-
-@dataclasses.dataclass(frozen=True)
 class Uncertainty:
     """The spread of a prediction over ensemble members or MC-dropout passes, each taken
     through the energy functional and the adjoint on its own (not only the mean LDOS).
@@ -435,6 +401,41 @@ class Uncertainty:
     def dos_deviation(self) -> np.ndarray:
         """(nE,) standard deviation of D(e) over the members, states/eV."""
         return self.dos.std(axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What a model predicts for one structure on one grid (eV, A)."""
+
+    ldos: np.ndarray  # [nx, ny, nz, nE] 1/(eV A^3)
+    dos: np.ndarray  # [nE] states/eV on the model's energy grid
+    terms: dict[str, float]  # the functional's terms per cell, mu, electrons, ion_ion, A
+    electronic_forces: np.ndarray  # (natoms, 3): -d(A - E_ii)/dR
+    electronic_strain_derivative: np.ndarray  # (3, 3): d(A - E_ii)/d(eps)
+    electronic_atom_energies: np.ndarray  # (natoms,): A - E_ii per atom (pair style rule)
+    ion_ion: IonIon
+    uncertainty: Uncertainty | None = None  # the members' spread, when asked for
+
+    @property
+    def free_energy(self) -> float:
+        """A = A_el + E_ii, the energy whose negative gradient the forces are."""
+        return self.terms["free_energy"]
+
+    @property
+    def forces(self) -> np.ndarray:
+        return self.electronic_forces + self.ion_ion.forces
+
+    @property
+    def strain_derivative(self) -> np.ndarray:
+        """dA/d(eps), symmetric (3, 3), for atoms, grid and cell deformed together (the
+        E_ii virial W = sum r (x) f is -dE_ii/deps)."""
+        total = self.electronic_strain_derivative - self.ion_ion.virial
+        return 0.5 * (total + total.T)
+
+    @property
+    def atom_energies(self) -> np.ndarray:
+        """A per atom: the pair style's split of A - E_ii plus LAMMPS's E_ii per atom."""
+        return self.electronic_atom_energies + self.ion_ion.atom_energies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -575,6 +576,9 @@ class Model:
         atoms: ase.Atoms,
         grid: tuple[int, int, int] | None = None,
         threads: int | None = None,
+        uncertainty: bool = False,
+        dropout_passes: int = 0,
+        seed: int = 0,
     ) -> Prediction:
         """Everything the pair style computes (``PairMLSurrogate::compute``), in one process
         and with the same pieces: the network in its dtype on its device, the functional's
@@ -582,7 +586,10 @@ class Model:
         back-propagated to beta = dA/dB, the adjoint kernel for forces and the strain
         derivative, E_ii by LAMMPS's Ewald sum. The electronic strain derivative is
         sum_r beta dB/deps + (E_band - TS) I + dPhi/deps|_n - c N_val / D(mu) I.
-        ``grid`` defaults to the model's spacing; ``threads`` is the kernel's thread count."""
+        ``grid`` defaults to the model's spacing; ``threads`` is the kernel's thread count.
+        With ``uncertainty``, also the members' spread (:meth:`predict_uncertainty`) from
+        the same descriptors and E_ii."""
+        members = self._uncertainty_members(dropout_passes) if uncertainty else []
         grid, descriptors, rows, cell = self._inputs(atoms, grid, threads)
         valence = self._valence(atoms)
         electrons = float(valence.sum())
@@ -602,6 +609,11 @@ class Model:
         ion_ion = ion_ion_energy(atoms, dict(zip(self.spec.elements, self.spec.valence_charges)))
         values["ion_ion"] = ion_ion.energy
         values["free_energy"] = values["electronic"] + ion_ion.energy
+        spread = None
+        if uncertainty:
+            inputs = (grid, descriptors, rows, cell)
+            stochastic = dropout_passes > 0
+            spread = self._spread(atoms, members, stochastic, seed, threads, ion_ion, inputs)
         return Prediction(
             ldos=step.ldos.cpu().numpy().reshape(*grid, -1),
             dos=step.dos.cpu().numpy(),
@@ -610,6 +622,7 @@ class Model:
             electronic_strain_derivative=gradients.strain_derivative + explicit,
             electronic_atom_energies=shares[:, 0] + unclaimed[0] * valence / electrons,
             ion_ion=ion_ion,
+            uncertainty=spread,
         )
 
     @property
@@ -633,6 +646,13 @@ class Model:
         functional and the adjoint; or, with ``dropout_passes`` T > 0, those of T
         stochastic passes of a network trained with dropout (MC dropout; the passes draw
         from torch's generator seeded with ``seed``, restored afterwards)."""
+        members = self._uncertainty_members(dropout_passes)
+        ion_ion = ion_ion_energy(atoms, dict(zip(self.spec.elements, self.spec.valence_charges)))
+        inputs = self._inputs(atoms, grid, threads)
+        return self._spread(atoms, members, dropout_passes > 0, seed, threads, ion_ion, inputs)
+
+    def _uncertainty_members(self, dropout_passes: int) -> list[Any]:
+        """The networks whose spread is the uncertainty; ValueError if there is none."""
         network = self.module.network
         if dropout_passes > 0:
             if not self.has_dropout():
@@ -640,22 +660,34 @@ class Model:
                     f"{self.path}: the network was trained without dropout, so MC dropout "
                     "gives no spread; train with dropout > 0 or export an ensemble"
                 )
-            members = [network] * dropout_passes
-        elif self.ensemble_size > 1:
-            members = list(network.members.children())
-        else:
-            raise ValueError(
-                f"{self.path}: one network without dropout passes has no uncertainty: export "
-                "an ensemble (`mlsurrogate export A.ckpt B.ckpt ... -o model.pt`) or give "
-                "dropout_passes for a network trained with dropout"
-            )
-        grid, descriptors, rows, cell = self._inputs(atoms, grid, threads)
+            return [network] * dropout_passes
+        if self.ensemble_size > 1:
+            return list(network.members.children())
+        raise ValueError(
+            f"{self.path}: one network without dropout passes has no uncertainty: export "
+            "an ensemble (`mlsurrogate export A.ckpt B.ckpt ... -o model.pt`) or give "
+            "dropout_passes for a network trained with dropout"
+        )
+
+    def _spread(
+        self,
+        atoms: ase.Atoms,
+        members: list[Any],
+        stochastic: bool,
+        seed: int,
+        threads: int | None,
+        ion_ion: IonIon,
+        inputs: tuple[tuple[int, int, int], np.ndarray, torch.Tensor, torch.Tensor],
+    ) -> Uncertainty:
+        """Every member through :meth:`_electronic_pass` and the adjoint (dropout on for
+        MC-dropout passes, off again afterwards)."""
+        grid, descriptors, rows, cell = inputs
         electrons = float(self._valence(atoms).sum())
-        ion_ion = ion_ion_energy(atoms, dict(zip(self.spec.elements, self.spec.valence_charges)))
+        network = self.module.network
         energies, fermi_levels, forces, dos = [], [], [], []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            network.train(dropout_passes > 0)
+            network.train(stochastic)
             try:
                 for member in members:
                     step = self._electronic_pass(member, rows, descriptors.shape, cell, electrons)
