@@ -157,3 +157,15 @@ def test_classical_md_frames(tmp_path):
     assert cli.main(command) == 0
     assert len(ase.io.read(output, index=":")) == 2
     assert cli.main([*command[:-1], str(tmp_path / "missing" / "f.extxyz")]) == 2
+
+
+def test_failed_structures_fill_the_batch_only_when_asked_and_least_deviating_first():
+    from mlsurrogate.selection import CandidateScore, Dissimilarity
+
+    nothing = Dissimilarity(0.0, 0.0, 1.0)
+    scores = [
+        CandidateScore(f"s{i}", nothing, np.array([float(i)]), deviation, 0.0, "failed")
+        for i, deviation in enumerate([0.9, 0.3, 0.5])
+    ]
+    assert pick(scores, 2) == []
+    assert pick(scores, 2, fill_with_failed=True) == [1, 0]  # 0.3 first, then the farthest

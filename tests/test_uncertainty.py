@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from conftest import smooth_training_config
+from conftest import DATA, smooth_training_config
 from mlsurrogate.calculator import MLSurrogateCalculator
 from mlsurrogate.export import export_model
 from mlsurrogate.model import Model
@@ -98,3 +98,28 @@ def test_mc_dropout_passes(tmp_path):
 def test_dropout_passes_need_a_network_trained_with_dropout(smooth_model):
     with pytest.raises(ValueError, match="trained without dropout"):
         Model.load(smooth_model).predict_uncertainty(displaced_al(), GRID, dropout_passes=3)
+
+
+def test_rank_correlations_and_reference_files(tmp_path):
+    from mlsurrogate.evaluate import ReferenceError, load_references, rank_correlations
+
+    def result(uncertainty: float, error: float, atoms: list[tuple[float, float]]):
+        deviation, force = np.array(atoms).T
+        return ReferenceError("s", (1, 1, 1), error, force, 0.0, 0.0, uncertainty, deviation)
+
+    # ranks of the uncertainty 1 2 3 against the errors' 1 3 2: rho = 1 - 6 * 2 / 24 = 0.5;
+    # per atom the deviations order the errors exactly: rho = 1
+    errors = [result(1e-3, 0.01, [(0.1, 0.2)]), result(2e-3, -0.03, [(0.2, 0.3)]),
+              result(3e-3, 0.02, [(0.3, 0.4), (0.4, 0.5)])]  # fmt: skip
+    assert rank_correlations(errors) == pytest.approx((0.5, 1.0))
+    with pytest.raises(ValueError, match=">= 3 structures"):
+        rank_correlations(errors[:2])
+    bad = tmp_path / "bad.txt"
+    bad.write_text('{"name": "x"}')
+    with pytest.raises(ValueError, match="bad.txt: not a reference structure"):
+        load_references([bad])
+    with pytest.raises(ValueError, match="no reference structures"):
+        load_references([tmp_path])
+    heldout = load_references([DATA.parent / "al_heldout_933K"])
+    assert len(heldout) == 8 and {len(r.atoms) for r in heldout} == {31, 32}
+    assert all(r.forces.shape == (len(r.atoms), 3) for r in heldout)

@@ -1,15 +1,26 @@
-"""Candidate structures for the next DFT snapshots, beyond the model's own MD.
+"""Candidate structures for the next DFT snapshots.
 
-Bootstrap MD with a cheap classical potential (issue 17, 3b): Langevin dynamics of a
-structure at several temperatures and lattice scalings with ASE's EMT (Jacobsen, Stoltze
-& Norskov, Surf. Sci. 366, 394 (1996); it knows Al, Cu, Ag, Au, Ni, Pd and Pt) or any ASE
-calculator, frames taken at a fixed interval after equilibration. The frames are
-candidates for :mod:`mlsurrogate.selection`, which picks the ones to label.
+* The model's own MD (issue 17, 3a): LAMMPS Langevin dynamics with ``pair_style
+  mlsurrogate`` and its ensemble deviations, stopped by ``fix halt`` once the max force
+  deviation passes a threshold, so a run that leaves the model's domain hands its frames
+  up to that point (the last one beyond the threshold) to selection.
+* Bootstrap MD with a cheap classical potential (3b): Langevin dynamics with ASE's EMT
+  (Jacobsen, Stoltze & Norskov, Surf. Sci. 366, 394 (1996); it knows Al, Cu, Ag, Au, Ni,
+  Pd and Pt) or any ASE calculator.
+
+Both run each structure at several temperatures and lattice scalings and take a frame
+at a fixed interval. The frames are candidates for :mod:`mlsurrogate.selection`, which
+picks the ones to label.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import ase
 import numpy as np
@@ -36,18 +47,12 @@ def classical_md_frames(
     from ase.md.velocitydistribution import thermalize_momenta
     from ase.units import fs
 
-    if not temperatures_K or any(not t > 0 for t in temperatures_K):
-        raise ValueError(f"temperatures must be > 0 K, got {list(temperatures_K)}")
-    if not lattice_scales or any(not s > 0 for s in lattice_scales):
-        raise ValueError(f"lattice scales must be > 0, got {list(lattice_scales)}")
-    if steps < 1 or not 1 <= every <= steps:
-        raise ValueError(f"need steps >= 1 and 1 <= every <= steps, got {steps}, {every}")
+    _check_schedule(temperatures_K, lattice_scales, steps, every)
     rng = np.random.default_rng(seed)
     frames: list[tuple[str, ase.Atoms]] = []
     for scale in lattice_scales:
         for temperature in temperatures_K:
-            moving = atoms.copy()
-            moving.set_cell(np.asarray(atoms.cell) * scale, scale_atoms=True)
+            moving = _scaled(atoms, scale)
             moving.calc = calculator if calculator is not None else EMT()
             moving.set_constraint(FixCom())  # no drift of the whole cell
             thermalize_momenta(moving, temperature_K=temperature, rng=rng)
@@ -66,3 +71,166 @@ def classical_md_frames(
                 frame.set_constraint()
                 frames.append((f"{temperature:g}K_scale{scale:g}_step{step}", frame))
     return frames
+
+
+def _check_schedule(
+    temperatures_K: Sequence[float], lattice_scales: Sequence[float], steps: int, every: int
+) -> None:
+    if not temperatures_K or any(not t > 0 for t in temperatures_K):
+        raise ValueError(f"temperatures must be > 0 K, got {list(temperatures_K)}")
+    if not lattice_scales or any(not s > 0 for s in lattice_scales):
+        raise ValueError(f"lattice scales must be > 0, got {list(lattice_scales)}")
+    if steps < 1 or not 1 <= every <= steps:
+        raise ValueError(f"need steps >= 1 and 1 <= every <= steps, got {steps}, {every}")
+
+
+def _scaled(atoms: ase.Atoms, scale: float) -> ase.Atoms:
+    moving = atoms.copy()
+    moving.set_cell(np.asarray(atoms.cell) * scale, scale_atoms=True)
+    return moving
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model-MD run: its frames, how far it got and whether ``fix halt`` stopped it."""
+
+    name: str
+    frames: list[ase.Atoms]
+    steps_done: int
+    halted: bool
+    max_deviations: np.ndarray  # max force deviation (eV/A) at each frame
+
+
+def model_md_frames(
+    model_path: str | os.PathLike[str],
+    atoms: ase.Atoms,
+    temperatures_K: Sequence[float],
+    lattice_scales: Sequence[float] = (1.0,),
+    steps: int = 1000,
+    every: int = 50,
+    timestep_fs: float = 1.0,
+    halt_deviation: float = 0.15,
+    spacing: float = 0.5,
+    damping_fs: float = 100.0,
+    seed: int = 1,
+    ranks: int = 1,
+) -> list[ModelRun]:
+    """Langevin MD in LAMMPS with the ensemble ``model_path`` (E_ii by Ewald) for each
+    lattice scaling and temperature: ``steps`` steps from velocities at that temperature,
+    the deviations and a frame every ``every`` steps, and ``fix halt`` ending the run
+    once the max force deviation exceeds ``halt_deviation`` (eV/A). ``spacing`` (A) is
+    the MD grid's; ``ranks`` MPI ranks. Frames from step ``every`` on."""
+    import ase.io
+
+    from mlsurrogate.lammps_pair import lmp_command
+    from mlsurrogate.model import Model
+
+    _check_schedule(temperatures_K, lattice_scales, steps, every)
+    if not halt_deviation > 0:
+        raise ValueError(f"halt_deviation must be > 0 eV/A, got {halt_deviation}")
+    if seed < 1:
+        raise ValueError(f"seed must be a positive integer (LAMMPS seeds), got {seed}")
+    model = Model.load(model_path)
+    spec = model.spec
+    if model.ensemble_size < 2:
+        raise ValueError(f"{model_path}: model MD with fix halt needs an ensemble model")
+    unknown = sorted(set(atoms.get_chemical_symbols()) - set(spec.elements))
+    if unknown:
+        raise ValueError(
+            f"the structure has {', '.join(unknown)}, which {model_path} was not trained on "
+            f"(it knows {', '.join(spec.elements)})"
+        )
+    types = {element: index + 1 for index, element in enumerate(spec.elements)}
+    runs = []
+    for scale in lattice_scales:
+        for temperature in temperatures_K:
+            name = f"{temperature:g}K_scale{scale:g}"
+            with tempfile.TemporaryDirectory(prefix="mlsurrogate_md_") as workdir:
+                work = Path(workdir)
+                moving = _scaled(atoms, scale)
+                moving.set_initial_charges(
+                    [spec.valence_charges[types[s] - 1] for s in moving.get_chemical_symbols()]
+                )
+                ase.io.write(
+                    work / "start.data", moving, format="lammps-data", atom_style="charge",
+                    specorder=list(spec.elements), masses=True,
+                )  # fmt: skip
+                script = _model_md_input(
+                    str(Path(model_path).resolve()), spec.elements, temperature, steps, every,
+                    timestep_fs, halt_deviation, spacing, damping_fs, seed,
+                )  # fmt: skip
+                (work / "in.explore").write_text(script)
+                proc = subprocess.run(
+                    lmp_command(["-in", "in.explore", "-nocite", "-screen", "none"], ranks),
+                    cwd=work, capture_output=True, text=True,
+                )  # fmt: skip
+                if proc.returncode != 0:
+                    log_path = work / "log.lammps"
+                    log = log_path.read_text() if log_path.exists() else ""
+                    errors = [line for line in log.splitlines() if "ERROR" in line]
+                    raise RuntimeError(
+                        f"model MD {name} with {model_path} failed: "
+                        f"{errors[-1] if errors else (proc.stderr or proc.stdout)[-500:]}"
+                    )
+                deviations = np.loadtxt(work / "model_devi.out", ndmin=2)
+                dumped = ase.io.read(work / "frames.dump", index=":", format="lammps-dump-text")
+            symbols = list(spec.elements)
+            frames = []
+            for frame in dumped[1:]:  # step 0 is the start structure
+                frame.set_chemical_symbols([symbols[t - 1] for t in frame.get_atomic_numbers()])
+                frame.calc = None
+                frames.append(frame)
+            steps_done = int(deviations[-1, 0])
+            runs.append(
+                ModelRun(
+                    name=name,
+                    frames=frames,
+                    steps_done=steps_done,
+                    halted=bool(deviations[-1, 1] > halt_deviation),
+                    max_deviations=deviations[1 : len(frames) + 1, 1],
+                )
+            )
+    return runs
+
+
+def _model_md_input(
+    model: str,
+    elements: Sequence[str],
+    temperature: float,
+    steps: int,
+    every: int,
+    timestep_fs: float,
+    halt_deviation: float,
+    spacing: float,
+    damping_fs: float,
+    seed: int,
+) -> str:
+    """The LAMMPS input of one :func:`model_md_frames` run (ids sorted in the dump)."""
+    names = " ".join(elements)
+    return "\n".join(
+        [
+            "units metal",
+            "atom_style charge",
+            "atom_modify map array",
+            "read_data start.data",
+            f"pair_style hybrid/overlay mlsurrogate {model} spacing {spacing!r} "
+            f"uncertainty {every} file model_devi.out coul/long 10.0",
+            f"pair_coeff * * mlsurrogate {names}",
+            "pair_coeff * * coul/long",
+            "kspace_style ewald 1e-8",
+            f"timestep {timestep_fs / 1000.0!r}",
+            f"velocity all create {temperature!r} {seed} mom yes rot yes dist gaussian",
+            f"fix thermostat all langevin {temperature!r} {temperature!r} "
+            f"{damping_fs / 1000.0!r} {seed} zero yes",
+            "fix integrate all nve",
+            "compute extras all pair mlsurrogate",
+            "variable max_devi_f equal c_extras[8]",
+            f"fix halt all halt {every} v_max_devi_f > {halt_deviation!r} error soft",
+            "thermo_style custom step temp pe c_extras[8] c_extras[9]",
+            f"thermo {every}",
+            f"dump frames all custom {every} frames.dump id type x y z",
+            "dump_modify frames sort id",
+            f"run {steps}",
+            "",
+        ]
+    )

@@ -313,6 +313,15 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _learn(args: argparse.Namespace) -> int:
+    from mlsurrogate.learn import LearnConfig, run_learning
+
+    config = LearnConfig.from_toml(args.config)
+    run_learning(config, log=(lambda line: None) if args.quiet else print)
+    print(f"report: {config.workdir / 'report.md'}; newest model: {config.workdir / 'model.pt'}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlsurrogate", description=__doc__)
     parser.add_argument("--version", action="version", version=mlsurrogate.__version__)
@@ -538,6 +547,19 @@ def _build_parser() -> argparse.ArgumentParser:
     select.add_argument("-o", "--output", default=None, help="write the picks (extxyz)")
     _add_descriptor_options(select)
     select.set_defaults(handler=_select)
+
+    learn = sub.add_parser(
+        "learn",
+        help="active learning: explore, select, label with QE, retrain, evaluate, repeat",
+        description="Run (or resume after a kill) the active-learning loop a TOML file "
+        "describes (docs/active-learning.md): each iteration trains an ensemble, evaluates "
+        "it on the held-out references, explores candidates (EMT or the model's own MD "
+        "with fix halt), picks by trust level and descriptor-space diversity, and labels "
+        "the picks with pw.x + pp.x. Writes WORKDIR/report.md, plots and WORKDIR/model.pt.",
+    )
+    learn.add_argument("config", help="learn TOML file")
+    learn.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    learn.set_defaults(handler=_learn)
     return parser
 
 

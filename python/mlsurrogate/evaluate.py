@@ -1,11 +1,16 @@
-"""Energies of snapshots next to Quantum ESPRESSO's own numbers."""
+"""Energies of snapshots next to Quantum ESPRESSO's own numbers; a model's errors on
+snapshots and on held-out reference structures, with its uncertainty."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import ase
 import numpy as np
 import torch
 
@@ -13,6 +18,9 @@ from mlsurrogate.data import Snapshot
 from mlsurrogate.ion_ion import ion_ion_energy
 from mlsurrogate.physics import LdosEnergy, core_density, core_form_factors, g_vectors
 from mlsurrogate.units import BOHR_ANGSTROM, RYDBERG_EV
+
+if TYPE_CHECKING:
+    from mlsurrogate.model import Model
 
 # QE's functional names (XML <dft><functional>) -> ours
 _XC_NAMES = {"PZ": "lda_pz", "SLA-PZ": "lda_pz", "LDA": "lda_pz", "PBE": "pbe"}
@@ -298,3 +306,196 @@ def plot_model_errors(
     figure.savefig(dos_path, dpi=120)
     plt.close(figure)
     return [parity, dos_path]
+
+
+@dataclass(frozen=True)
+class ReferenceStructure:
+    """A structure with QE's free energy and forces: a held-out check needs no LDOS."""
+
+    name: str
+    atoms: ase.Atoms
+    free_energy: float  # eV, QE's "!    total energy" (the free energy A with smearing)
+    forces: np.ndarray  # (natoms, 3) eV/A
+
+
+def load_references(paths: Sequence[str | os.PathLike[str]]) -> list[ReferenceStructure]:
+    """References from JSON files (``data/make_al_heldout.py``: name, symbols, cell_A,
+    positions_A, qe_free_energy_eV, qe_forces_eV_A), snapshot files (.h5) or directories
+    of either, sorted by name within a directory."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted([*path.glob("*.json"), *path.glob("*.h5")])
+            if not found:
+                raise ValueError(f"{path}: no reference structures (*.json or *.h5) in it")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: no such reference file or directory")
+    references = []
+    for path in files:
+        if path.suffix == ".h5":
+            with Snapshot(path) as snap:
+                references.append(
+                    ReferenceStructure(
+                        path.stem,
+                        snap.atoms,
+                        float(snap.attrs["energy_total_eV"]),
+                        snap.reference("forces"),
+                    )
+                )
+            continue
+        try:
+            data = json.loads(path.read_text())
+            atoms = ase.Atoms(
+                data["symbols"], positions=data["positions_A"], cell=data["cell_A"], pbc=True
+            )
+            references.append(
+                ReferenceStructure(
+                    str(data.get("name", path.stem)),
+                    atoms,
+                    float(data["qe_free_energy_eV"]),
+                    np.asarray(data["qe_forces_eV_A"], dtype=np.float64).reshape(len(atoms), 3),
+                )
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{path}: not a reference structure ({type(exc).__name__}: {exc}); expected "
+                "the JSON of data/make_al_heldout.py or a snapshot .h5"
+            ) from exc
+    return references
+
+
+@dataclass(frozen=True)
+class ReferenceError:
+    """A model's error on one reference structure, and its uncertainty (ensembles)."""
+
+    name: str
+    grid: tuple[int, int, int]
+    energy_error: float  # (A - A_QE) / N, eV/atom
+    atom_force_errors: np.ndarray  # (natoms,) |F_i - F_i,QE|, eV/A
+    force_rmse: float  # over all components, eV/A
+    reference_force_rms: float  # RMS of QE's force components, eV/A
+    energy_uncertainty: float | None = None  # std over members of A/N, eV/atom
+    atom_force_deviation: np.ndarray | None = None  # (natoms,) eV/A, deepmd's definition
+
+    @property
+    def max_force_deviation(self) -> float | None:
+        deviation = self.atom_force_deviation
+        return None if deviation is None else float(deviation.max())
+
+
+def evaluate_references(
+    model: Model,
+    references: Sequence[ReferenceStructure],
+    spacing: float | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> list[ReferenceError]:
+    """The model's free-energy and force errors (E_ii by LAMMPS's Ewald sum) on each
+    reference, with the members' spread when the model is an ensemble. Grid: the model's
+    training spacing unless ``spacing`` (A)."""
+    from tqdm import tqdm
+
+    from mlsurrogate.descriptors import grid_for_spacing
+
+    ensemble = model.ensemble_size > 1
+    results = []
+    for reference in tqdm(references, desc="held-out", disable=not progress, leave=False):
+        atoms = reference.atoms
+        grid = grid_for_spacing(atoms.cell, spacing) if spacing else model.default_grid(atoms)
+        prediction = model.predict(atoms, grid, threads=threads, uncertainty=ensemble)
+        difference = prediction.forces - reference.forces
+        spread = prediction.uncertainty
+        results.append(
+            ReferenceError(
+                name=reference.name,
+                grid=tuple(int(n) for n in grid),
+                energy_error=(prediction.free_energy - reference.free_energy) / len(atoms),
+                atom_force_errors=np.linalg.norm(difference, axis=1),
+                force_rmse=float(np.sqrt(np.mean(difference**2))),
+                reference_force_rms=float(np.sqrt(np.mean(reference.forces**2))),
+                energy_uncertainty=None if spread is None else spread.energy_per_atom,
+                atom_force_deviation=None if spread is None else spread.atom_force_deviation,
+            )
+        )
+    return results
+
+
+def rank_correlations(errors: Sequence[ReferenceError]) -> tuple[float, float]:
+    """Spearman's rho between energy uncertainty and |energy error| over the structures,
+    and between per-atom force deviation and per-atom force error over all atoms."""
+    from scipy.stats import spearmanr
+
+    if any(e.energy_uncertainty is None for e in errors):
+        raise ValueError("rank correlations need an ensemble's uncertainty on every structure")
+    if len(errors) < 3:
+        raise ValueError(f"rank correlations need >= 3 structures, got {len(errors)}")
+    energy = spearmanr(
+        [e.energy_uncertainty for e in errors], [abs(e.energy_error) for e in errors]
+    ).statistic
+    force = spearmanr(
+        np.concatenate([e.atom_force_deviation for e in errors]),
+        np.concatenate([e.atom_force_errors for e in errors]),
+    ).statistic
+    return float(energy), float(force)
+
+
+def format_reference_errors(errors: Sequence[ReferenceError]) -> str:
+    """Markdown table of :func:`evaluate_references`, and the rank correlations for an
+    ensemble."""
+    ensemble = all(e.energy_uncertainty is not None for e in errors)
+    lines = [
+        "| structure | grid | A - A_QE (meV/atom) | F RMSE (eV/A) | RMS F_QE (eV/A) |"
+        + (" dE unc. (meV/atom) | max dF (eV/A) |" if ensemble else ""),
+        "|---|---|---:|---:|---:|" + ("---:|---:|" if ensemble else ""),
+    ]
+    for e in errors:
+        row = (
+            f"| {e.name} | {'x'.join(map(str, e.grid))} | {1000 * e.energy_error:+.1f} "
+            f"| {e.force_rmse:.3f} | {e.reference_force_rms:.3f} |"
+        )
+        if ensemble:
+            row += f" {1000 * e.energy_uncertainty:.1f} | {e.max_force_deviation:.3f} |"
+        lines.append(row)
+    if ensemble and len(errors) >= 3:
+        energy_rho, force_rho = rank_correlations(errors)
+        atoms = sum(len(e.atom_force_errors) for e in errors)
+        lines.append(
+            f"Spearman rho: energy uncertainty vs |A - A_QE| {energy_rho:+.3f} ({len(errors)} "
+            f"structures); per-atom force deviation vs force error {force_rho:+.3f} ({atoms} atoms)"
+        )
+    return "\n".join(lines)
+
+
+def plot_calibration(errors: Sequence[ReferenceError], path: str | os.PathLike[str]) -> Path:
+    """Scatter plots of error against uncertainty: per structure (energy) and per atom
+    (force), with the rank correlations in the titles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    energy_rho, force_rho = rank_correlations(errors)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for e in errors:
+        left.scatter(1000 * e.energy_uncertainty, 1000 * abs(e.energy_error), s=30)
+        left.annotate(e.name, (1000 * e.energy_uncertainty, 1000 * abs(e.energy_error)),
+                      fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        right.scatter(e.atom_force_deviation, e.atom_force_errors, s=8, label=e.name)
+    left.set_xlabel("energy uncertainty (meV/atom)")
+    left.set_ylabel("|A - A_QE| (meV/atom)")
+    left.set_title(f"per structure, Spearman rho = {energy_rho:+.2f}")
+    right.set_xlabel("force deviation (eV/A)")
+    right.set_ylabel("|F - F_QE| (eV/A)")
+    right.set_title(f"per atom, Spearman rho = {force_rho:+.2f}")
+    right.legend(fontsize=7)
+    for axes in (left, right):
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -215,13 +215,23 @@ def score_candidates(
     return scores
 
 
-def pick(scores: Sequence[CandidateScore], k: int) -> list[int]:
+def pick(scores: Sequence[CandidateScore], k: int, fill_with_failed: bool = False) -> list[int]:
     """Indices of up to ``k`` candidates to label: with trust levels only ``candidate``
     structures (accurate ones teach little, failed ones are too far off, as in dpgen),
-    the highest priority first, then farthest-point order for diversity."""
+    the highest priority first, then farthest-point order for diversity. With
+    ``fill_with_failed``, when there are no ``candidate`` structures the ``failed`` ones
+    are eligible instead, the least deviating first: a first model may fail everywhere,
+    and the nearest edge of its domain is where it learns most."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     eligible = [i for i, s in enumerate(scores) if s.level in (None, "candidate")]
+    if not eligible and fill_with_failed:
+        failed = [i for i, s in enumerate(scores) if s.level == "failed"]
+        if failed:
+            nearest = min(failed, key=lambda i: scores[i].priority)
+            features = np.stack([scores[i].features for i in failed])
+            order = farthest_point_order(features, failed.index(nearest), k)
+            return [failed[i] for i in order]
     if not eligible:
         return []
     best = max(eligible, key=lambda i: scores[i].priority)

@@ -1,0 +1,508 @@
+"""Active learning: explore -> select -> label with QE -> retrain -> evaluate, repeated
+(``mlsurrogate learn learn.toml``; docs/active-learning.md).
+
+Iteration i trains an ensemble on the initial snapshots and every snapshot labelled
+before it (iteration 0 from the base training recipe, later ones warm-started from the
+previous iteration's members with their own epochs and learning rate), exports it,
+evaluates it on the fixed held-out references, and, unless the iteration budget is
+spent, explores candidate structures, scores them (trust levels on the ensemble's max
+force deviation, dpgen's convention; descriptor-space dissimilarity), and labels the
+picks with pw.x + pp.x. It stops when the share of explored frames that are not
+``accurate`` is at most ``stop_fraction``, when nothing is left to label, or after
+``iterations`` labelling rounds.
+
+Everything lives in the work directory, and every file is written whole (temp file,
+then rename), so a file that exists is finished and a killed run resumes where it
+stopped: finished trainings, QE runs and evaluations are kept; a training killed
+mid-way continues from its last epoch; a QE run killed mid-way starts again.
+
+    WORKDIR/iteration_NN/member_M.ckpt   training checkpoints (+ .done when finished)
+    WORKDIR/iteration_NN/model.pt        the ensemble
+    WORKDIR/iteration_NN/heldout.json    held-out errors and uncertainty
+    WORKDIR/iteration_NN/candidates.extxyz, selection.json, selection.md
+    WORKDIR/iteration_NN/qe_pick_J/      pw.x/pp.x run of pick J (wavefunctions removed)
+    WORKDIR/snapshots/iteration_NN_pick_J.h5   the labelled snapshots
+    WORKDIR/report.md, learn_heldout.png, learn_levels.png, model.pt (the newest)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ase
+import ase.io
+import numpy as np
+
+from mlsurrogate.files import atomic_output, write_bytes_atomically
+from mlsurrogate.qe import QESettings, mpi_commands
+
+EXPLORE_METHODS = ("emt", "model")
+_LEARN_KEYS = {
+    "workdir", "iterations", "picks", "members", "stop_fraction", "trust",
+    "selection_spacing", "threads",
+}  # fmt: skip
+_TRAINING_KEYS = {"config", "finetune_epochs", "finetune_learning_rate", "frozen_layers"}
+
+
+@dataclass(frozen=True)
+class ExploreSettings:
+    """Where candidates come from: EMT Langevin MD (``emt``) or LAMMPS MD with the
+    current ensemble stopped by ``fix halt`` (``model``), from each start structure at
+    each temperature and lattice scaling."""
+
+    method: str = "emt"
+    structures: tuple[str, ...] = ()
+    temperatures_K: tuple[float, ...] = (933.0,)
+    scales: tuple[float, ...] = (1.0,)
+    steps: int = 500
+    every: int = 50
+    timestep_fs: float = 2.0
+    md_spacing: float = 0.5  # A, the model-MD grid
+    ranks: int = 1  # MPI ranks of model MD
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """An active-learning run (the TOML's sections [learn], [data], [training],
+    [explore], [qe]; paths relative to the TOML)."""
+
+    workdir: Path
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
+    heldout: tuple[str, ...]
+    training_config: str
+    iterations: int = 3
+    picks: int = 2
+    members: int = 3
+    stop_fraction: float = 0.05
+    trust: tuple[float, float] = (0.05, 0.15)
+    selection_spacing: float | None = None  # A; None: the model's training spacing
+    finetune_epochs: int = 10
+    finetune_learning_rate: float = 3e-4
+    frozen_layers: int = 0
+    threads: int | None = None
+    explore: ExploreSettings = field(default_factory=ExploreSettings)
+    qe: QESettings = field(default_factory=QESettings)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> LearnConfig:
+        """Read and check a learn TOML; ValueError naming the file, key and what to do."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read the learn config ({exc})") from exc
+        base = path.resolve().parent
+
+        def section(name: str) -> dict[str, Any]:
+            table = raw.get(name, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"{path}: [{name}] must be a table")
+            return dict(table)
+
+        unknown = sorted(set(raw) - {"learn", "data", "training", "explore", "qe"})
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown sections {unknown}; use [learn], [data], [training], "
+                "[explore], [qe]"
+            )
+        for name, allowed in SECTION_KEYS.items():
+            misplaced = sorted(set(section(name)) - allowed)
+            if misplaced:
+                raise ValueError(
+                    f"{path}: [{name}] has unknown keys {misplaced}; it takes "
+                    f"{sorted(allowed)} (docs/active-learning.md)"
+                )
+
+        def resolve(value: str) -> str:
+            return str(base / value)
+
+        learn, data, training = section("learn"), section("data"), section("training")
+        explore, qe = section("explore"), section("qe")
+        try:
+            for key in ("train", "validation", "heldout"):
+                if not data.get(key):
+                    raise ValueError(f"[data] {key}: give at least one file")
+            if "config" not in training:
+                raise ValueError("[training] config: the base training TOML is required")
+            qe_ranks = int(qe.pop("mpi_ranks", 1))
+            if "kpts" in qe:
+                qe["kpts"] = tuple(qe["kpts"])
+            qe_settings = QESettings(**{**mpi_commands(qe_ranks), **qe})
+            explore_settings = ExploreSettings(
+                **{
+                    key: tuple(value) if isinstance(value, list) else value
+                    for key, value in explore.items()
+                }
+            )
+            config = cls(
+                workdir=Path(resolve(learn.pop("workdir", "learn"))),
+                train=tuple(resolve(p) for p in data.pop("train")),
+                validation=tuple(resolve(p) for p in data.pop("validation")),
+                heldout=tuple(resolve(p) for p in data.pop("heldout")),
+                training_config=resolve(training.pop("config")),
+                explore=dataclasses.replace(
+                    explore_settings,
+                    structures=tuple(resolve(p) for p in explore_settings.structures),
+                ),
+                qe=qe_settings,
+                **{key: tuple(v) if isinstance(v, list) else v for key, v in learn.items()},
+                **training,
+            )
+            config.validate()
+        except TypeError as exc:  # a key of [qe] that QESettings lacks
+            raise ValueError(f"{path}: {exc}; see docs/active-learning.md for the keys") from exc
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+        return config
+
+    def validate(self) -> None:
+        checks = [
+            (self.iterations >= 0, f"[learn] iterations must be >= 0, got {self.iterations}"),
+            (self.picks >= 1, f"[learn] picks must be >= 1, got {self.picks}"),
+            (self.members >= 2, f"[learn] members must be >= 2 (an ensemble), got {self.members}"),
+            (0 <= self.stop_fraction < 1, "[learn] stop_fraction must be in [0, 1)"),
+            (len(self.trust) == 2 and 0 <= self.trust[0] < self.trust[1],
+             f"[learn] trust must be [low, high] with 0 <= low < high, got {list(self.trust)}"),
+            (self.finetune_epochs >= 1, "[training] finetune_epochs must be >= 1"),
+            (self.finetune_learning_rate > 0, "[training] finetune_learning_rate must be > 0"),
+            (self.explore.method in EXPLORE_METHODS,
+             f"[explore] method must be one of {EXPLORE_METHODS}, got {self.explore.method!r}"),
+            (bool(self.explore.structures), "[explore] structures: give at least one file"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for path in (*self.train, *self.validation, self.training_config, *self.explore.structures):
+            if not Path(path).is_file():
+                raise ValueError(f"{path}: no such file")
+        for program in (self.qe.pw_command, self.qe.pp_command):
+            executable = program.split()[0]
+            if shutil.which(executable) is None:
+                raise ValueError(
+                    f"[qe] '{executable}' not found on PATH: install Quantum ESPRESSO "
+                    "(`make qe`) or give pw_command / pp_command"
+                )
+        self.qe.validate()
+
+
+SECTION_KEYS = {
+    "learn": _LEARN_KEYS,
+    "data": {"train", "validation", "heldout"},
+    "training": _TRAINING_KEYS,
+    "explore": {f.name for f in dataclasses.fields(ExploreSettings)},
+}
+
+
+@dataclass
+class IterationRecord:
+    """One row of the report."""
+
+    iteration: int
+    training_snapshots: int
+    heldout_energy_mae: float  # meV/atom
+    heldout_force_rmse: float  # eV/A
+    heldout_energy_uncertainty: float  # mean, meV/atom
+    heldout_max_force_deviation: float  # mean over structures, eV/A
+    frames: int = 0
+    accurate: float = math.nan  # fractions of the explored frames
+    candidate: float = math.nan
+    failed: float = math.nan
+    picks: list[str] = field(default_factory=list)
+    stop: str = ""
+
+
+def _write_json(path: Path, value: Any) -> None:
+    write_bytes_atomically(path, (json.dumps(value, indent=1) + "\n").encode())
+
+
+def _members(config: LearnConfig, iteration: int, train: list[str], log: Callable) -> Path:
+    """Train (or finish training) the ensemble of ``iteration``; return its model."""
+    from mlsurrogate.export import export_model
+    from mlsurrogate.training import TrainingConfig
+    from mlsurrogate.training import train as run_training
+
+    directory = config.workdir / f"iteration_{iteration:02d}"
+    model = directory / "model.pt"
+    if model.exists():
+        return model
+    directory.mkdir(parents=True, exist_ok=True)
+    base = TrainingConfig.from_toml(config.training_config)
+    checkpoints = []
+    for member in range(config.members):
+        checkpoint = directory / f"member_{member}.ckpt"
+        done = checkpoint.with_suffix(".done")
+        checkpoints.append(checkpoint)
+        if done.exists():
+            continue
+        settings = dataclasses.replace(
+            base,
+            train=list(train),
+            validation=list(config.validation),
+            seed=base.seed + member,
+            threads=config.threads or base.threads,
+        )
+        if iteration > 0:
+            previous = config.workdir / f"iteration_{iteration - 1:02d}" / f"member_{member}.ckpt"
+            settings = dataclasses.replace(
+                settings,
+                initial_checkpoint=str(previous),
+                frozen_layers=config.frozen_layers,
+                max_epochs=config.finetune_epochs,
+                learning_rate=config.finetune_learning_rate,
+                # the warm network's LDOS is physical: the energy/force terms from the start,
+                # at the fine-tuning rate itself
+                physics_start_epoch=0,
+                physics_lr_factor=1.0,
+            )
+        log(f"iteration {iteration}: training member {member} on {len(train)} snapshots")
+        run_training(settings, checkpoint, resume=checkpoint.exists(), progress=False, log=log)
+        write_bytes_atomically(done, b"")
+    export_model(checkpoints, model)
+    return model
+
+
+def _evaluate(config: LearnConfig, iteration: int, model_path: Path) -> list[dict[str, Any]]:
+    from mlsurrogate.evaluate import evaluate_references, load_references
+    from mlsurrogate.model import Model
+
+    path = config.workdir / f"iteration_{iteration:02d}" / "heldout.json"
+    if not path.exists():
+        errors = evaluate_references(
+            Model.load(model_path), load_references(config.heldout), threads=config.threads
+        )
+        _write_json(
+            path,
+            [
+                {
+                    "name": e.name,
+                    "energy_error_eV_atom": e.energy_error,
+                    "force_rmse_eV_A": e.force_rmse,
+                    "energy_uncertainty_eV_atom": e.energy_uncertainty,
+                    "max_force_deviation_eV_A": e.max_force_deviation,
+                    "atom_force_errors_eV_A": e.atom_force_errors.tolist(),
+                    "atom_force_deviation_eV_A": e.atom_force_deviation.tolist(),
+                }
+                for e in errors
+            ],
+        )
+    return json.loads(path.read_text())
+
+
+def _explore(config: LearnConfig, iteration: int, model_path: Path) -> list[ase.Atoms]:
+    from mlsurrogate.candidates import classical_md_frames, model_md_frames
+
+    path = config.workdir / f"iteration_{iteration:02d}" / "candidates.extxyz"
+    if not path.exists():
+        settings = config.explore
+        frames: list[ase.Atoms] = []
+        for index, structure in enumerate(settings.structures):
+            start = ase.io.read(structure)
+            seed = settings.seed + 1000 * iteration + index  # new frames every iteration
+            if settings.method == "emt":
+                found = classical_md_frames(
+                    start, settings.temperatures_K, settings.scales, settings.steps,
+                    settings.every, settings.timestep_fs, seed=seed,
+                )  # fmt: skip
+                frames.extend(frame for _, frame in found)
+            else:
+                runs = model_md_frames(
+                    model_path, start, settings.temperatures_K, settings.scales, settings.steps,
+                    settings.every, settings.timestep_fs, halt_deviation=config.trust[1],
+                    spacing=settings.md_spacing, seed=seed, ranks=settings.ranks,
+                )  # fmt: skip
+                frames.extend(frame for run in runs for frame in run.frames)
+        if not frames:
+            raise ValueError(f"iteration {iteration}: exploration produced no frames")
+        with atomic_output(path) as tmp:
+            ase.io.write(tmp, frames, format="extxyz")
+    return ase.io.read(path, index=":")
+
+
+def _select(
+    config: LearnConfig, iteration: int, model_path: Path, train: list[str]
+) -> dict[str, Any]:
+    from mlsurrogate.model import Model
+    from mlsurrogate.selection import format_scores, pick, score_candidates
+
+    directory = config.workdir / f"iteration_{iteration:02d}"
+    path = directory / "selection.json"
+    if not path.exists():
+        frames = _explore(config, iteration, model_path)
+        model = Model.load(model_path)
+        spacing = config.selection_spacing or model.spec.grid_spacing_A
+        candidates = [(f"frame_{index:03d}", atoms) for index, atoms in enumerate(frames)]
+        scores = score_candidates(
+            candidates, train, model.params, spacing, model, config.trust, threads=config.threads
+        )
+        picks = pick(scores, config.picks, fill_with_failed=True)
+        table = format_scores(scores, picks)
+        write_bytes_atomically(directory / "selection.md", (table + "\n").encode())
+        levels = [score.level for score in scores]
+        _write_json(
+            path,
+            {
+                "frames": len(scores),
+                "accurate": levels.count("accurate") / len(levels),
+                "candidate": levels.count("candidate") / len(levels),
+                "failed": levels.count("failed") / len(levels),
+                "picks": [candidates[i][0] for i in picks],
+                "pick_indices": list(picks),
+            },
+        )
+    return json.loads(path.read_text())
+
+
+def _label(config: LearnConfig, iteration: int, selection: dict[str, Any], params: Any) -> None:
+    """pw.x + pp.x and ingest for every pick whose snapshot is not there yet."""
+    from mlsurrogate.qe import ingest, run_qe
+
+    directory = config.workdir / f"iteration_{iteration:02d}"
+    frames = ase.io.read(directory / "candidates.extxyz", index=":")
+    snapshots = config.workdir / "snapshots"
+    snapshots.mkdir(exist_ok=True)
+    for number, index in enumerate(selection["pick_indices"]):
+        target = snapshots / f"iteration_{iteration:02d}_pick_{number}.h5"
+        if target.exists():
+            continue
+        rundir = directory / f"qe_pick_{number}"
+        if rundir.exists():  # killed mid-run: QE runs do not resume
+            shutil.rmtree(rundir)
+        run_qe(frames[index], config.qe, rundir, progress=False)
+        ingest(rundir, target, descriptor_params=params, progress=False)
+        shutil.rmtree(rundir / "out", ignore_errors=True)  # wavefunctions, not needed
+
+
+def _labelled(config: LearnConfig, before: int) -> list[str]:
+    found = sorted((config.workdir / "snapshots").glob("iteration_*_pick_*.h5"))
+    return [str(p) for p in found if int(p.name.split("_")[1]) < before]
+
+
+def run_learning(
+    config: LearnConfig, log: Callable[[str], None] = print
+) -> list[IterationRecord]:
+    """Run (or resume) the loop; return one record per iteration and write the report."""
+    from mlsurrogate.training import TrainingConfig
+
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    records: list[IterationRecord] = []
+    for iteration in range(config.iterations + 1):
+        train = [*config.train, *_labelled(config, iteration)]
+        model_path = _members(config, iteration, train, log)
+        heldout = _evaluate(config, iteration, model_path)
+        def mean(key: str) -> float:
+            return float(np.mean([abs(h[key]) for h in heldout]))
+
+        record = IterationRecord(
+            iteration=iteration,
+            training_snapshots=len(train),
+            heldout_energy_mae=1000 * mean("energy_error_eV_atom"),
+            heldout_force_rmse=math.sqrt(np.mean([h["force_rmse_eV_A"] ** 2 for h in heldout])),
+            heldout_energy_uncertainty=1000 * mean("energy_uncertainty_eV_atom"),
+            heldout_max_force_deviation=mean("max_force_deviation_eV_A"),
+        )
+        records.append(record)
+        shutil.copyfile(model_path, config.workdir / "model.pt.tmp")
+        os.replace(config.workdir / "model.pt.tmp", config.workdir / "model.pt")
+        if iteration == config.iterations:
+            record.stop = "iteration budget spent"
+        else:
+            selection = _select(config, iteration, model_path, train)
+            record.frames = selection["frames"]
+            record.accurate = selection["accurate"]
+            record.candidate = selection["candidate"]
+            record.failed = selection["failed"]
+            record.picks = selection["picks"]
+            if 1.0 - record.accurate <= config.stop_fraction:
+                record.stop = "converged: accurate frames reach 1 - stop_fraction"
+            elif not record.picks:
+                record.stop = "nothing left to label"
+            else:
+                log(f"iteration {iteration}: labelling {len(record.picks)} structures with QE")
+                # descriptors stored with the training recipe's own keywords, which
+                # training compares against
+                params = TrainingConfig.from_toml(config.training_config).params()
+                _label(config, iteration, selection, params)
+        log(format_report(records).splitlines()[-1])
+        write_report(config, records)
+        if record.stop:
+            log(f"stopped after iteration {iteration}: {record.stop}")
+            break
+    return records
+
+
+def format_report(records: Sequence[IterationRecord]) -> str:
+    """The report's table, one row per iteration."""
+
+    def share(value: float) -> str:
+        return "-" if math.isnan(value) else f"{100 * value:.0f}%"
+
+    lines = [
+        "| iteration | training snapshots | held-out dA MAE (meV/atom) | F RMSE (eV/A) "
+        "| mean dE unc. (meV/atom) | mean max dF (eV/A) | frames | accurate | candidate "
+        "| failed | labelled | stop |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r.iteration} | {r.training_snapshots} | {r.heldout_energy_mae:.1f} "
+            f"| {r.heldout_force_rmse:.3f} | {r.heldout_energy_uncertainty:.1f} "
+            f"| {r.heldout_max_force_deviation:.3f} | {r.frames or '-'} | {share(r.accurate)} "
+            f"| {share(r.candidate)} | {share(r.failed)} | {', '.join(r.picks) or '-'} "
+            f"| {r.stop} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(config: LearnConfig, records: Sequence[IterationRecord]) -> None:
+    """report.md and the two plots: held-out error and uncertainty against iteration,
+    and the trust-level fractions of the explored frames."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workdir = config.workdir
+    text = "# Active learning report\n\n" + format_report(records) + "\n"
+    write_bytes_atomically(workdir / "report.md", text.encode())
+    iterations = [r.iteration for r in records]
+    figure, (energy, force) = plt.subplots(1, 2, figsize=(10, 4))
+    energy.plot(iterations, [r.heldout_energy_mae for r in records], "o-", label="|dA| MAE")
+    energy.plot(iterations, [r.heldout_energy_uncertainty for r in records], "s--",
+                label="mean uncertainty")  # fmt: skip
+    energy.set_ylabel("meV/atom")
+    force.plot(iterations, [r.heldout_force_rmse for r in records], "o-", label="F RMSE")
+    force.plot(iterations, [r.heldout_max_force_deviation for r in records], "s--",
+               label="mean max deviation")  # fmt: skip
+    force.set_ylabel("eV/A")
+    for axes, title in ((energy, "held-out free energy"), (force, "held-out forces")):
+        axes.set_xlabel("iteration")
+        axes.set_title(title)
+        axes.legend()
+    figure.tight_layout()
+    with atomic_output(workdir / "learn_heldout.png") as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+    explored = [r for r in records if r.frames]
+    figure, axes = plt.subplots(figsize=(5, 4))
+    for name in ("accurate", "candidate", "failed"):
+        axes.plot([r.iteration for r in explored], [100 * getattr(r, name) for r in explored],
+                  "o-", label=name)  # fmt: skip
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("explored frames (%)")
+    axes.set_title("trust levels of the candidates")
+    axes.legend()
+    figure.tight_layout()
+    with atomic_output(workdir / "learn_levels.png") as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
