@@ -193,3 +193,13 @@ def test_model_md_refuses_elements_and_models_it_cannot_use(tiny_ensemble, smoot
     with pytest.raises(ValueError, match="needs an ensemble model"):
         model_md_frames(smooth_model, bulk("Al", cubic=True), [300.0], steps=10, every=10)
 
+
+
+def test_every_learn_key_is_documented():
+    from mlsurrogate.learn import SECTION_KEYS
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "active-learning.md").read_text()
+    for section, keys in SECTION_KEYS.items():
+        assert f"`[{section}]`" in page
+        for key in keys:
+            assert f"| `{key}` |" in page, (section, key)

@@ -48,7 +48,7 @@ from mlsurrogate.qe import QESettings, mpi_commands
 EXPLORE_METHODS = ("emt", "model")
 _LEARN_KEYS = {
     "workdir", "iterations", "picks", "members", "stop_fraction", "trust",
-    "selection_spacing", "threads",
+    "selection_spacing", "threads", "ldos_mantissa_bits",
 }  # fmt: skip
 _TRAINING_KEYS = {"config", "finetune_epochs", "finetune_learning_rate", "frozen_layers"}
 
@@ -91,6 +91,7 @@ class LearnConfig:
     finetune_learning_rate: float = 3e-4
     frozen_layers: int = 0
     threads: int | None = None
+    ldos_mantissa_bits: int = 23  # < 23 rounds the labelled LDOS (smaller files to commit)
     explore: ExploreSettings = field(default_factory=ExploreSettings)
     qe: QESettings = field(default_factory=QESettings)
 
@@ -174,6 +175,7 @@ class LearnConfig:
             (0 <= self.stop_fraction < 1, "[learn] stop_fraction must be in [0, 1)"),
             (len(self.trust) == 2 and 0 <= self.trust[0] < self.trust[1],
              f"[learn] trust must be [low, high] with 0 <= low < high, got {list(self.trust)}"),
+            (1 <= self.ldos_mantissa_bits <= 23, "[learn] ldos_mantissa_bits must be in 1..23"),
             (self.finetune_epochs >= 1, "[training] finetune_epochs must be >= 1"),
             (self.finetune_learning_rate > 0, "[training] finetune_learning_rate must be > 0"),
             (self.explore.method in EXPLORE_METHODS,
@@ -379,7 +381,10 @@ def _label(config: LearnConfig, iteration: int, selection: dict[str, Any], param
         if rundir.exists():  # killed mid-run: QE runs do not resume
             shutil.rmtree(rundir)
         run_qe(frames[index], config.qe, rundir, progress=False)
-        ingest(rundir, target, descriptor_params=params, progress=False)
+        ingest(
+            rundir, target, descriptor_params=params,
+            ldos_mantissa_bits=config.ldos_mantissa_bits, progress=False,
+        )  # fmt: skip
         shutil.rmtree(rundir / "out", ignore_errors=True)  # wavefunctions, not needed
 
 
