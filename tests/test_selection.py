@@ -169,3 +169,14 @@ def test_failed_structures_fill_the_batch_only_when_asked_and_least_deviating_fi
     ]
     assert pick(scores, 2) == []
     assert pick(scores, 2, fill_with_failed=True) == [1, 0]  # 0.3 first, then the farthest
+
+
+def test_a_candidate_with_an_element_the_model_lacks_is_named(smooth_model, tmp_path, capsys):
+    from ase.build import bulk
+
+    copper = tmp_path / "cu.xyz"
+    ase.io.write(copper, bulk("Cu", "fcc", a=3.6, cubic=True))
+    code = cli.main(["select", str(copper), "--train", TRAINING[0], "--model", smooth_model])
+    err = capsys.readouterr().err
+    assert code == 2 and f"candidate {copper}:0 has Cu, which the model does not know" in err
+

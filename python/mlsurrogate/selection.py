@@ -193,6 +193,17 @@ def score_candidates(
         with Snapshot(path) as snap:
             train_sets.append(np.asarray(snapshot_descriptors(snap, params)))
     pca = DescriptorPCA.fit(train_sets, components=components)
+    known = set(model.spec.elements if model is not None else params.elements or ())
+    for name, atoms in candidates:
+        unknown = sorted(set(atoms.get_chemical_symbols()) - known) if known else []
+        if unknown:
+            raise ValueError(
+                f"candidate {name} has {', '.join(unknown)}, which "
+                f"{'the model does' if model is not None else 'the descriptors do'} not know "
+                f"(elements "
+                f"{', '.join(sorted(known))}): leave it out, or set the elements of LAMMPS "
+                "dump types with --elements"
+            )
     scores = []
     for name, atoms in candidates:
         grid = grid_for_spacing(atoms.cell, spacing)
