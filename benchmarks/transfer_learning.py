@@ -1,0 +1,89 @@
+"""Fine-tuning against training from scratch (issue 17, item 5), on the data of an
+active-learning run.
+
+    python benchmarks/transfer_learning.py LEARN.toml [--iteration K] [--outdir DIR]
+
+The run's iteration K ensemble was fine-tuned (warm start from iteration K - 1) on its
+initial small-cell snapshots plus the large-cell snapshots labelled before K. This trains
+two ensembles from scratch with the run's base recipe, its seeds and its validation
+snapshots: on those labelled large-cell snapshots alone, and on all of the iteration's
+data; then prints the held-out errors of the three side by side (the run's held-out
+references; nothing here is chosen by them). Default K: the run's last iteration.
+Resumable: finished members are kept in ``--outdir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from mlsurrogate.evaluate import evaluate_references, load_references
+from mlsurrogate.export import export_model
+from mlsurrogate.learn import LearnConfig
+from mlsurrogate.model import Model
+from mlsurrogate.training import TrainingConfig, train
+
+
+def scratch_ensemble(config: LearnConfig, snapshots: list[str], directory: Path) -> Path:
+    """The run's recipe from random weights on ``snapshots``, one member per seed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model = directory / "model.pt"
+    if model.exists():
+        return model
+    base = TrainingConfig.from_toml(config.training_config)
+    checkpoints = []
+    for member in range(config.members):
+        checkpoint = directory / f"member_{member}.ckpt"
+        done = checkpoint.with_suffix(".done")
+        settings = dataclasses.replace(
+            base, train=snapshots, validation=list(config.validation), seed=base.seed + member
+        )
+        if not done.exists():
+            train(settings, checkpoint, resume=checkpoint.exists(), progress=False)
+            done.write_bytes(b"")
+        checkpoints.append(checkpoint)
+    return export_model(checkpoints, model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="the learn TOML of a finished (or advanced) run")
+    parser.add_argument("--iteration", type=int, default=None)
+    parser.add_argument("--outdir", default="build/transfer_learning")
+    args = parser.parse_args()
+    config = LearnConfig.from_toml(args.config)
+    iterations = sorted(config.workdir.glob("iteration_*/model.pt"))
+    if not iterations:
+        raise SystemExit(f"{config.workdir}: no trained iteration yet; run mlsurrogate learn")
+    k = args.iteration if args.iteration is not None else len(iterations) - 1
+    if k < 1:
+        raise SystemExit("--iteration must be >= 1: iteration 0 is not fine-tuned")
+    labelled = sorted(
+        str(p)
+        for p in (config.workdir / "snapshots").glob("iteration_*_pick_*.h5")
+        if int(p.name.split("_")[1]) < k
+    )
+    outdir = Path(args.outdir)
+    models = {
+        f"fine-tuned (learn iteration {k})": config.workdir / f"iteration_{k:02d}" / "model.pt",
+        "from scratch, large cells only": scratch_ensemble(config, labelled, outdir / "large"),
+        "from scratch, all data": scratch_ensemble(
+            config, [*config.train, *labelled], outdir / "all"
+        ),
+    }
+    references = load_references(config.heldout)
+    print(f"{len(labelled)} large-cell snapshots; held-out: {', '.join(config.heldout)}")
+    print("| model | held-out dA MAE (meV/atom) | max dA | F RMSE (eV/A) |")
+    print("|---|---:|---:|---:|")
+    for name, path in models.items():
+        errors = evaluate_references(Model.load(path), references, threads=config.threads)
+        energy = np.abs([1000 * e.energy_error for e in errors])
+        force = np.sqrt(np.mean([e.force_rmse**2 for e in errors]))
+        print(f"| {name} | {energy.mean():.1f} | {energy.max():.1f} | {force:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
