@@ -182,6 +182,16 @@ def test_model_md_stops_where_the_deviation_passes_the_threshold(tiny_ensemble):
     assert len(halted.frames) == first_past + 1
     assert np.allclose(halted.frames[-1].positions, free.frames[first_past].positions)
     assert halted.max_deviations[-1] > threshold
+    # checks between frames: the run stops at a check, and its configuration there is the
+    # last frame
+    early = model_md_frames(tiny_ensemble, atoms, [1500.0], steps=30, every=10, spacing=0.6,
+                            halt_deviation=0.5 * free.max_deviations.min(),
+                            check_every=5)[0]  # fmt: skip
+    assert early.halted and early.steps_done % 5 == 0 and early.steps_done < 30
+    assert len(early.frames) == early.steps_done // 10 + (early.steps_done % 10 > 0)
+    assert len(early.max_deviations) == len(early.frames)
+    with pytest.raises(ValueError, match="check_every must divide every"):
+        model_md_frames(tiny_ensemble, atoms, [300.0], steps=30, every=10, check_every=3)
 
 
 def test_model_md_refuses_elements_and_models_it_cannot_use(tiny_ensemble, smooth_model):

@@ -114,18 +114,25 @@ def model_md_frames(
     damping_fs: float = 100.0,
     seed: int = 1,
     ranks: int = 1,
+    check_every: int | None = None,
 ) -> list[ModelRun]:
     """Langevin MD in LAMMPS with the ensemble ``model_path`` (E_ii by Ewald) for each
     lattice scaling and temperature: ``steps`` steps from velocities at that temperature,
-    the deviations and a frame every ``every`` steps, and ``fix halt`` ending the run
-    once the max force deviation exceeds ``halt_deviation`` (eV/A). ``spacing`` (A) is
-    the MD grid's; ``ranks`` MPI ranks. Frames from step ``every`` on."""
+    a frame every ``every`` steps, the deviations every ``check_every`` steps (default
+    ``every``; a divisor of it) and ``fix halt`` ending the run at the first check whose
+    max force deviation exceeds ``halt_deviation`` (eV/A); the configuration it stopped
+    at is the last frame. A model far off moves atoms far between checks: check often.
+    ``spacing`` (A) is the MD grid's; ``ranks`` MPI ranks. Frames from step ``every``
+    on (or the halt, if earlier)."""
     import ase.io
 
     from mlsurrogate.lammps_pair import lmp_command
     from mlsurrogate.model import Model
 
     _check_schedule(temperatures_K, lattice_scales, steps, every)
+    check_every = every if check_every is None else check_every
+    if check_every < 1 or every % check_every:
+        raise ValueError(f"check_every must divide every ({every}), got {check_every}")
     if not halt_deviation > 0:
         raise ValueError(f"halt_deviation must be > 0 eV/A, got {halt_deviation}")
     if seed < 1:
@@ -157,7 +164,7 @@ def model_md_frames(
                 )  # fmt: skip
                 script = _model_md_input(
                     str(Path(model_path).resolve()), spec.elements, temperature, steps, every,
-                    timestep_fs, halt_deviation, spacing, damping_fs, seed,
+                    check_every, timestep_fs, halt_deviation, spacing, damping_fs, seed,
                 )  # fmt: skip
                 (work / "in.explore").write_text(script)
                 proc = subprocess.run(
@@ -174,20 +181,25 @@ def model_md_frames(
                     )
                 deviations = np.loadtxt(work / "model_devi.out", ndmin=2)
                 dumped = ase.io.read(work / "frames.dump", index=":", format="lammps-dump-text")
+                final = ase.io.read(work / "final.dump", format="lammps-dump-text")
+            steps_done = int(deviations[-1, 0])
+            # step 0 is the start structure; the halt's configuration ends the frames
+            frames = dumped[1:] + ([final] if steps_done % every else [])
             symbols = list(spec.elements)
-            frames = []
-            for frame in dumped[1:]:  # step 0 is the start structure
+            for frame in frames:
                 frame.set_chemical_symbols([symbols[t - 1] for t in frame.get_atomic_numbers()])
                 frame.calc = None
-                frames.append(frame)
-            steps_done = int(deviations[-1, 0])
+            checked = {int(step): value for step, value in deviations[:, :2]}
+            frame_steps = [*range(every, steps_done + 1, every)]
+            if steps_done % every:
+                frame_steps.append(steps_done)
             runs.append(
                 ModelRun(
                     name=name,
                     frames=frames,
                     steps_done=steps_done,
                     halted=bool(deviations[-1, 1] > halt_deviation),
-                    max_deviations=deviations[1 : len(frames) + 1, 1],
+                    max_deviations=np.array([checked[step] for step in frame_steps]),
                 )
             )
     return runs
@@ -199,6 +211,7 @@ def _model_md_input(
     temperature: float,
     steps: int,
     every: int,
+    check_every: int,
     timestep_fs: float,
     halt_deviation: float,
     spacing: float,
@@ -206,6 +219,7 @@ def _model_md_input(
     seed: int,
 ) -> str:
     """The LAMMPS input of one :func:`model_md_frames` run (ids sorted in the dump)."""
+    temperature = float(temperature)  # repr of a numpy float is not a LAMMPS number
     names = " ".join(elements)
     return "\n".join(
         [
@@ -213,24 +227,25 @@ def _model_md_input(
             "atom_style charge",
             "atom_modify map array",
             "read_data start.data",
-            f"pair_style hybrid/overlay mlsurrogate {model} spacing {spacing!r} "
-            f"uncertainty {every} file model_devi.out coul/long 10.0",
+            f"pair_style hybrid/overlay mlsurrogate {model} spacing {float(spacing)!r} "
+            f"uncertainty {check_every} file model_devi.out coul/long 10.0",
             f"pair_coeff * * mlsurrogate {names}",
             "pair_coeff * * coul/long",
             "kspace_style ewald 1e-8",
-            f"timestep {timestep_fs / 1000.0!r}",
+            f"timestep {float(timestep_fs) / 1000.0!r}",
             f"velocity all create {temperature!r} {seed} mom yes rot yes dist gaussian",
             f"fix thermostat all langevin {temperature!r} {temperature!r} "
-            f"{damping_fs / 1000.0!r} {seed} zero yes",
+            f"{float(damping_fs) / 1000.0!r} {seed} zero yes",
             "fix integrate all nve",
             "compute extras all pair mlsurrogate",
             "variable max_devi_f equal c_extras[8]",
-            f"fix halt all halt {every} v_max_devi_f > {halt_deviation!r} error soft",
+            f"fix halt all halt {check_every} v_max_devi_f > {float(halt_deviation)!r} error soft",
             "thermo_style custom step temp pe c_extras[8] c_extras[9]",
             f"thermo {every}",
             f"dump frames all custom {every} frames.dump id type x y z",
             "dump_modify frames sort id",
             f"run {steps}",
+            "write_dump all custom final.dump id type x y z modify sort id",
             "",
         ]
     )

@@ -65,6 +65,7 @@ class ExploreSettings:
     scales: tuple[float, ...] = (1.0,)
     steps: int = 500
     every: int = 50
+    check_every: int | None = None  # model MD: steps between deviation checks (halt)
     timestep_fs: float = 2.0
     md_spacing: float = 0.5  # A, the model-MD grid
     ranks: int = 1  # MPI ranks of model MD
@@ -322,6 +323,7 @@ def _explore(config: LearnConfig, iteration: int, model_path: Path) -> list[ase.
                     model_path, start, settings.temperatures_K, settings.scales, settings.steps,
                     settings.every, settings.timestep_fs, halt_deviation=config.trust[1],
                     spacing=settings.md_spacing, seed=seed, ranks=settings.ranks,
+                    check_every=settings.check_every,
                 )  # fmt: skip
                 frames.extend(frame for run in runs for frame in run.frames)
         if not frames:
