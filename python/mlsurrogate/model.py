@@ -83,10 +83,9 @@ class LdosNetwork(torch.nn.Module):
     # class-level attribute types for TorchScript
     hidden_widths: list[int]
     dropout_layers: list[int]
-    # a sampled network's generator seed is seed * 2^32 + pass_index: distinct for every
-    # (seed, pass) pair with 0 <= seed < 2^31 and 0 <= pass < 2^32, and inside int64
+    # MC-dropout seeds: torch's CPU generator keeps the low 32 bits of a seed; this range
+    # is also a LAMMPS integer's
     SEED_LIMIT: Final[int] = 2**31
-    PASS_LIMIT: Final[int] = 2**32
 
     def __init__(
         self,
@@ -131,26 +130,27 @@ class LdosNetwork(torch.nn.Module):
     def dropout_masks(self, seed: int, pass_index: int) -> list[torch.Tensor]:
         """The keep-masks of sampled network ``pass_index`` of ``seed``, one per hidden
         layer (float64, on the CPU): each unit kept with probability 1 - p, kept units
-        scaled by 1 / (1 - p) (inverted dropout). Drawn with torch.rand from a CPU
-        generator (Mersenne Twister) seeded with seed * 2^32 + pass_index, so Python and
-        the pair style's libtorch, running this same code, draw identical masks."""
+        scaled by 1 / (1 - p) (inverted dropout). A CPU generator (Mersenne Twister)
+        seeded with ``seed`` draws torch.rand([pass_index + 1, sum of hidden widths]); row
+        ``pass_index`` (u < p: dropped), split by layer, is the pass's. So pass t depends on
+        (seed, t) alone, and Python and the pair style's libtorch, running this same code,
+        draw identical masks."""
         if self.dropout == 0.0:
             raise ValueError(
                 "the network has no dropout layers: MC dropout needs a network trained "
                 "with dropout > 0"
             )
-        if not (0 <= seed < self.SEED_LIMIT and 0 <= pass_index < self.PASS_LIMIT):
+        if not (0 <= seed < self.SEED_LIMIT and pass_index >= 0):
             raise ValueError(
-                f"MC dropout needs 0 <= seed < 2^31 and 0 <= pass < 2^32, got seed {seed}, "
+                f"MC dropout needs 0 <= seed < 2^31 and pass >= 0, got seed {seed}, "
                 f"pass {pass_index}"
             )
         generator = torch.Generator()
-        generator.manual_seed(seed * self.PASS_LIMIT + pass_index)
-        masks: list[torch.Tensor] = []
-        for width in self.hidden_widths:
-            uniform = torch.rand([width], generator=generator, dtype=torch.float64)
-            masks.append((uniform >= self.dropout).to(torch.float64) / (1.0 - self.dropout))
-        return masks
+        generator.manual_seed(seed)
+        units = sum(self.hidden_widths)
+        uniform = torch.rand([pass_index + 1, units], generator=generator, dtype=torch.float64)
+        keep = (uniform[pass_index] >= self.dropout).to(torch.float64) / (1.0 - self.dropout)
+        return list(keep.split(self.hidden_widths))
 
     @torch.jit.export
     def forward_sampled(
