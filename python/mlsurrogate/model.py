@@ -145,6 +145,8 @@ class LdosNetwork(torch.nn.Module):
                 f"MC dropout needs 0 <= seed < 2^31 and pass >= 0, got seed {seed}, "
                 f"pass {pass_index}"
             )
+        # TorchScript makes this generator one object of the method: seeded on every call,
+        # it draws the same masks on every call
         generator = torch.Generator()
         generator.manual_seed(seed)
         units = sum(self.hidden_widths)
