@@ -300,7 +300,7 @@ void PairMLSurrogate::settings(int narg, char **arg)
     if (uncertainty_every == 0 && given(needs_uncertainty))
       error->all(FLERR,
                  "pair_style mlsurrogate: keyword '{}' belongs to uncertainty: add "
-                 "'uncertainty N' (steps between ensemble evaluations) before it",
+                 "'uncertainty N' (steps between uncertainty evaluations) before it",
                  needs_uncertainty);
   if (given("seed") && dropout_passes == 0)
     error->all(FLERR,
@@ -931,8 +931,9 @@ void PairMLSurrogate::warn_deviating_atoms(int nlocal)
     names += fmt::format("{}{} ({:.4g} eV/A)", names.empty() ? "" : ", ", atom_devi.second,
                          atom_devi.first);
   error->warning(FLERR,
-                 "pair_style mlsurrogate: step {}: {} atoms have an ensemble force deviation "
-                 "above {} eV/A; the worst, by atom id: {}. The structure may be outside the "
-                 "model's training data",
-                 update->ntimestep, static_cast<long>(total), warn_force, names);
+                 "pair_style mlsurrogate: step {}: {} atoms have an {} force deviation above {} "
+                 "eV/A; the worst, by atom id: {}. The structure may be outside the model's "
+                 "training data",
+                 update->ntimestep, static_cast<long>(total),
+                 dropout_passes > 0 ? "MC-dropout" : "ensemble", warn_force, names);
 }

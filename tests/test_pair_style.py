@@ -696,19 +696,24 @@ def test_uncertainty_needs_networks_to_spread_and_a_writable_table(
     lmp.close()
 
 
-def test_deviation_warning_and_fix_halt(ensemble_model, tmp_path):
+@pytest.mark.parametrize(
+    ("model_fixture", "passes", "kind"),
+    [("ensemble_model", 0, "ensemble"), ("dropout_model", 4, "MC-dropout")],
+)
+def test_deviation_warning_and_fix_halt(request, model_fixture, passes, kind, tmp_path):
     """The warning names the atom of the largest force deviation; fix halt on the max
     deviation (compute pair extra 8) ends the run at its first check."""
+    model = request.getfixturevalue(model_fixture)
     _, positions, grid, atoms = structure()
-    deviation = Model.load(ensemble_model).predict_uncertainty(atoms, tuple(grid))
+    deviation = Model.load(model).predict_uncertainty(atoms, tuple(grid), dropout_passes=passes)
     threshold = 0.5 * deviation.max_force_deviation
     log = tmp_path / "log.lammps"
     table = tmp_path / "devi.out"
     lmp = al4_lammps(
         positions,
         (
-            f"pair_style mlsurrogate {ensemble_model} grid {grid[0]} {grid[1]} {grid[2]} "
-            f"ionion off uncertainty 1 file {table} warn {threshold!r}",
+            f"pair_style mlsurrogate {model} grid {grid[0]} {grid[1]} {grid[2]} ionion off "
+            f"uncertainty 1 file {table} warn {threshold!r} {dropout_keywords(passes, 0)}",
             "pair_coeff * * Al",
             "compute extras all pair mlsurrogate",
             "variable devi equal c_extras[8]",
@@ -726,7 +731,7 @@ def test_deviation_warning_and_fix_halt(ensemble_model, tmp_path):
     assert steps == 1
     worst = int(np.argmax(deviation.atom_force_deviation)) + 1
     text = log.read_text()
-    warning = rf"step 0: \d atoms have an ensemble force deviation above .*: {worst} \("
+    warning = rf"step 0: \d atoms have an {kind} force deviation above .*: {worst} \("
     assert re.search(warning, text), text
     _, rows = read_deviation_table(table)
     np.testing.assert_array_equal(rows[:, 0], [0, 1])
