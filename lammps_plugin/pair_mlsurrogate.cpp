@@ -838,8 +838,8 @@ void PairMLSurrogate::compute(int eflag, int vflag)
 /* ----------------------------------------------------------------------
    Every network of the uncertainty (ensemble members, or MC dropout's sampled networks:
    the same T networks at every evaluation) through the whole electronic step on its own,
-   and the spread of their predictions as in deepmd-kit's model deviation (Zhang et al., Phys. Rev.
-   Materials 3, 023804 (2019)): per atom sqrt(<|F_i - <F_i>|^2>) over members, then its
+   and the spread of their predictions as in deepmd-kit's model deviation (Zhang et al.,
+   Phys. Rev. Materials 3, 023804 (2019)): per atom sqrt(<|F_i - <F_i>|^2>) over members, then its
    max, min and mean over atoms; the standard deviation of A/N and of the Fermi level.
    E_ii is the same for every member, so it leaves the spread unchanged and is left out.
 ------------------------------------------------------------------------- */
@@ -848,9 +848,8 @@ void PairMLSurrogate::ensemble_deviations(const mlsurrogate::ElectronicInput &in
 {
   mlsurrogate::ElectronicInput forces_only = in;
   forces_only.virial = forces_only.energy_per_atom = forces_only.virial_per_atom = false;
-  std::vector<mlsurrogate::ElectronicResult> results =
-      electronic_or_error(error,
-                          [&] { return electronic->run_networks(forces_only, uncertainty_networks); });
+  std::vector<mlsurrogate::ElectronicResult> results = electronic_or_error(
+      error, [&] { return electronic->run_networks(forces_only, uncertainty_networks); });
 
   const std::size_t members = results.size();
   const std::size_t width = 3 * members;

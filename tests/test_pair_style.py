@@ -23,7 +23,7 @@ from mlsurrogate.lammps_pair import (
     pair_style_energy_forces,
     pair_style_per_atom,
 )
-from mlsurrogate.model import Model
+from mlsurrogate.model import MODEL_FORMAT_VERSION, Model
 from mlsurrogate.units import LAMMPS_METAL_BAR_A3_PER_EV
 
 HERE = Path(__file__).resolve().parent
@@ -387,11 +387,15 @@ def test_training_checkpoint_and_old_exports_are_refused(smooth_model, tmp_path)
     checkpoint = Path(smooth_model).parent / "ck.pt"
     old = tmp_path / "old.pt"
     module = torch.jit.load(smooth_model)
-    module.format_version = 1
+    module.format_version = MODEL_FORMAT_VERSION - 1
     module.save(str(old))
     for path, message in (
         (checkpoint, "is a training checkpoint, not an exported model: run `mlsurrogate export"),
-        (old, "has format version 1, this build reads 2: export it again"),
+        (
+            old,
+            f"has format version {MODEL_FORMAT_VERSION - 1}, this build reads "
+            f"{MODEL_FORMAT_VERSION}: export it again",
+        ),
     ):
         lmp = fcc_cell_lammps()
         with pytest.raises(Exception, match=f"model '{re.escape(str(path))}' {message}"):
