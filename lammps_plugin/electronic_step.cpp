@@ -70,12 +70,15 @@ std::vector<double> ElectronicStep::describe(const ElectronicInput &in) {
 
 ElectronicResult ElectronicStep::run(const ElectronicInput &in) { return solve(in, describe(in)); }
 
-std::vector<ElectronicResult> ElectronicStep::run_members(const ElectronicInput &in) {
+std::vector<ElectronicResult> ElectronicStep::run_networks(
+    const ElectronicInput &in, const std::vector<NetworkChoice> &networks) {
   const std::vector<double> descriptors = describe(in);
   std::vector<ElectronicResult> results;
-  ElectronicInput member_in = in;
-  for (member_in.member = 0; member_in.member < model_.ensemble_size(); ++member_in.member)
-    results.push_back(solve(member_in, descriptors));
+  ElectronicInput network_in = in;
+  for (const NetworkChoice &network : networks) {
+    network_in.network = network;
+    results.push_back(solve(network_in, descriptors));
+  }
   return results;
 }
 
@@ -103,7 +106,7 @@ ElectronicResult ElectronicStep::solve(const ElectronicInput &in,
         const int count = std::min(chunk, npoints - first);
         const std::vector<double> part = model_.predict_ldos(
             descriptors.data() + static_cast<std::size_t>(first) * nfeatures, count, nfeatures,
-            in.member);
+            in.network);
         ldos.insert(ldos.end(), part.begin(), part.end());
       }
     });
@@ -178,7 +181,7 @@ ElectronicResult ElectronicStep::solve(const ElectronicInput &in,
           [&] { dA_dldos = model_.ldos_gradient(mu, phi_local, dos, fermi_shift, voxel); });
     timed(BACKPROP, [&] {
       beta = model_.descriptor_gradient(descriptors.data(), npoints, nfeatures, dA_dldos,
-                                        in.member);
+                                        in.network);
     });
     timed(CONTRACTION, [&] {
       kernel_.gradient(in.cell, in.block, in.atoms, beta.data(), out.dE_dR.data(), strain.data(),

@@ -8,6 +8,7 @@
 #define MLSURROGATE_ELECTRONIC_STEP_H
 
 #include "grid_descriptors.hpp"
+#include "torch_model.h"
 
 #include <mpi.h>
 
@@ -20,8 +21,6 @@
 
 namespace mlsurrogate {
 
-class TorchModel;
-
 // What one rank brings to a step.
 struct ElectronicInput {
   Cell cell;
@@ -32,8 +31,8 @@ struct ElectronicInput {
   // dE/d(strain)_aa per N_val^2 (each diagonal entry, replicated) of a term the caller's
   // ion-ion energy leaves out of its virial (the kspace background of a charged cell)
   double background_strain_per_charge2 = 0.0;
-  // the network whose LDOS the step uses: TorchModel::kWholeNetwork (-1) or an ensemble member
-  int member = -1;
+  // the network whose LDOS the step uses
+  NetworkChoice network;
   bool virial = false;
   bool energy_per_atom = false;
   bool virial_per_atom = false;
@@ -73,10 +72,11 @@ class ElectronicStep {
   ElectronicStep(const TorchModel &model, int threads, int batch, MPI_Comm comm);
 
   ElectronicResult run(const ElectronicInput &in);
-  // One result per ensemble member, each through the whole step with its own LDOS (DOS,
-  // Fermi level, functional, back-propagation, adjoint forces); the descriptors are
-  // computed once. `in.member` is ignored.
-  std::vector<ElectronicResult> run_members(const ElectronicInput &in);
+  // One result per network (ensemble members, MC-dropout samples), each through the whole
+  // step with its own LDOS (DOS, Fermi level, functional, back-propagation, adjoint
+  // forces); the descriptors are computed once. `in.network` is ignored.
+  std::vector<ElectronicResult> run_networks(const ElectronicInput &in,
+                                             const std::vector<NetworkChoice> &networks);
 
   int num_descriptors() const { return kernel_.num_descriptors(); }
   // Bytes one rank holds at once for `npoints` owned points of an `ngrid`-point grid:

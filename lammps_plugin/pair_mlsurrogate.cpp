@@ -37,7 +37,8 @@ namespace {
 
 const char *const USAGE =
     "pair_style mlsurrogate model.pt [grid nx ny nz | spacing h] [device cpu|cuda|cuda:N] "
-    "[threads N] [batch M] [ionion on|off] [uncertainty N [file FILE] [warn F]]";
+    "[threads N] [batch M] [ionion on|off] [uncertainty N [dropout T [seed S]] [file FILE] "
+    "[warn F]]";
 
 // the table of ensemble deviations, by default (deepmd-kit's name)
 const char *const DEFAULT_DEVIATION_FILE = "model_devi.out";
@@ -51,8 +52,8 @@ constexpr double COINCIDENT_DISTANCE = 1e-8;
 bool is_keyword(const std::string &word)
 {
   return word == "grid" || word == "spacing" || word == "device" || word == "threads" ||
-      word == "batch" || word == "ionion" || word == "uncertainty" || word == "file" ||
-      word == "warn";
+      word == "batch" || word == "ionion" || word == "uncertainty" || word == "dropout" ||
+      word == "seed" || word == "file" || word == "warn";
 }
 
 // Lengths of the three box vectors a, b, c (triclinic boxes included)
@@ -170,6 +171,9 @@ void PairMLSurrogate::reset_settings()
   batch = 0;
   ionion = true;
   uncertainty_every = 0;
+  dropout_passes = 0;
+  dropout_seed = 0;
+  uncertainty_networks.clear();
   deviation_file = DEFAULT_DEVIATION_FILE;
   warn_force = 0.0;
   if (deviation_out.is_open()) deviation_out.close();
@@ -226,7 +230,8 @@ void PairMLSurrogate::settings(int narg, char **arg)
     if (!is_keyword(kw))
       error->all(FLERR,
                  "pair_style mlsurrogate: unknown keyword '{}'. Valid keywords: grid, spacing, "
-                 "device, threads, batch, ionion, uncertainty, file, warn. Usage: {}",
+                 "device, threads, batch, ionion, uncertainty, dropout, seed, file, warn. "
+                 "Usage: {}",
                  kw, USAGE);
     if (std::find(seen.begin(), seen.end(), kw) != seen.end())
       error->all(FLERR, "pair_style mlsurrogate: keyword '{}' is given twice", kw);
@@ -260,6 +265,19 @@ void PairMLSurrogate::settings(int narg, char **arg)
       batch = positive_int(kw, value, "a positive integer (grid points per network call)");
     } else if (kw == "uncertainty") {
       uncertainty_every = positive_int(kw, value, "a positive integer (steps between evaluations)");
+    } else if (kw == "dropout") {
+      dropout_passes = positive_int(kw, value, "a number of passes >= 2 (sampled networks)");
+      if (dropout_passes < 2)
+        error->all(FLERR,
+                   "pair_style mlsurrogate: dropout needs at least 2 passes (one sampled network "
+                   "has no spread), got '{}'",
+                   value);
+    } else if (kw == "seed") {
+      dropout_seed = utils::is_integer(value) ? utils::inumeric(FLERR, value, false, lmp) : -1;
+      if (dropout_seed < 0)
+        error->all(FLERR,
+                   "pair_style mlsurrogate: seed needs an integer 0 ... 2147483647, got '{}'",
+                   value);
     } else if (kw == "file") {
       deviation_file = value;
     } else if (kw == "warn") {
@@ -275,13 +293,19 @@ void PairMLSurrogate::settings(int narg, char **arg)
   if (grid[0] > 0 && spacing > 0.0)
     error->all(FLERR,
                "pair_style mlsurrogate: give either 'grid nx ny nz' or 'spacing h', not both");
-  for (const char *needs_uncertainty : {"file", "warn"})
-    if (uncertainty_every == 0 &&
-        std::find(seen.begin(), seen.end(), needs_uncertainty) != seen.end())
+  const auto given = [&](const char *keyword) {
+    return std::find(seen.begin(), seen.end(), keyword) != seen.end();
+  };
+  for (const char *needs_uncertainty : {"dropout", "seed", "file", "warn"})
+    if (uncertainty_every == 0 && given(needs_uncertainty))
       error->all(FLERR,
                  "pair_style mlsurrogate: keyword '{}' belongs to uncertainty: add "
-                 "'uncertainty N' (steps between ensemble evaluations) before it",
+                 "'uncertainty N' (steps between uncertainty evaluations) before it",
                  needs_uncertainty);
+  if (given("seed") && dropout_passes == 0)
+    error->all(FLERR,
+               "pair_style mlsurrogate: keyword 'seed' belongs to dropout: add 'dropout T' "
+               "(MC-dropout passes) before it");
 
   // The model: the file must exist and load as an mlsurrogate model on the device.
 
@@ -314,13 +338,34 @@ void PairMLSurrogate::settings(int narg, char **arg)
 
   if (uncertainty_every > 0) {
     const int members = model->ensemble_size();
-    if (members < 2)
-      error->all(FLERR,
-                 "pair_style mlsurrogate: uncertainty needs an ensemble model, but '{}' has one "
-                 "network: export several checkpoints together (mlsurrogate export A.ckpt "
-                 "B.ckpt ... -o model.pt), or drop the uncertainty keyword",
-                 model_file);
-    comm_reverse = 3 * members;    // each member's forces on ghost atoms go to their owners
+    if (dropout_passes > 0) {
+      if (members > 1)
+        error->all(FLERR,
+                   "pair_style mlsurrogate: dropout samples one network, but '{}' is an "
+                   "ensemble of {} networks, whose uncertainty is the members' spread: drop "
+                   "'dropout {}'",
+                   model_file, members, dropout_passes);
+      if (model->contract().dropout_probability == 0.0)
+        error->all(FLERR,
+                   "pair_style mlsurrogate: dropout needs a network trained with dropout, but "
+                   "'{}' has none: train with dropout > 0 (training config key 'dropout'), or "
+                   "use an ensemble model without 'dropout'",
+                   model_file);
+      for (int t = 0; t < dropout_passes; ++t)
+        uncertainty_networks.push_back(mlsurrogate::NetworkChoice::sampled(dropout_seed, t));
+    } else {
+      if (members < 2)
+        error->all(FLERR,
+                   "pair_style mlsurrogate: uncertainty needs an ensemble model, but '{}' has "
+                   "one network: export several checkpoints together (mlsurrogate export "
+                   "A.ckpt B.ckpt ... -o model.pt), add 'dropout T' for a network trained "
+                   "with dropout, or drop the uncertainty keyword",
+                   model_file);
+      for (int m = 0; m < members; ++m)
+        uncertainty_networks.push_back(mlsurrogate::NetworkChoice::member(m));
+    }
+    // each network's forces on ghost atoms go to their owners
+    comm_reverse = 3 * static_cast<int>(uncertainty_networks.size());
     atom_deviation.assign(std::max(atom->nmax, 1), 0.0);
     open_deviation_file();
   }
@@ -791,9 +836,10 @@ void PairMLSurrogate::compute(int eflag, int vflag)
 }
 
 /* ----------------------------------------------------------------------
-   Every ensemble member through the whole electronic step on its own, and the spread of
-   their predictions as in deepmd-kit's model deviation (Zhang et al., Phys. Rev.
-   Materials 3, 023804 (2019)): per atom sqrt(<|F_i - <F_i>|^2>) over members, then its
+   Every network of the uncertainty (ensemble members, or MC dropout's sampled networks:
+   the same T networks at every evaluation) through the whole electronic step on its own,
+   and the spread of their predictions as in deepmd-kit's model deviation (Zhang et al.,
+   Phys. Rev. Materials 3, 023804 (2019)): per atom sqrt(<|F_i - <F_i>|^2>) over members, then its
    max, min and mean over atoms; the standard deviation of A/N and of the Fermi level.
    E_ii is the same for every member, so it leaves the spread unchanged and is left out.
 ------------------------------------------------------------------------- */
@@ -802,8 +848,8 @@ void PairMLSurrogate::ensemble_deviations(const mlsurrogate::ElectronicInput &in
 {
   mlsurrogate::ElectronicInput forces_only = in;
   forces_only.virial = forces_only.energy_per_atom = forces_only.virial_per_atom = false;
-  std::vector<mlsurrogate::ElectronicResult> results =
-      electronic_or_error(error, [&] { return electronic->run_members(forces_only); });
+  std::vector<mlsurrogate::ElectronicResult> results = electronic_or_error(
+      error, [&] { return electronic->run_networks(forces_only, uncertainty_networks); });
 
   const std::size_t members = results.size();
   const std::size_t width = 3 * members;
@@ -884,8 +930,9 @@ void PairMLSurrogate::warn_deviating_atoms(int nlocal)
     names += fmt::format("{}{} ({:.4g} eV/A)", names.empty() ? "" : ", ", atom_devi.second,
                          atom_devi.first);
   error->warning(FLERR,
-                 "pair_style mlsurrogate: step {}: {} atoms have an ensemble force deviation "
-                 "above {} eV/A; the worst, by atom id: {}. The structure may be outside the "
-                 "model's training data",
-                 update->ntimestep, static_cast<long>(total), warn_force, names);
+                 "pair_style mlsurrogate: step {}: {} atoms have an {} force deviation above {} "
+                 "eV/A; the worst, by atom id: {}. The structure may be outside the model's "
+                 "training data",
+                 update->ntimestep, static_cast<long>(total),
+                 dropout_passes > 0 ? "MC-dropout" : "ensemble", warn_force, names);
 }

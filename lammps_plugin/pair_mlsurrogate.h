@@ -2,7 +2,7 @@
  *
  *   pair_style mlsurrogate model.pt [grid nx ny nz | spacing h]
  *                          [device cpu|cuda|cuda:N] [threads N] [batch M] [ionion on|off]
- *                          [uncertainty N [file FILE] [warn F]]
+ *                          [uncertainty N [dropout T [seed S]] [file FILE] [warn F]]
  *   pair_coeff * * Elem_1 ... Elem_ntypes
  *
  * LAMMPS glue only: positions in, forces, energy and virial tallied out. The electronic
@@ -28,6 +28,7 @@ class ElectronicStep;
 struct AtomsView;
 struct GridBlock;
 struct ElectronicInput;
+struct NetworkChoice;
 }
 
 namespace LAMMPS_NS {
@@ -77,8 +78,12 @@ class PairMLSurrogate : public Pair {
   void ensemble_deviations(const mlsurrogate::ElectronicInput &in);
   void warn_deviating_atoms(int nlocal);
 
-  // ensemble deviations (uncertainty keyword), deepmd-kit's model deviation
+  // deviations over networks (uncertainty keyword), deepmd-kit's model deviation: the
+  // ensemble's members, or `dropout` sampled networks of MC dropout
   int uncertainty_every;            // steps between evaluations; 0 = off
+  int dropout_passes;               // sampled networks; 0 = the ensemble's members
+  int dropout_seed;                 // seed of the sampled networks
+  std::vector<mlsurrogate::NetworkChoice> uncertainty_networks;
   std::string deviation_file;       // the table rank 0 writes
   double warn_force;                // warn above this max force deviation (eV/A); 0 = never
   std::ofstream deviation_out;      // rank 0 only

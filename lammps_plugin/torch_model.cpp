@@ -162,18 +162,34 @@ int ModelContract::element_index(const std::string &element) const {
 
 struct TorchModel::Impl {
   torch::jit::Module module;
+  torch::jit::Module network;
   torch::jit::Module functional;
   std::vector<torch::jit::Module> members;  // an ensemble's networks, in export order
   torch::Device device{torch::kCPU};
   torch::Dtype network_dtype = torch::kFloat64;
   int64_t num_energies = 0;
 
-  // The network `member` (kWholeNetwork: the model itself, whose forward is its network's).
-  torch::jit::Module network(int member) const {
-    if (member == kWholeNetwork) return module;
-    if (member < 0 || member >= static_cast<int>(members.size()))
-      throw std::runtime_error("the model has no ensemble member " + std::to_string(member));
-    return members[member];
+  // LDOS rows of the network `choice` (the model's forward is its network's). A
+  // jit::Module is a shared handle; forward needs a non-const one, hence the copies.
+  torch::Tensor forward(const NetworkChoice &choice, const torch::Tensor &x) const {
+    switch (choice.kind) {
+      case NetworkChoice::Kind::kMember: {
+        if (choice.index < 0 || choice.index >= static_cast<int>(members.size()))
+          throw std::runtime_error("the model has no ensemble member " +
+                                   std::to_string(choice.index));
+        torch::jit::Module member = members[choice.index];
+        return member.forward({x}).toTensor();
+      }
+      case NetworkChoice::Kind::kSampled:
+        return network
+            .get_method("forward_sampled")({x, static_cast<int64_t>(choice.seed),
+                                            static_cast<int64_t>(choice.index)})
+            .toTensor();
+      case NetworkChoice::Kind::kWhole:
+        break;
+    }
+    torch::jit::Module whole = module;
+    return whole.forward({x}).toTensor();
   }
 };
 
@@ -230,6 +246,11 @@ ModelContract read_contract(const torch::jit::Module &module, const std::string 
   } catch (const std::exception &e) {
     throw std::runtime_error("model '" + path + "': descriptor settings: " + e.what());
   }
+  c.dropout_probability = attr.number("dropout_probability");
+  if (!(c.dropout_probability >= 0.0 && c.dropout_probability < 1.0))
+    throw std::runtime_error("model '" + path + "' has dropout_probability " +
+                             std::to_string(c.dropout_probability) + ", not in [0, 1); " +
+                             kExportAgain);
   c.metadata_json = attr.string("metadata_json");
   return c;
 }
@@ -261,14 +282,19 @@ TorchModel::TorchModel(const std::string &path, const std::string &device)
     impl_->device = energies.device();
     impl_->num_energies = energies.numel();
     // a single network or an ensemble of them: the dtype of its (first) weights
-    const auto weights = impl_->module.attr("network").toModule().parameters();
+    impl_->network = impl_->module.attr("network").toModule();
+    const torch::jit::Module &network = impl_->network;
+    const auto weights = network.parameters();
     if (weights.size() == 0)
       throw std::runtime_error("model '" + path + "': the network has no weights");
     impl_->network_dtype = (*weights.begin()).scalar_type();
-    const torch::jit::Module network = impl_->module.attr("network").toModule();
     if (network.hasattr("members") && network.attr("members").isModule())
       for (const torch::jit::Module &member : network.attr("members").toModule().children())
         impl_->members.push_back(member);
+    if (contract_.dropout_probability > 0.0 && !network.find_method("forward_sampled"))
+      throw std::runtime_error("model '" + path +
+                               "' has dropout but its network no forward_sampled; " +
+                               kExportAgain);
     if (impl_->network_dtype != torch::kFloat64 && impl_->network_dtype != torch::kFloat32)
       throw std::runtime_error("model '" + path + "': the network's weights are " +
                                std::string(c10::toString(impl_->network_dtype)) +
@@ -330,13 +356,13 @@ torch::Tensor scalar(double value, const torch::Device &device) {
 }  // namespace
 
 std::vector<double> TorchModel::predict_ldos(const double *descriptors, int npoints,
-                                             int nfeatures, int member) const {
+                                             int nfeatures, const NetworkChoice &network) const {
   return guarded([&] {
     torch::NoGradGuard no_grad;
     const torch::Tensor x =
         torch::from_blob(const_cast<double *>(descriptors), {npoints, nfeatures}, torch::kFloat64)
             .to(impl_->device, impl_->network_dtype);
-    return to_vector(impl_->network(member).forward({x}).toTensor());
+    return to_vector(impl_->forward(network, x));
   });
 }
 
@@ -455,20 +481,20 @@ std::vector<double> TorchModel::ldos_gradient(double mu, const std::vector<doubl
 std::vector<double> TorchModel::descriptor_gradient(const double *descriptors, int npoints,
                                                     int nfeatures,
                                                     const std::vector<double> &ldos_gradient,
-                                                    int member) const {
+                                                    const NetworkChoice &network) const {
   return guarded([&] {
     const Impl &m = *impl_;
     const torch::Tensor x =
         torch::from_blob(const_cast<double *>(descriptors), {npoints, nfeatures}, torch::kFloat64)
             .to(m.device, m.network_dtype);
     const torch::Tensor g = rows_of(ldos_gradient, m.num_energies, m.device).to(m.network_dtype);
-    if (member == kWholeNetwork)
+    if (network.kind == NetworkChoice::Kind::kWhole)
       return to_vector(m.module.get_method("descriptor_gradient")({x, g}).toTensor());
-    // one member: the same back-propagation as the exported descriptor_gradient, through
-    // that member's forward pass alone
+    // one member or sampled network: the same back-propagation as the exported
+    // descriptor_gradient, through that network's forward pass alone
     torch::AutoGradMode enable_grad(true);
     const torch::Tensor inputs = x.detach().clone().requires_grad_(true);
-    const torch::Tensor ldos = m.network(member).forward({inputs}).toTensor();
+    const torch::Tensor ldos = m.forward(network, inputs);
     return to_vector(torch::autograd::grad({ldos}, {inputs}, {g})[0]);
   });
 }

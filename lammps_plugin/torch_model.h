@@ -20,7 +20,7 @@ namespace mlsurrogate {
 
 // What `mlsurrogate export` writes on the module (mlsurrogate.model.SurrogateModel).
 constexpr const char *kModelFormat = "mlsurrogate-model";
-constexpr int kModelFormatVersion = 2;
+constexpr int kModelFormatVersion = 3;
 
 // Everything the pair style needs to know about a model, from its typed TorchScript
 // attributes; every one is required (no defaults: a missing one means an older export).
@@ -32,11 +32,27 @@ struct ModelContract {
   double cutoff = 0.0;                  // descriptor neighbour cutoff, A
   BispectrumSettings descriptors;       // compute sna/grid keywords (per-element lists)
   int num_energies = 0;                 // points of the LDOS energy grid
+  double dropout_probability = 0.0;     // p of the network's dropout (MC dropout); 0: none
   std::string network_dtype;            // "float64" or "float32"
   std::string metadata_json;            // metadata.json of the archive
 
   // Index of `element` in `elements`, or -1.
   int element_index(const std::string &element) const;
+};
+
+// One network the electronic step runs: the model's own (an ensemble's mean LDOS), one
+// ensemble member, or one sampled network of MC dropout (pass `index` of `seed`:
+// network.forward_sampled of the model, the keep-masks drawn by its TorchScript code
+// exactly as in Python).
+struct NetworkChoice {
+  enum class Kind { kWhole, kMember, kSampled };
+  Kind kind = Kind::kWhole;
+  int index = 0;       // the member, or the pass of a sampled network
+  long long seed = 0;  // of a sampled network
+
+  static NetworkChoice whole() { return {}; }
+  static NetworkChoice member(int m) { return {Kind::kMember, m, 0}; }
+  static NetworkChoice sampled(long long seed, int pass) { return {Kind::kSampled, pass, seed}; }
 };
 
 class TorchModel {
@@ -54,15 +70,13 @@ class TorchModel {
 
   // Networks of an ensemble model (the `members` of its network); 1 for a single network.
   int ensemble_size() const;
-  // `member` selects the network of predict_ldos and descriptor_gradient: kWholeNetwork is
-  // the model's network (an ensemble's mean LDOS), 0 .. ensemble_size() - 1 one member.
-  static constexpr int kWholeNetwork = -1;
 
   // The electronic-structure steps of an exported mlsurrogate model, in the order of
   // the distributed interface of mlsurrogate.physics (local, global, local). Arrays are
   // row-major doubles on the host; `npoints` grid points of this rank.
+  // `network` selects the network of predict_ldos and descriptor_gradient.
   std::vector<double> predict_ldos(const double *descriptors, int npoints, int nfeatures,
-                                   int member = kWholeNetwork) const;
+                                   const NetworkChoice &network) const;
   std::vector<double> dos(const std::vector<double> &ldos, double voxel) const;
   double fermi_level(const std::vector<double> &dos, double n_electrons) const;
   std::vector<double> density(const std::vector<double> &ldos, double mu) const;
@@ -86,7 +100,7 @@ class TorchModel {
                                     double voxel) const;
   std::vector<double> descriptor_gradient(const double *descriptors, int npoints, int nfeatures,
                                           const std::vector<double> &ldos_gradient,
-                                          int member = kWholeNetwork) const;
+                                          const NetworkChoice &network) const;
 
   // Empty if `device` can be used by this libtorch on this machine, otherwise
   // the reason why not.

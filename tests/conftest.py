@@ -83,6 +83,18 @@ def smooth_model(smooth_checkpoint) -> str:
     return str(export_model(smooth_checkpoint, smooth_checkpoint.with_name("model.pt")))
 
 
+@pytest.fixture(scope="session")
+def dropout_model(tmp_path_factory) -> str:
+    """``smooth_training_config(dropout=0.1)`` (report 4.3's p) trained and exported: a
+    single network for MC dropout."""
+    from mlsurrogate.export import export_model
+    from mlsurrogate.training import train
+
+    path = tmp_path_factory.mktemp("dropout_model") / "ck.pt"
+    train(smooth_training_config(dropout=0.1), path, progress=False, log=lambda line: None)
+    return str(export_model(path, path.with_name("model.pt")))
+
+
 def run_with_file_size_limit(command: list[str], cwd, limit_bytes: int):
     """Run ``command`` with RLIMIT_FSIZE = ``limit_bytes`` (SIGXFSZ ignored), so writes
     past it fail as on a full disk: the process sees EFBIG or a short write."""

@@ -1,7 +1,8 @@
-"""Run under mpiexec: the ensemble deviations of pair_style mlsurrogate (uncertainty 1)
-for one structure; rank 0 writes them as JSON, the pair style writes its table.
+"""Run under mpiexec: the deviations of pair_style mlsurrogate (uncertainty 1, plus any
+more pair style keywords, e.g. "dropout 4 seed 7") for one structure; rank 0 writes them
+as JSON, the pair style writes its table.
 
-mpiexec -n N python mpi_deviations.py model.pt structure.json table out.json
+mpiexec -n N python mpi_deviations.py model.pt structure.json table [keywords] out.json
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import mlsurrogate  # noqa: F401  (makes libmpi global before liblammps loads)
 from mlsurrogate.lammps_pair import pair_style_deviations
 
 if __name__ == "__main__":
-    model, structure, table, output = sys.argv[1:5]
+    model, structure, table, *keywords, output = sys.argv[1:]
     data = json.loads(open(structure).read())
-    deviations = pair_style_deviations(model, data["cell"], data["positions"], data["grid"], table)
+    deviations = pair_style_deviations(
+        model, data["cell"], data["positions"], data["grid"], table, options=" ".join(keywords)
+    )
     from mpi4py import MPI
 
     if MPI.COMM_WORLD.Get_rank() == 0:

@@ -20,7 +20,7 @@ LMP_ARGS = ["-screen", "none", "-log", "none", "-nocite"]
 
 CONTRACT = {
     "format": "mlsurrogate-model",
-    "format_version": 2,
+    "format_version": 3,
     "elements": ["Al"],
     "valence_charges": [3.0],
     "masses": [26.98],
@@ -38,6 +38,7 @@ CONTRACT = {
     "chemflag": False,
     "bnormflag": False,
     "wselfallflag": False,
+    "dropout_probability": 0.0,
     "metadata_json": "{}",
 }
 
@@ -186,6 +187,11 @@ def test_pair_style_missing_model_file(lmp):
         ("threads 0", "threads needs a positive integer"),
         ("batch 1.5", "batch needs a positive integer"),
         ("ionion maybe", "Expected boolean parameter instead of 'maybe'"),
+        ("uncertainty 10 dropout 1", "dropout needs at least 2 passes .*, got '1'"),
+        ("uncertainty 10 dropout 0", "dropout needs a number of passes >= 2"),
+        ("uncertainty 10 dropout 4 seed -1", "seed needs an integer 0 ... 2147483647, got '-1'"),
+        ("dropout 4", "keyword 'dropout' belongs to uncertainty: add 'uncertainty N'"),
+        ("uncertainty 10 seed 3", "keyword 'seed' belongs to dropout: add 'dropout T'"),
     ],
 )
 def test_pair_style_bad_arguments(lmp, model_file, args, message):
@@ -218,7 +224,9 @@ def test_cuda_device_without_cuda(lmp, model_file):
     [
         ("format", {}, "has no 'format': it is not an mlsurrogate model, or it was exported by"),
         ("", {"format": "other"}, "has format 'other', not 'mlsurrogate-model'"),
-        ("", {"format_version": 1}, "has format version 1, this build reads 2: export it again"),
+        ("", {"format_version": 2}, "has format version 2, this build reads 3: export it again"),
+        ("dropout_probability", {}, "has no 'dropout_probability': it was exported by an older"),
+        ("", {"dropout_probability": 1.0}, "has dropout_probability 1.0+, not in \\[0, 1\\)"),
         (
             "rmin0",
             {},

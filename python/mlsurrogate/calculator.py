@@ -15,8 +15,8 @@ Results (eV, eV/A, eV/A^3):
 * electronic extras: ``electronic_free_energy`` (A_el = A - E_ii) and ``ion_ion_energy``
   (E_ii), eV; ``fermi_level`` (eV), ``band_energy`` (eV), ``entropy_term`` (-TS, eV),
   ``electrons``, ``dos`` (states/eV on ``dos_energies``, eV), ``grid``;
-* uncertainty, for an ensemble model or with ``dropout_passes`` (MC dropout): each member
-  through the functional on its own (:meth:`Model.predict_uncertainty`):
+* uncertainty, for an ensemble model or with ``dropout_passes`` (MC dropout: sampled
+  networks): each member through the functional on its own (:meth:`Model.predict_uncertainty`):
   ``energy_uncertainty`` (standard deviation of A/N, eV/atom), ``forces_uncertainty``
   (per atom, sqrt(<|F - <F>|^2>), eV/A: deepmd-kit's model deviation),
   ``fermi_level_uncertainty`` (eV) and ``dos_uncertainty`` (states/eV).
@@ -34,7 +34,7 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 
 from mlsurrogate.descriptors import grid_for_spacing
-from mlsurrogate.model import Model
+from mlsurrogate.model import Model, check_dropout_passes
 
 # ASE's Voigt order of a symmetric 3 x 3 tensor
 _VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
@@ -50,7 +50,8 @@ class MLSurrogateCalculator(Calculator):
     descriptor kernel's and torch's threads (default: all usable cores; torch's setting
     is process-wide). ``uncertainty``: compute the members' spread (default: for ensemble
     models; each member costs about one more prediction); ``dropout_passes``: MC-dropout
-    passes for a network trained with dropout (turns ``uncertainty`` on).
+    passes for a network trained with dropout (turns ``uncertainty`` on), T sampled
+    networks of ``seed`` (the same networks at every call, as in the pair style).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -64,6 +65,7 @@ class MLSurrogateCalculator(Calculator):
         threads: int | None = None,
         uncertainty: bool | None = None,
         dropout_passes: int = 0,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -75,13 +77,13 @@ class MLSurrogateCalculator(Calculator):
             raise ValueError(f"spacing must be a positive length (A), got {spacing!r}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        if dropout_passes < 0 or dropout_passes == 1:
-            raise ValueError(f"dropout_passes must be 0 or >= 2, got {dropout_passes}")
+        check_dropout_passes(dropout_passes, seed)
         self.model = model if isinstance(model, Model) else Model.load(model, device)
         self.grid = None if grid is None else tuple(int(n) for n in grid)
         self.spacing = spacing
         self.threads = threads
         self.dropout_passes = dropout_passes
+        self.seed = seed
         if uncertainty is None:
             uncertainty = dropout_passes > 0 or self.model.ensemble_size > 1
         self.uncertainty = uncertainty
@@ -105,7 +107,7 @@ class MLSurrogateCalculator(Calculator):
             torch.set_num_threads(self.threads)
         grid = self.grid_for(self.atoms)
         prediction = self.model.predict(
-            self.atoms, grid, self.threads, self.uncertainty, self.dropout_passes
+            self.atoms, grid, self.threads, self.uncertainty, self.dropout_passes, self.seed
         )
         sigma = prediction.strain_derivative / abs(self.atoms.get_volume())
         terms = prediction.terms

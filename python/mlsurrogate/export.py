@@ -36,24 +36,27 @@ def functional_for_spec(spec: ModelSpec) -> LdosEnergy:
 
 
 def spec_from_checkpoints(states: Sequence[dict[str, Any]]) -> ModelSpec:
-    """The spec of a model made of these checkpoints (the first one's data settings)."""
+    """The spec of a model made of these checkpoints (the first one's data settings; the
+    dropout probability of a single network, 0 for an ensemble)."""
     state = states[0]
     info = state["snapshot_attrs"]
     if any(info["core_correction"].values()):
         raise ValueError("export of models with nonlinear core corrections is not supported yet")
     elements = tuple(state["elements"])
+    config = TrainingConfig(**state["config"])
     provenance_keys = ("num_valence_electrons_per_cell", "core_correction", "pseudopotentials")
     return ModelSpec(
         elements=elements,
         valence_charges=tuple(float(info["valence_charges"][e]) for e in elements),
         masses=tuple(float(info["masses"][e]) for e in elements),
         grid_spacing_A=float(info["grid_spacing_A"]),
-        descriptor_params=replace(TrainingConfig(**state["config"]).params(), elements=elements),
+        descriptor_params=replace(config.params(), elements=elements),
         energies_eV=tuple(float(e) for e in state["energies"]),
         electronic_temperature_K=float(info["electronic_temperature_K"]),
         xc_functional=str(info["xc_functional"]),
         ldos_broadening_kernel=str(info["ldos_broadening_kernel"]),
         ldos_broadening_eV=float(info["ldos_broadening_eV"]),
+        dropout_probability=config.dropout if len(states) == 1 else 0.0,
         provenance={
             **{key: info[key] for key in provenance_keys},
             "training": [{"config": st["config"], "history": st["history"]} for st in states],

@@ -23,9 +23,9 @@ import os
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import ase
 import numpy as np
@@ -50,7 +50,7 @@ from mlsurrogate.physics import LdosEnergy
 
 ACTIVATIONS = ("leaky_relu", "relu", "tanh", "silu", "gelu")
 MODEL_FORMAT = "mlsurrogate-model"
-MODEL_FORMAT_VERSION = 2
+MODEL_FORMAT_VERSION = 3
 # written into every training checkpoint, so that a checkpoint is recognised by content
 CHECKPOINT_FORMAT = "mlsurrogate-checkpoint"
 _REEXPORT = "export the model again with `mlsurrogate export`"
@@ -71,7 +71,21 @@ def _activation(name: str) -> torch.nn.Module:
 
 
 class LdosNetwork(torch.nn.Module):
-    """descriptors [points, K] -> LDOS [points, nE] in 1/(eV A^3)."""
+    """descriptors [points, K] -> LDOS [points, nE] in 1/(eV A^3).
+
+    With ``dropout`` p > 0, a dropout layer follows each hidden layer's activation. In
+    training it drops units per grid point (torch.nn.Dropout); for MC dropout,
+    :meth:`forward_sampled` runs one sampled network, whose keep-masks come from
+    :meth:`dropout_masks` (Gal and Ghahramani, ICML 2016: each stochastic pass is one
+    thinned network).
+    """
+
+    # class-level attribute types for TorchScript
+    hidden_widths: list[int]
+    dropout_layers: list[int]
+    # MC-dropout seeds: torch's CPU generator keeps the low 32 bits of a seed; this range
+    # is also a LAMMPS integer's
+    SEED_LIMIT: Final[int] = 2**31
 
     def __init__(
         self,
@@ -95,6 +109,12 @@ class LdosNetwork(torch.nn.Module):
                 if dropout > 0.0:
                     layers.append(torch.nn.Dropout(dropout))
         self.layers = torch.nn.Sequential(*layers)
+        self.dropout = float(dropout)
+        self.hidden_widths = [int(h) for h in hidden]
+        # positions of the dropout layers in `layers`, one per hidden layer
+        self.dropout_layers = [
+            index for index, layer in enumerate(layers) if isinstance(layer, torch.nn.Dropout)
+        ]
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_scale", torch.ones(num_features))
         self.register_buffer("ldos_scale", torch.ones(()))
@@ -105,6 +125,52 @@ class LdosNetwork(torch.nn.Module):
 
     def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
         return self.scaled(descriptors) * self.ldos_scale
+
+    @torch.jit.export
+    def dropout_masks(self, seed: int, pass_index: int) -> list[torch.Tensor]:
+        """The keep-masks of sampled network ``pass_index`` of ``seed``, one per hidden
+        layer (float64, on the CPU): each unit kept with probability 1 - p, kept units
+        scaled by 1 / (1 - p) (inverted dropout). A CPU generator (Mersenne Twister)
+        seeded with ``seed`` draws torch.rand([pass_index + 1, sum of hidden widths]); row
+        ``pass_index`` (u < p: dropped), split by layer, is the pass's. So pass t depends on
+        (seed, t) alone, and Python and the pair style's libtorch, running this same code,
+        draw identical masks."""
+        if self.dropout == 0.0:
+            raise ValueError(
+                "the network has no dropout layers: MC dropout needs a network trained "
+                "with dropout > 0"
+            )
+        if not (0 <= seed < self.SEED_LIMIT and pass_index >= 0):
+            raise ValueError(
+                f"MC dropout needs 0 <= seed < 2^31 and pass >= 0, got seed {seed}, "
+                f"pass {pass_index}"
+            )
+        # TorchScript makes this generator one object of the method: seeded on every call,
+        # it draws the same masks on every call
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        units = sum(self.hidden_widths)
+        uniform = torch.rand([pass_index + 1, units], generator=generator, dtype=torch.float64)
+        keep = (uniform[pass_index] >= self.dropout).to(torch.float64) / (1.0 - self.dropout)
+        return list(keep.split(self.hidden_widths))
+
+    @torch.jit.export
+    def forward_sampled(
+        self, descriptors: torch.Tensor, seed: int, pass_index: int
+    ) -> torch.Tensor:
+        """LDOS of sampled network ``pass_index`` of ``seed``: :meth:`forward` with each
+        dropout layer replaced by its mask from :meth:`dropout_masks`, the same for every
+        grid point (one network per pass, whatever the structure's size or MPI split)."""
+        masks = self.dropout_masks(seed, pass_index)
+        hidden = (descriptors - self.feature_mean) / self.feature_scale
+        site = 0
+        for index, layer in enumerate(self.layers):
+            if site < len(masks) and index == self.dropout_layers[site]:
+                hidden = hidden * masks[site].to(hidden)
+                site += 1
+            else:
+                hidden = layer(hidden)
+        return hidden * self.ldos_scale
 
 
 class LdosEnsemble(torch.nn.Module):
@@ -144,6 +210,9 @@ class ModelSpec:
     xc_functional: str  # as QE names it (e.g. "PZ")
     ldos_broadening_kernel: str
     ldos_broadening_eV: float
+    # p of the network's dropout layers, what MC dropout samples with; 0 for a network
+    # without dropout and for an ensemble (its uncertainty is the members' spread)
+    dropout_probability: float
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     format: str = MODEL_FORMAT
     format_version: int = MODEL_FORMAT_VERSION
@@ -155,6 +224,10 @@ class ModelSpec:
                 raise ValueError(f"ModelSpec.{name} needs one value per element {self.elements}")
         if self.descriptor_params.elements != tuple(self.elements):
             raise ValueError("ModelSpec.descriptor_params.elements must be the model's elements")
+        if not 0.0 <= self.dropout_probability < 1.0:
+            raise ValueError(
+                f"ModelSpec.dropout_probability must be in [0, 1), got {self.dropout_probability}"
+            )
 
     @property
     def cutoff_A(self) -> float:
@@ -213,7 +286,8 @@ class SurrogateModel(torch.nn.Module):
     The attribute names and types are the interface with the C++ pair style:
     format, format_version, elements, valence_charges, masses, grid_spacing, cutoff,
     the descriptor keywords (names of the BispectrumParams fields; radius and weight per
-    model element) and metadata_json.
+    model element), dropout_probability and metadata_json. A network with dropout offers
+    ``network.forward_sampled`` (MC dropout, :meth:`LdosNetwork.forward_sampled`).
     """
 
     # class-level attribute types for TorchScript (this module has no postponed
@@ -228,6 +302,12 @@ class SurrogateModel(torch.nn.Module):
         self, network: LdosNetwork | LdosEnsemble, functional: LdosEnergy, spec: ModelSpec
     ) -> None:
         super().__init__()
+        network_dropout = network.dropout if isinstance(network, LdosNetwork) else 0.0
+        if network_dropout != spec.dropout_probability:
+            raise ValueError(
+                f"the spec's dropout_probability {spec.dropout_probability} is not the "
+                f"network's {network_dropout} (an ensemble's is 0)"
+            )
         self.network = network
         self.functional = functional
         self.format = spec.format
@@ -237,6 +317,7 @@ class SurrogateModel(torch.nn.Module):
         self.masses = [float(m) for m in spec.masses]
         self.grid_spacing = float(spec.grid_spacing_A)
         self.cutoff = float(spec.cutoff_A)
+        self.dropout_probability = float(spec.dropout_probability)
         for name in DESCRIPTOR_KEYWORDS:  # as LAMMPS compute sna/grid keywords
             setattr(self, name, spec.keyword(name))
         self.metadata_json = spec.to_json()
@@ -363,6 +444,22 @@ def model_error_message(exc: BaseException) -> str:
             "data"
         )
     return message
+
+
+def check_dropout_passes(passes: int, seed: int) -> None:
+    """ValueError unless ``passes`` is 0 (no MC dropout) or >= 2 (one sampled network has
+    no spread) and ``seed`` is in [0, 2^31) (:meth:`LdosNetwork.dropout_masks`)."""
+    if passes < 0 or passes == 1:
+        raise ValueError(f"dropout_passes must be 0 or >= 2, got {passes}")
+    if not 0 <= seed < LdosNetwork.SEED_LIMIT:
+        raise ValueError(f"the MC-dropout seed must be in [0, 2^31), got {seed}")
+
+
+def _sampled_network(
+    network: Any, seed: int, pass_index: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Sampled network ``pass_index`` of ``seed`` (:meth:`LdosNetwork.forward_sampled`)."""
+    return lambda rows: network.forward_sampled(rows, seed, pass_index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -587,9 +684,9 @@ class Model:
         derivative, E_ii by LAMMPS's Ewald sum. The electronic strain derivative is
         sum_r beta dB/deps + (E_band - TS) I + dPhi/deps|_n - c N_val / D(mu) I.
         ``grid`` defaults to the model's spacing; ``threads`` is the kernel's thread count.
-        With ``uncertainty``, also the members' spread (:meth:`predict_uncertainty`) from
-        the same descriptors and E_ii."""
-        members = self._uncertainty_members(dropout_passes) if uncertainty else []
+        With ``uncertainty``, also the members' (or ``dropout_passes`` sampled networks')
+        spread (:meth:`predict_uncertainty`) from the same descriptors and E_ii."""
+        networks = self._uncertainty_networks(dropout_passes, seed) if uncertainty else []
         grid, descriptors, rows, cell = self._inputs(atoms, grid, threads)
         valence = self._valence(atoms)
         electrons = float(valence.sum())
@@ -612,8 +709,7 @@ class Model:
         spread = None
         if uncertainty:
             inputs = (grid, descriptors, rows, cell)
-            stochastic = dropout_passes > 0
-            spread = self._spread(atoms, members, stochastic, seed, threads, ion_ion, inputs)
+            spread = self._spread(atoms, networks, threads, ion_ion, inputs)
         return Prediction(
             ldos=step.ldos.cpu().numpy().reshape(*grid, -1),
             dos=step.dos.cpu().numpy(),
@@ -632,7 +728,9 @@ class Model:
         return len(list(network.members.children())) if hasattr(network, "members") else 1
 
     def has_dropout(self) -> bool:
-        return any(m.original_name == "Dropout" for m in self.module.network.modules())
+        """Whether the model's network can be sampled for MC dropout (a single network
+        trained with dropout > 0)."""
+        return self.spec.dropout_probability > 0.0
 
     def predict_uncertainty(
         self,
@@ -643,24 +741,34 @@ class Model:
         threads: int | None = None,
     ) -> Uncertainty:
         """Each ensemble member's energy, Fermi level, DOS and forces, each through the
-        functional and the adjoint; or, with ``dropout_passes`` T > 0, those of T
-        stochastic passes of a network trained with dropout (MC dropout; the passes draw
-        from torch's generator seeded with ``seed``, restored afterwards)."""
-        members = self._uncertainty_members(dropout_passes)
+        functional and the adjoint; or, with ``dropout_passes`` T >= 2, those of T sampled
+        networks of a network trained with dropout (MC dropout: pass t is
+        ``LdosNetwork.forward_sampled(rows, seed, t)``, one keep-mask per hidden unit for
+        all grid points; the same ``seed`` gives the same networks)."""
+        networks = self._uncertainty_networks(dropout_passes, seed)
         ion_ion = ion_ion_energy(atoms, dict(zip(self.spec.elements, self.spec.valence_charges)))
         inputs = self._inputs(atoms, grid, threads)
-        return self._spread(atoms, members, dropout_passes > 0, seed, threads, ion_ion, inputs)
+        return self._spread(atoms, networks, threads, ion_ion, inputs)
 
-    def _uncertainty_members(self, dropout_passes: int) -> list[Any]:
+    def _uncertainty_networks(
+        self, dropout_passes: int, seed: int
+    ) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         """The networks whose spread is the uncertainty; ValueError if there is none."""
         network = self.module.network
-        if dropout_passes > 0:
+        if dropout_passes:
+            check_dropout_passes(dropout_passes, seed)
+            if self.ensemble_size > 1:
+                raise ValueError(
+                    f"{self.path}: MC dropout samples one network, but this model is an "
+                    f"ensemble of {self.ensemble_size}: its uncertainty is the members' "
+                    "spread (leave dropout_passes at 0)"
+                )
             if not self.has_dropout():
                 raise ValueError(
                     f"{self.path}: the network was trained without dropout, so MC dropout "
                     "gives no spread; train with dropout > 0 or export an ensemble"
                 )
-            return [network] * dropout_passes
+            return [_sampled_network(network, seed, t) for t in range(dropout_passes)]
         if self.ensemble_size > 1:
             return list(network.members.children())
         raise ValueError(
@@ -672,34 +780,24 @@ class Model:
     def _spread(
         self,
         atoms: ase.Atoms,
-        members: list[Any],
-        stochastic: bool,
-        seed: int,
+        networks: list[Callable[[torch.Tensor], torch.Tensor]],
         threads: int | None,
         ion_ion: IonIon,
         inputs: tuple[tuple[int, int, int], np.ndarray, torch.Tensor, torch.Tensor],
     ) -> Uncertainty:
-        """Every member through :meth:`_electronic_pass` and the adjoint (dropout on for
-        MC-dropout passes, off again afterwards)."""
+        """Every network through :meth:`_electronic_pass` and the adjoint."""
         grid, descriptors, rows, cell = inputs
         electrons = float(self._valence(atoms).sum())
-        network = self.module.network
         energies, fermi_levels, forces, dos = [], [], [], []
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            network.train(stochastic)
-            try:
-                for member in members:
-                    step = self._electronic_pass(member, rows, descriptors.shape, cell, electrons)
-                    electronic = descriptor_gradients(
-                        atoms, grid, self.params, step.beta, threads=threads
-                    ).forces
-                    energies.append(step.terms["electronic"] + ion_ion.energy)
-                    fermi_levels.append(step.terms["fermi_level"])
-                    forces.append(electronic + ion_ion.forces)
-                    dos.append(step.dos.cpu().numpy())
-            finally:
-                network.train(False)
+        for network in networks:
+            step = self._electronic_pass(network, rows, descriptors.shape, cell, electrons)
+            electronic = descriptor_gradients(
+                atoms, grid, self.params, step.beta, threads=threads
+            ).forces
+            energies.append(step.terms["electronic"] + ion_ion.energy)
+            fermi_levels.append(step.terms["fermi_level"])
+            forces.append(electronic + ion_ion.forces)
+            dos.append(step.dos.cpu().numpy())
         return Uncertainty(
             free_energies=np.array(energies),
             fermi_levels=np.array(fermi_levels),
