@@ -190,6 +190,12 @@ def test_model_md_stops_where_the_deviation_passes_the_threshold(tiny_ensemble):
     assert early.halted and early.steps_done % 5 == 0 and early.steps_done < 30
     assert len(early.frames) == early.steps_done // 10 + (early.steps_done % 10 > 0)
     assert len(early.max_deviations) == len(early.frames)
+    # 30 fs steps at 3000 K fling atoms about: the run ends with LAMMPS's error, and the
+    # frames written before it are kept
+    wild = model_md_frames(tiny_ensemble, atoms, [3000.0], steps=40, every=2, spacing=0.6,
+                           timestep_fs=30.0, halt_deviation=1e3)[0]  # fmt: skip
+    assert wild.halted and wild.error.startswith("ERROR") and wild.steps_done < 40
+    assert len(wild.frames) == len(wild.max_deviations) <= wild.steps_done // 2
     with pytest.raises(ValueError, match="check_every must divide every"):
         model_md_frames(tiny_ensemble, atoms, [300.0], steps=30, every=10, check_every=3)
 

@@ -90,6 +90,10 @@ def _scaled(atoms: ase.Atoms, scale: float) -> ase.Atoms:
     return moving
 
 
+# LAMMPS errors of a model MD run far outside the model's domain (not a broken setup)
+LEFT_DOMAIN_ERRORS = ("Lost atoms", "outside its training data")
+
+
 @dataclass(frozen=True)
 class ModelRun:
     """One model-MD run: its frames, how far it got and whether ``fix halt`` stopped it."""
@@ -99,6 +103,7 @@ class ModelRun:
     steps_done: int
     halted: bool
     max_deviations: np.ndarray  # max force deviation (eV/A) at each frame
+    error: str = ""  # the LAMMPS error that ended a run far outside the model's domain
 
 
 def model_md_frames(
@@ -171,35 +176,43 @@ def model_md_frames(
                     lmp_command(["-in", "in.explore", "-nocite", "-screen", "none"], ranks),
                     cwd=work, capture_output=True, text=True,
                 )  # fmt: skip
-                if proc.returncode != 0:
-                    log_path = work / "log.lammps"
-                    log = log_path.read_text() if log_path.exists() else ""
-                    errors = [line for line in log.splitlines() if "ERROR" in line]
+                log_path = work / "log.lammps"
+                log = log_path.read_text() if log_path.exists() else ""
+                errors = [line for line in log.splitlines() if "ERROR" in line]
+                # atoms flung out of the box, or an LDOS without a Fermi level: the model
+                # is far outside its domain, and the frames before are still candidates
+                lost = (
+                    proc.returncode != 0
+                    and bool(errors)
+                    and any(sign in errors[-1] for sign in LEFT_DOMAIN_ERRORS)
+                )
+                if proc.returncode != 0 and not lost:
                     raise RuntimeError(
                         f"model MD {name} with {model_path} failed: "
                         f"{errors[-1] if errors else (proc.stderr or proc.stdout)[-500:]}"
                     )
                 deviations = np.loadtxt(work / "model_devi.out", ndmin=2)
                 dumped = ase.io.read(work / "frames.dump", index=":", format="lammps-dump-text")
-                final = ase.io.read(work / "final.dump", format="lammps-dump-text")
-            steps_done = int(deviations[-1, 0])
-            # step 0 is the start structure; the halt's configuration ends the frames
-            frames = dumped[1:] + ([final] if steps_done % every else [])
+                # step 0 is the start structure; the halt's configuration ends the frames
+                frames = dumped[1:]
+                steps_done = int(deviations[-1, 0])
+                frame_steps = [every * (k + 1) for k in range(len(frames))]
+                if not lost and steps_done % every:
+                    frames.append(ase.io.read(work / "final.dump", format="lammps-dump-text"))
+                    frame_steps.append(steps_done)
             symbols = list(spec.elements)
             for frame in frames:
                 frame.set_chemical_symbols([symbols[t - 1] for t in frame.get_atomic_numbers()])
                 frame.calc = None
             checked = {int(step): value for step, value in deviations[:, :2]}
-            frame_steps = [*range(every, steps_done + 1, every)]
-            if steps_done % every:
-                frame_steps.append(steps_done)
             runs.append(
                 ModelRun(
                     name=name,
                     frames=frames,
                     steps_done=steps_done,
-                    halted=bool(deviations[-1, 1] > halt_deviation),
+                    halted=lost or bool(deviations[-1, 1] > halt_deviation),
                     max_deviations=np.array([checked[step] for step in frame_steps]),
+                    error=errors[-1].strip() if lost else "",
                 )
             )
     return runs

@@ -302,7 +302,9 @@ def _evaluate(config: LearnConfig, iteration: int, model_path: Path) -> list[dic
     return json.loads(path.read_text())
 
 
-def _explore(config: LearnConfig, iteration: int, model_path: Path) -> list[ase.Atoms]:
+def _explore(
+    config: LearnConfig, iteration: int, model_path: Path, log: Callable[[str], None]
+) -> list[ase.Atoms]:
     from mlsurrogate.candidates import classical_md_frames, model_md_frames
 
     path = config.workdir / f"iteration_{iteration:02d}" / "candidates.extxyz"
@@ -325,7 +327,11 @@ def _explore(config: LearnConfig, iteration: int, model_path: Path) -> list[ase.
                     spacing=settings.md_spacing, seed=seed, ranks=settings.ranks,
                     check_every=settings.check_every,
                 )  # fmt: skip
-                frames.extend(frame for run in runs for frame in run.frames)
+                for run in runs:
+                    ending = run.error or ("fix halt" if run.halted else "all steps")
+                    log(f"  model MD {Path(structure).name} {run.name}: {len(run.frames)} "
+                        f"frames, {run.steps_done} steps ({ending})")  # fmt: skip
+                    frames.extend(run.frames)
         if not frames:
             raise ValueError(f"iteration {iteration}: exploration produced no frames")
         with atomic_output(path) as tmp:
@@ -334,7 +340,11 @@ def _explore(config: LearnConfig, iteration: int, model_path: Path) -> list[ase.
 
 
 def _select(
-    config: LearnConfig, iteration: int, model_path: Path, train: list[str]
+    config: LearnConfig,
+    iteration: int,
+    model_path: Path,
+    train: list[str],
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
     from mlsurrogate.model import Model
     from mlsurrogate.selection import format_scores, pick, score_candidates
@@ -342,7 +352,8 @@ def _select(
     directory = config.workdir / f"iteration_{iteration:02d}"
     path = directory / "selection.json"
     if not path.exists():
-        frames = _explore(config, iteration, model_path)
+        frames = _explore(config, iteration, model_path, log)
+        log(f"iteration {iteration}: scoring {len(frames)} explored frames")
         model = Model.load(model_path)
         spacing = config.selection_spacing or model.spec.grid_spacing_A
         candidates = [(f"frame_{index:03d}", atoms) for index, atoms in enumerate(frames)]
@@ -424,7 +435,7 @@ def run_learning(
         if iteration == config.iterations:
             record.stop = "iteration budget spent"
         else:
-            selection = _select(config, iteration, model_path, train)
+            selection = _select(config, iteration, model_path, train, log)
             record.frames = selection["frames"]
             record.accurate = selection["accurate"]
             record.candidate = selection["candidate"]
