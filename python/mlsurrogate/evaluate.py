@@ -3,12 +3,13 @@ snapshots and on held-out reference structures, with its uncertainty."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import ase
 import numpy as np
@@ -384,6 +385,21 @@ class ReferenceError:
     def max_force_deviation(self) -> float | None:
         deviation = self.atom_force_deviation
         return None if deviation is None else float(deviation.max())
+
+    def to_json(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        for key in ("atom_force_errors", "atom_force_deviation"):
+            if record[key] is not None:
+                record[key] = record[key].tolist()
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> ReferenceError:
+        values = dict(record, grid=tuple(record["grid"]))
+        for key in ("atom_force_errors", "atom_force_deviation"):
+            if values[key] is not None:
+                values[key] = np.asarray(values[key], dtype=np.float64)
+        return cls(**values)
 
 
 def evaluate_references(

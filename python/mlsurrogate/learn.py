@@ -42,6 +42,7 @@ import ase
 import ase.io
 import numpy as np
 
+from mlsurrogate.evaluate import ReferenceError, rank_correlations
 from mlsurrogate.files import atomic_output, write_bytes_atomically
 from mlsurrogate.qe import QESettings, mpi_commands
 
@@ -217,6 +218,8 @@ class IterationRecord:
     heldout_force_rmse: float  # eV/A
     heldout_energy_uncertainty: float  # mean, meV/atom
     heldout_max_force_deviation: float  # mean over structures, eV/A
+    energy_rank_correlation: float  # Spearman rho, energy uncertainty vs |error|
+    force_rank_correlation: float  # Spearman rho, per-atom force deviation vs error
     frames: int = 0
     accurate: float = math.nan  # fractions of the explored frames
     candidate: float = math.nan
@@ -275,7 +278,7 @@ def _members(config: LearnConfig, iteration: int, train: list[str], log: Callabl
     return model
 
 
-def _evaluate(config: LearnConfig, iteration: int, model_path: Path) -> list[dict[str, Any]]:
+def _evaluate(config: LearnConfig, iteration: int, model_path: Path) -> list[ReferenceError]:
     from mlsurrogate.evaluate import evaluate_references, load_references
     from mlsurrogate.model import Model
 
@@ -284,22 +287,8 @@ def _evaluate(config: LearnConfig, iteration: int, model_path: Path) -> list[dic
         errors = evaluate_references(
             Model.load(model_path), load_references(config.heldout), threads=config.threads
         )
-        _write_json(
-            path,
-            [
-                {
-                    "name": e.name,
-                    "energy_error_eV_atom": e.energy_error,
-                    "force_rmse_eV_A": e.force_rmse,
-                    "energy_uncertainty_eV_atom": e.energy_uncertainty,
-                    "max_force_deviation_eV_A": e.max_force_deviation,
-                    "atom_force_errors_eV_A": e.atom_force_errors.tolist(),
-                    "atom_force_deviation_eV_A": e.atom_force_deviation.tolist(),
-                }
-                for e in errors
-            ],
-        )
-    return json.loads(path.read_text())
+        _write_json(path, [e.to_json() for e in errors])
+    return [ReferenceError.from_json(record) for record in json.loads(path.read_text())]
 
 
 def _explore(
@@ -418,16 +407,20 @@ def run_learning(
         train = [*config.train, *_labelled(config, iteration)]
         model_path = _members(config, iteration, train, log)
         heldout = _evaluate(config, iteration, model_path)
-        def mean(key: str) -> float:
-            return float(np.mean([abs(h[key]) for h in heldout]))
-
+        energy_rho, force_rho = (
+            rank_correlations(heldout) if len(heldout) >= 3 else (math.nan, math.nan)
+        )
         record = IterationRecord(
             iteration=iteration,
             training_snapshots=len(train),
-            heldout_energy_mae=1000 * mean("energy_error_eV_atom"),
-            heldout_force_rmse=math.sqrt(np.mean([h["force_rmse_eV_A"] ** 2 for h in heldout])),
-            heldout_energy_uncertainty=1000 * mean("energy_uncertainty_eV_atom"),
-            heldout_max_force_deviation=mean("max_force_deviation_eV_A"),
+            heldout_energy_mae=1000 * float(np.mean([abs(e.energy_error) for e in heldout])),
+            heldout_force_rmse=math.sqrt(np.mean([e.force_rmse**2 for e in heldout])),
+            heldout_energy_uncertainty=1000 * float(
+                np.mean([e.energy_uncertainty for e in heldout])
+            ),
+            heldout_max_force_deviation=float(np.mean([e.max_force_deviation for e in heldout])),
+            energy_rank_correlation=energy_rho,
+            force_rank_correlation=force_rho,
         )
         records.append(record)
         shutil.copyfile(model_path, config.workdir / "model.pt.tmp")
@@ -467,15 +460,16 @@ def format_report(records: Sequence[IterationRecord]) -> str:
 
     lines = [
         "| iteration | training snapshots | held-out dA MAE (meV/atom) | F RMSE (eV/A) "
-        "| mean dE unc. (meV/atom) | mean max dF (eV/A) | frames | accurate | candidate "
-        "| failed | labelled | stop |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| mean dE unc. (meV/atom) | mean max dF (eV/A) | rho E | rho F | frames | accurate "
+        "| candidate | failed | labelled | stop |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in records:
         lines.append(
             f"| {r.iteration} | {r.training_snapshots} | {r.heldout_energy_mae:.1f} "
             f"| {r.heldout_force_rmse:.3f} | {r.heldout_energy_uncertainty:.1f} "
-            f"| {r.heldout_max_force_deviation:.3f} | {r.frames or '-'} | {share(r.accurate)} "
+            f"| {r.heldout_max_force_deviation:.3f} | {r.energy_rank_correlation:+.2f} "
+            f"| {r.force_rank_correlation:+.2f} | {r.frames or '-'} | {share(r.accurate)} "
             f"| {share(r.candidate)} | {share(r.failed)} | {', '.join(r.picks) or '-'} "
             f"| {r.stop} |"
         )
