@@ -507,9 +507,13 @@ def plot_calibration(errors: Sequence[ReferenceError], path: str | os.PathLike[s
     right.set_ylabel("|F - F_QE| (eV/A)")
     right.set_title(f"per atom, Spearman rho = {force_rho:+.2f}")
     right.legend(fontsize=7)
+    from matplotlib.ticker import NullFormatter
+
     for axes in (left, right):
         axes.set_xscale("log")
         axes.set_yscale("log")
+        axes.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
+        axes.yaxis.set_minor_formatter(NullFormatter())
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=120)
