@@ -76,6 +76,31 @@ def test_calculator_reports_the_uncertainty_of_an_ensemble(members):
         Model.load(members[0]).predict_uncertainty(single, GRID)
 
 
+def test_calculator_warns_naming_the_most_uncertain_atoms(members):
+    import warnings
+
+    from mlsurrogate.calculator import UncertaintyWarning
+
+    atoms = displaced_al()
+    deviation = Model.load(members[2]).predict_uncertainty(atoms, GRID).atom_force_deviation
+    order = np.argsort(-deviation)
+    threshold = float(0.5 * (deviation[order[1]] + deviation[order[2]]))  # two atoms above
+    atoms.calc = MLSurrogateCalculator(members[2], grid=GRID, warn_force_deviation=threshold)
+    with pytest.warns(UncertaintyWarning, match=rf"^2 atoms .* by index: {order[0]} \(.*, "
+                      rf"{order[1]} \("):  # fmt: skip
+        atoms.get_potential_energy()
+    quiet = displaced_al()
+    quiet.calc = MLSurrogateCalculator(members[2], grid=GRID,
+                                       warn_force_deviation=2 * deviation.max())  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncertaintyWarning)
+        quiet.get_potential_energy()
+    with pytest.raises(ValueError, match="needs the uncertainty"):
+        MLSurrogateCalculator(members[0], grid=GRID, warn_force_deviation=0.1)
+    with pytest.raises(ValueError, match="must be a positive force"):
+        MLSurrogateCalculator(members[2], grid=GRID, warn_force_deviation=-1.0)
+
+
 def test_dropout_masks_are_one_thinned_network_per_pass(dropout_model):
     """Pass t of seed S keeps each hidden unit with probability 1 - p and scales it by
     1 / (1 - p); the scripted method draws what the Python class draws (torch's CPU

@@ -25,6 +25,7 @@ Results (eV, eV/A, eV/A^3):
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +36,13 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from mlsurrogate.descriptors import grid_for_spacing
 from mlsurrogate.model import Model, check_dropout_passes
+
+WORST_ATOMS = 5  # atoms named by the force-deviation warning, as in the pair style
+
+
+class UncertaintyWarning(UserWarning):
+    """A prediction whose ensemble (or MC-dropout) force deviation is above the threshold."""
+
 
 # ASE's Voigt order of a symmetric 3 x 3 tensor
 _VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
@@ -52,6 +60,9 @@ class MLSurrogateCalculator(Calculator):
     models; each member costs about one more prediction); ``dropout_passes``: MC-dropout
     passes for a network trained with dropout (turns ``uncertainty`` on), T sampled
     networks of ``seed`` (the same networks at every call, as in the pair style).
+    ``warn_force_deviation`` (eV/A): an :class:`UncertaintyWarning` naming the worst atoms
+    when any atom's force deviation exceeds it (the pair style's ``warn``; metatomic's
+    uncertainty threshold).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -66,6 +77,7 @@ class MLSurrogateCalculator(Calculator):
         uncertainty: bool | None = None,
         dropout_passes: int = 0,
         seed: int = 0,
+        warn_force_deviation: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -78,6 +90,11 @@ class MLSurrogateCalculator(Calculator):
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         check_dropout_passes(dropout_passes, seed)
+        if warn_force_deviation is not None and not warn_force_deviation > 0:
+            raise ValueError(
+                "warn_force_deviation must be a positive force (eV/A), got "
+                f"{warn_force_deviation!r}"
+            )
         self.model = model if isinstance(model, Model) else Model.load(model, device)
         self.grid = None if grid is None else tuple(int(n) for n in grid)
         self.spacing = spacing
@@ -86,7 +103,10 @@ class MLSurrogateCalculator(Calculator):
         self.seed = seed
         if uncertainty is None:
             uncertainty = dropout_passes > 0 or self.model.ensemble_size > 1
+        if warn_force_deviation is not None and not uncertainty:
+            raise ValueError("warn_force_deviation needs the uncertainty (uncertainty=True)")
         self.uncertainty = uncertainty
+        self.warn_force_deviation = warn_force_deviation
 
     def grid_for(self, atoms: ase.Atoms) -> tuple[int, int, int]:
         """The grid this calculator uses for ``atoms``."""
@@ -135,3 +155,18 @@ class MLSurrogateCalculator(Calculator):
                 fermi_level_uncertainty=spread.fermi_level,
                 dos_uncertainty=spread.dos_deviation,
             )
+            self._warn_if_uncertain(spread.atom_force_deviation)
+
+    def _warn_if_uncertain(self, deviation: np.ndarray) -> None:
+        threshold = self.warn_force_deviation
+        if threshold is None or not deviation.max() > threshold:
+            return
+        above = np.flatnonzero(deviation > threshold)
+        worst = above[np.argsort(-deviation[above])][:WORST_ATOMS]
+        names = ", ".join(f"{i} ({deviation[i]:.4g} eV/A)" for i in worst)
+        warnings.warn(
+            f"{len(above)} atoms have a force deviation above {threshold} eV/A; the worst, by "
+            f"index: {names}. The structure may be outside the model's training data",
+            UncertaintyWarning,
+            stacklevel=3,
+        )
