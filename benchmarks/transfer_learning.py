@@ -22,12 +22,14 @@ import numpy as np
 
 from mlsurrogate.evaluate import evaluate_references, load_references
 from mlsurrogate.export import export_model
-from mlsurrogate.learn import LearnConfig
+from mlsurrogate.learn import LearnConfig, labelled_snapshots
 from mlsurrogate.model import Model
 from mlsurrogate.training import TrainingConfig, train
 
 
-def scratch_ensemble(config: LearnConfig, snapshots: list[str], directory: Path) -> Path:
+def scratch_ensemble(
+    config: LearnConfig, snapshots: list[str], validation: list[str], directory: Path
+) -> Path:
     """The run's recipe from random weights on ``snapshots``, one member per seed."""
     directory.mkdir(parents=True, exist_ok=True)
     model = directory / "model.pt"
@@ -39,7 +41,7 @@ def scratch_ensemble(config: LearnConfig, snapshots: list[str], directory: Path)
         checkpoint = directory / f"member_{member}.ckpt"
         done = checkpoint.with_suffix(".done")
         settings = dataclasses.replace(
-            base, train=snapshots, validation=list(config.validation), seed=base.seed + member
+            base, train=snapshots, validation=validation, seed=base.seed + member
         )
         if not done.exists():
             train(settings, checkpoint, resume=checkpoint.exists(), progress=False)
@@ -61,17 +63,16 @@ def main() -> None:
     k = args.iteration if args.iteration is not None else len(iterations) - 1
     if k < 1:
         raise SystemExit("--iteration must be >= 1: iteration 0 is not fine-tuned")
-    labelled = sorted(
-        str(p)
-        for p in (config.workdir / "snapshots").glob("iteration_*_pick_*.h5")
-        if int(p.name.split("_")[1]) < k
-    )
+    labelled = labelled_snapshots(config, k)
+    validation = [*config.validation, *labelled_snapshots(config, k, "validation")]
     outdir = Path(args.outdir)
     models = {
         f"fine-tuned (learn iteration {k})": config.workdir / f"iteration_{k:02d}" / "model.pt",
-        "from scratch, large cells only": scratch_ensemble(config, labelled, outdir / "large"),
+        "from scratch, large cells only": scratch_ensemble(
+            config, labelled, validation, outdir / "large"
+        ),
         "from scratch, all data": scratch_ensemble(
-            config, [*config.train, *labelled], outdir / "all"
+            config, [*config.train, *labelled], validation, outdir / "all"
         ),
     }
     references = load_references(config.heldout)

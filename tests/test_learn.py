@@ -23,7 +23,7 @@ from mlsurrogate.qe import ingest, run_qe
 # the tiny settings broaden the LDOS by 0.3 eV, which ingest warns is approximate
 pytestmark = pytest.mark.filterwarnings("ignore::mlsurrogate.qe.ApproximateIntegrationWarning")
 # four atoms, so the k-point mesh of the tiny one-atom settings shrinks alike
-TINY_QE = {**TINY_SETTINGS.__dict__, "kpts": (2, 2, 2), "nbnd": 16}
+TINY_QE = {**TINY_SETTINGS.__dict__, "kpts": (2, 2, 2), "nbnd": 20}
 
 
 def _cell(seed: int) -> ase.Atoms:
@@ -55,7 +55,8 @@ def _write_config(directory: Path, snapshots: list[Path], **learn: object) -> Pa
         "threads = 1\n[descriptor_params]\ntwojmax = 2\n"
     )
     settings = {
-        "workdir": "work", "iterations": 1, "picks": 1, "members": 2, "trust": [0.0, 1e6],
+        "workdir": "work", "iterations": 1, "picks": 2, "validation_picks": 1, "members": 2,
+        "trust": [0.0, 1e6],
         "finetune_epochs": 2, **learn,
     }  # fmt: skip
     learn_keys = {k: v for k, v in settings.items() if k != "finetune_epochs"}
@@ -100,6 +101,8 @@ def test_learn_runs_end_to_end_and_resumes_after_an_interruption(tiny_snapshots,
     assert {name: os.stat(first / name).st_mtime_ns for name in finished} == stamps
     assert [r.iteration for r in records] == [0, 1]
     assert [r.training_snapshots for r in records] == [1, 2]
+    assert [r.validation_snapshots for r in records] == [1, 2]  # the second pick validates
+    assert (config.workdir / "snapshots" / "iteration_00_validation_1.h5").exists()
     assert records[0].frames == 4 and records[0].candidate == 1.0 and records[0].picks
     assert records[1].stop == "iteration budget spent"
     for record in records:

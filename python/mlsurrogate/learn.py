@@ -7,7 +7,9 @@ previous iteration's members with their own epochs and learning rate), exports i
 evaluates it on the fixed held-out references, and, unless the iteration budget is
 spent, explores candidate structures, scores them (trust levels on the ensemble's max
 force deviation, dpgen's convention; descriptor-space dissimilarity), and labels the
-picks with pw.x + pp.x. It stops when the share of explored frames that are not
+picks with pw.x + pp.x (the last ``validation_picks`` of them join the validation set:
+early stopping then sees the structures the loop is after, not only the initial data).
+It stops when the share of explored frames that are not
 ``accurate`` is at most ``stop_fraction``, when nothing is left to label, or after
 ``iterations`` labelling rounds.
 
@@ -21,7 +23,7 @@ mid-way continues from its last epoch; a QE run killed mid-way starts again.
     WORKDIR/iteration_NN/heldout.json    held-out errors and uncertainty
     WORKDIR/iteration_NN/candidates.extxyz, selection.json, selection.md
     WORKDIR/iteration_NN/qe_pick_J/      pw.x/pp.x run of pick J (wavefunctions removed)
-    WORKDIR/snapshots/iteration_NN_pick_J.h5   the labelled snapshots
+    WORKDIR/snapshots/iteration_NN_pick_J.h5   labelled snapshots (validation_J: validation)
     WORKDIR/report.md, learn_heldout.png, learn_levels.png, model.pt (the newest)
 """
 
@@ -49,7 +51,7 @@ from mlsurrogate.qe import QESettings, mpi_commands
 EXPLORE_METHODS = ("emt", "model")
 _LEARN_KEYS = {
     "workdir", "iterations", "picks", "members", "stop_fraction", "trust",
-    "selection_spacing", "threads", "ldos_mantissa_bits",
+    "selection_spacing", "threads", "ldos_mantissa_bits", "validation_picks",
 }  # fmt: skip
 _TRAINING_KEYS = {"config", "finetune_epochs", "finetune_learning_rate", "frozen_layers"}
 
@@ -85,6 +87,7 @@ class LearnConfig:
     training_config: str
     iterations: int = 3
     picks: int = 2
+    validation_picks: int = 0  # of each iteration's picks, labelled for validation
     members: int = 3
     stop_fraction: float = 0.05
     trust: tuple[float, float] = (0.05, 0.15)
@@ -173,6 +176,8 @@ class LearnConfig:
         checks = [
             (self.iterations >= 0, f"[learn] iterations must be >= 0, got {self.iterations}"),
             (self.picks >= 1, f"[learn] picks must be >= 1, got {self.picks}"),
+            (0 <= self.validation_picks < self.picks,
+             f"[learn] validation_picks must be in 0 .. picks - 1, got {self.validation_picks}"),
             (self.members >= 2, f"[learn] members must be >= 2 (an ensemble), got {self.members}"),
             (0 <= self.stop_fraction < 1, "[learn] stop_fraction must be in [0, 1)"),
             (len(self.trust) == 2 and 0 <= self.trust[0] < self.trust[1],
@@ -214,6 +219,7 @@ class IterationRecord:
 
     iteration: int
     training_snapshots: int
+    validation_snapshots: int
     heldout_energy_mae: float  # meV/atom
     heldout_force_rmse: float  # eV/A
     heldout_energy_uncertainty: float  # mean, meV/atom
@@ -232,7 +238,9 @@ def _write_json(path: Path, value: Any) -> None:
     write_bytes_atomically(path, (json.dumps(value, indent=1) + "\n").encode())
 
 
-def _members(config: LearnConfig, iteration: int, train: list[str], log: Callable) -> Path:
+def _members(
+    config: LearnConfig, iteration: int, train: list[str], validation: list[str], log: Callable
+) -> Path:
     """Train (or finish training) the ensemble of ``iteration``; return its model."""
     from mlsurrogate.export import export_model
     from mlsurrogate.training import TrainingConfig
@@ -254,7 +262,7 @@ def _members(config: LearnConfig, iteration: int, train: list[str], log: Callabl
         settings = dataclasses.replace(
             base,
             train=list(train),
-            validation=list(config.validation),
+            validation=list(validation),
             seed=base.seed + member,
             threads=config.threads or base.threads,
         )
@@ -375,8 +383,12 @@ def _label(config: LearnConfig, iteration: int, selection: dict[str, Any], param
     frames = ase.io.read(directory / "candidates.extxyz", index=":")
     snapshots = config.workdir / "snapshots"
     snapshots.mkdir(exist_ok=True)
-    for number, index in enumerate(selection["pick_indices"]):
-        target = snapshots / f"iteration_{iteration:02d}_pick_{number}.h5"
+    picks = selection["pick_indices"]
+    # the last validation_picks picks validate, as long as one is left to train on
+    first_validation = max(len(picks) - config.validation_picks, 1)
+    for number, index in enumerate(picks):
+        role = "validation" if number >= first_validation else "pick"
+        target = snapshots / f"iteration_{iteration:02d}_{role}_{number}.h5"
         if target.exists():
             continue
         rundir = directory / f"qe_pick_{number}"
@@ -390,8 +402,10 @@ def _label(config: LearnConfig, iteration: int, selection: dict[str, Any], param
         shutil.rmtree(rundir / "out", ignore_errors=True)  # wavefunctions, not needed
 
 
-def _labelled(config: LearnConfig, before: int) -> list[str]:
-    found = sorted((config.workdir / "snapshots").glob("iteration_*_pick_*.h5"))
+def labelled_snapshots(config: LearnConfig, before: int, role: str = "pick") -> list[str]:
+    """Snapshots the run labelled in iterations before ``before``: ``pick`` (training) or
+    ``validation``."""
+    found = sorted((config.workdir / "snapshots").glob(f"iteration_*_{role}_*.h5"))
     return [str(p) for p in found if int(p.name.split("_")[1]) < before]
 
 
@@ -404,8 +418,9 @@ def run_learning(
     config.workdir.mkdir(parents=True, exist_ok=True)
     records: list[IterationRecord] = []
     for iteration in range(config.iterations + 1):
-        train = [*config.train, *_labelled(config, iteration)]
-        model_path = _members(config, iteration, train, log)
+        train = [*config.train, *labelled_snapshots(config, iteration)]
+        validation = [*config.validation, *labelled_snapshots(config, iteration, "validation")]
+        model_path = _members(config, iteration, train, validation, log)
         heldout = _evaluate(config, iteration, model_path)
         energy_rho, force_rho = (
             rank_correlations(heldout) if len(heldout) >= 3 else (math.nan, math.nan)
@@ -413,6 +428,7 @@ def run_learning(
         record = IterationRecord(
             iteration=iteration,
             training_snapshots=len(train),
+            validation_snapshots=len(validation),
             heldout_energy_mae=1000 * float(np.mean([abs(e.energy_error) for e in heldout])),
             heldout_force_rmse=math.sqrt(np.mean([e.force_rmse**2 for e in heldout])),
             heldout_energy_uncertainty=1000 * float(
@@ -459,14 +475,16 @@ def format_report(records: Sequence[IterationRecord]) -> str:
         return "-" if math.isnan(value) else f"{100 * value:.0f}%"
 
     lines = [
-        "| iteration | training snapshots | held-out dA MAE (meV/atom) | F RMSE (eV/A) "
+        "| iteration | training / validation snapshots | held-out dA MAE (meV/atom) "
+        "| F RMSE (eV/A) "
         "| mean dE unc. (meV/atom) | mean max dF (eV/A) | rho E | rho F | frames | accurate "
         "| candidate | failed | labelled | stop |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in records:
         lines.append(
-            f"| {r.iteration} | {r.training_snapshots} | {r.heldout_energy_mae:.1f} "
+            f"| {r.iteration} | {r.training_snapshots} / {r.validation_snapshots} "
+            f"| {r.heldout_energy_mae:.1f} "
             f"| {r.heldout_force_rmse:.3f} | {r.heldout_energy_uncertainty:.1f} "
             f"| {r.heldout_max_force_deviation:.3f} | {r.energy_rank_correlation:+.2f} "
             f"| {r.force_rank_correlation:+.2f} | {r.frames or '-'} | {share(r.accurate)} "
