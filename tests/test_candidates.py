@@ -69,3 +69,20 @@ def test_entropy_maximization_refuses_bad_input():
         entropy_maximized_frames(atoms, steps=0)
     with pytest.raises(ValueError, match="periodic orthogonal cell"):
         entropy_maximized_frames(bulk("Al", "fcc", a=4.05).repeat(2), steps=1, every=1)
+
+
+def test_explore_command_line(tmp_path, capsys):
+    import ase.io
+
+    from mlsurrogate import cli
+
+    start = tmp_path / "start.xyz"
+    atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat(2)
+    atoms.rattle(0.05, seed=3)
+    ase.io.write(start, atoms)
+    out = tmp_path / "frames.extxyz"
+    code = cli.main(["explore", str(start), "--method", "entropy", "--steps", "20",
+                     "--every", "10", "-o", str(out)])  # fmt: skip
+    assert code == 0 and len(ase.io.read(out, index=":")) == 4  # 2 frames for each of +-K
+    assert cli.main(["explore", str(start), "--method", "model", "-o", str(out)]) == 2
+    assert "--method model needs --model" in capsys.readouterr().err

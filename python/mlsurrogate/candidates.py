@@ -193,7 +193,7 @@ def model_md_frames(
                     and any(sign in errors[-1] for sign in LEFT_DOMAIN_ERRORS)
                 )
                 if proc.returncode != 0 and not lost:
-                    raise RuntimeError(
+                    raise ValueError(  # the input or the model, not this code
                         f"model MD {name} with {model_path} failed: "
                         f"{errors[-1] if errors else (proc.stderr or proc.stdout)[-500:]}"
                     )

@@ -243,22 +243,45 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _explore(args: argparse.Namespace) -> int:
     import ase.io
 
-    from mlsurrogate.candidates import classical_md_frames
+    from mlsurrogate.candidates import (
+        classical_md_frames,
+        entropy_maximized_frames,
+        model_md_frames,
+    )
     from mlsurrogate.files import atomic_output, check_output_path
 
     check_output_path(args.output)
     atoms = _read_structure(args.structure)
-    frames = classical_md_frames(
-        atoms,
-        args.temperatures,
-        args.scales,
-        steps=args.steps,
-        every=args.every,
-        timestep_fs=args.timestep,
-        seed=args.seed,
-    )
+    if args.method == "entropy":
+        found = entropy_maximized_frames(
+            atoms, args.k, steps=args.steps, every=args.every, step_size=args.step_size,
+            r_min=args.r_min, seed=args.seed,
+        )  # fmt: skip
+        frames = [frame for _, frame in found]
+    elif args.method == "model":
+        if not args.model:
+            raise UsageError("--method model needs --model ENSEMBLE.pt")
+        runs = model_md_frames(
+            args.model, atoms, args.temperatures, args.scales, steps=args.steps,
+            every=args.every, timestep_fs=args.timestep, halt_deviation=args.halt,
+            spacing=args.spacing, seed=max(args.seed, 1), ranks=args.ranks,
+            check_every=args.check_every,
+        )  # fmt: skip
+        for run in runs:
+            ending = run.error or ("stopped by fix halt" if run.halted else "all steps")
+            print(f"{run.name}: {len(run.frames)} frames, {run.steps_done} steps ({ending})")
+        frames = [frame for run in runs for frame in run.frames]
+    else:
+        found = classical_md_frames(
+            atoms, args.temperatures, args.scales, steps=args.steps, every=args.every,
+            timestep_fs=args.timestep, seed=args.seed,
+        )  # fmt: skip
+        frames = [frame for _, frame in found]
+    if not frames:
+        raise UsageError("no frames: every run stopped before its first frame; check less "
+                         "often (--every) or explore with another method")  # fmt: skip
     with atomic_output(args.output) as tmp:
-        ase.io.write(tmp, [frame for _, frame in frames], format="extxyz")
+        ase.io.write(tmp, frames, format="extxyz")
     print(f"wrote {len(frames)} frames to {args.output}; next: mlsurrogate select "
           f"{args.output} --train SNAPSHOTS... -k K")
     return 0
@@ -505,21 +528,43 @@ def _build_parser() -> argparse.ArgumentParser:
 
     explore = sub.add_parser(
         "explore",
-        help="candidate structures from classical MD (EMT) over temperatures and densities",
-        description="Bootstrap candidates for the next DFT snapshots: Langevin MD of a "
-        "structure with ASE's EMT potential (Al, Cu, Ag, Au, Ni, Pd, Pt) at each temperature "
-        "and lattice scaling, a frame every --every steps; the frames go to `mlsurrogate "
-        "select`.",
+        help="candidate structures: EMT MD, the model's own MD with fix halt, or entropy "
+        "maximization",
+        description="Candidates for the next DFT snapshots, a frame every --every steps "
+        "(docs/active-learning.md#candidates). emt: Langevin MD with ASE's EMT (Al, Cu, "
+        "Ag, Au, Ni, Pd, Pt) at each temperature and lattice scaling. model: Langevin MD "
+        "in LAMMPS with an ensemble model, stopped by fix halt once its max force deviation "
+        "exceeds --halt. entropy: moves that raise (K > 0) or lower (K < 0) the entropy of "
+        "the atoms' descriptors against a repulsive core (Montes de Oca Zapiain et al. "
+        "2022). The frames go to `mlsurrogate select`.",
     )
     explore.add_argument("structure", help="start structure (any ase.io format)")
-    explore.add_argument("--temperatures", nargs="+", type=float, required=True,
-                         help="temperatures, K")
+    explore.add_argument("--method", choices=("emt", "model", "entropy"), default="emt",
+                         help="how to explore (default emt)")
+    explore.add_argument("--temperatures", nargs="+", type=float, default=[933.0],
+                         help="temperatures, K (emt, model; default 933)")
     explore.add_argument("--scales", nargs="+", type=float, default=[1.0],
-                         help="lattice scalings of the cell (default 1)")
-    explore.add_argument("--steps", type=int, default=1000, help="MD steps per run (1000)")
-    explore.add_argument("--every", type=int, default=100, help="steps between frames (100)")
+                         help="lattice scalings of the cell (emt, model; default 1)")
+    explore.add_argument("--steps", type=int, default=1000,
+                         help="MD steps per run, or entropy moves per K (1000)")
+    explore.add_argument("--every", type=int, default=100,
+                         help="steps (moves) between frames (100)")
     explore.add_argument("--timestep", type=float, default=2.0, help="fs (default 2)")
-    explore.add_argument("--seed", type=int, default=0, help="velocities and noise (0)")
+    explore.add_argument("--seed", type=int, default=0, help="velocities, noise, moves (0)")
+    explore.add_argument("--model", help="model: the ensemble (.pt)")
+    explore.add_argument("--halt", type=float, default=0.15,
+                         help="model: stop a run above this max force deviation, eV/A (0.15)")
+    explore.add_argument("--check-every", type=int, default=None,
+                         help="model: steps between deviation checks (default --every)")
+    explore.add_argument("--spacing", type=float, default=0.5,
+                         help="model: MD grid spacing, A (0.5)")
+    explore.add_argument("--ranks", type=int, default=1, help="model: MPI ranks (1)")
+    explore.add_argument("-k", nargs="+", type=float, default=[1.0, -1.0],
+                         help="entropy: weights K of the entropy, one run each (1 -1)")
+    explore.add_argument("--step-size", type=float, default=0.1,
+                         help="entropy: standard deviation of a move, A (0.1)")
+    explore.add_argument("--r-min", type=float, default=2.2,
+                         help="entropy: repulsive core below this distance, A (2.2)")
     explore.add_argument("-o", "--output", required=True, help="frames file (extxyz)")
     explore.set_defaults(handler=_explore)
 

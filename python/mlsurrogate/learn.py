@@ -48,7 +48,7 @@ from mlsurrogate.evaluate import ReferenceError, rank_correlations
 from mlsurrogate.files import atomic_output, write_bytes_atomically
 from mlsurrogate.qe import QESettings, mpi_commands
 
-EXPLORE_METHODS = ("emt", "model")
+EXPLORE_METHODS = ("emt", "model", "entropy")
 _LEARN_KEYS = {
     "workdir", "iterations", "picks", "members", "stop_fraction", "trust",
     "selection_spacing", "threads", "ldos_mantissa_bits", "validation_picks",
@@ -60,7 +60,8 @@ _TRAINING_KEYS = {"config", "finetune_epochs", "finetune_learning_rate", "frozen
 class ExploreSettings:
     """Where candidates come from: EMT Langevin MD (``emt``) or LAMMPS MD with the
     current ensemble stopped by ``fix halt`` (``model``), from each start structure at
-    each temperature and lattice scaling."""
+    each temperature and lattice scaling; or entropy-maximized positions in each start
+    structure's cell (``entropy``, ``steps`` moves per K)."""
 
     method: str = "emt"
     structures: tuple[str, ...] = ()
@@ -71,6 +72,7 @@ class ExploreSettings:
     check_every: int | None = None  # model MD: steps between deviation checks (halt)
     timestep_fs: float = 2.0
     md_spacing: float = 0.5  # A, the model-MD grid
+    k_values: tuple[float, ...] = (1.0, -1.0)  # entropy: weights of the entropy
     ranks: int = 1  # MPI ranks of model MD
     seed: int = 1
 
@@ -302,7 +304,11 @@ def _evaluate(config: LearnConfig, iteration: int, model_path: Path) -> list[Ref
 def _explore(
     config: LearnConfig, iteration: int, model_path: Path, log: Callable[[str], None]
 ) -> list[ase.Atoms]:
-    from mlsurrogate.candidates import classical_md_frames, model_md_frames
+    from mlsurrogate.candidates import (
+        classical_md_frames,
+        entropy_maximized_frames,
+        model_md_frames,
+    )
 
     path = config.workdir / f"iteration_{iteration:02d}" / "candidates.extxyz"
     if not path.exists():
@@ -311,7 +317,12 @@ def _explore(
         for index, structure in enumerate(settings.structures):
             start = ase.io.read(structure)
             seed = settings.seed + 1000 * iteration + index  # new frames every iteration
-            if settings.method == "emt":
+            if settings.method == "entropy":
+                found = entropy_maximized_frames(
+                    start, settings.k_values, settings.steps, settings.every, seed=seed
+                )
+                frames.extend(frame for _, frame in found)
+            elif settings.method == "emt":
                 found = classical_md_frames(
                     start, settings.temperatures_K, settings.scales, settings.steps,
                     settings.every, settings.timestep_fs, seed=seed,
