@@ -222,3 +222,23 @@ def test_every_learn_key_is_documented():
         assert f"`[{section}]`" in page
         for key in keys:
             assert f"| `{key}` |" in page, (section, key)
+
+
+def test_a_pick_outside_the_ldos_window_is_skipped_with_its_reason(tiny_snapshots, tmp_path):
+    import dataclasses
+
+    from mlsurrogate import learn
+
+    config = LearnConfig.from_toml(_write_config(tmp_path, tiny_snapshots))
+    config = dataclasses.replace(config, qe=dataclasses.replace(config.qe, ldos_emin_ev=0.0))
+    directory = config.workdir / "iteration_00"
+    directory.mkdir(parents=True)
+    ase.io.write(directory / "candidates.extxyz", [_cell(4)], format="extxyz")
+    lines: list[str] = []
+    learn._label(config, 0, {"pick_indices": [0]}, None, lines.append)
+    marker = config.workdir / "snapshots" / "iteration_00_pick_0.skipped"
+    assert "LDOS window starts at 0.000 eV" in marker.read_text()
+    assert lines and "pick 0 skipped" in lines[0]
+    assert not list((config.workdir / "snapshots").glob("*.h5"))
+    learn._label(config, 0, {"pick_indices": [0]}, None, lines.append)  # resumed: not rerun
+    assert len(lines) == 1

@@ -514,3 +514,14 @@ def test_ingest_on_a_full_disk_leaves_nothing_half_written(tiny_qe_run, tmp_path
     assert f"mlsurrogate qe ingest: cannot write {output}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_stops_before_the_ldos_when_the_window_misses_the_bands(tmp_path):
+    from mlsurrogate.qe import EnergyWindowError
+
+    settings = QESettings(**{**TINY_SETTINGS.__dict__, "ldos_emin_ev": 0.0})
+    with pytest.raises(EnergyWindowError, match=r"LDOS window starts at 0\.000 eV, but the "
+                       r"lowest band is at -\d+\.\d+ eV"):  # fmt: skip
+        run_qe(tiny_atoms(), settings, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "pw.out").exists()  # the SCF ran ...
+    assert not list((tmp_path / "run").glob("ldos_*"))  # ... pp.x did not

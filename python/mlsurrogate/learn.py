@@ -233,6 +233,7 @@ class IterationRecord:
     candidate: float = math.nan
     failed: float = math.nan
     picks: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # picks QE could not label usefully
     stop: str = ""
 
 
@@ -386,9 +387,18 @@ def _select(
     return json.loads(path.read_text())
 
 
-def _label(config: LearnConfig, iteration: int, selection: dict[str, Any], params: Any) -> None:
-    """pw.x + pp.x and ingest for every pick whose snapshot is not there yet."""
-    from mlsurrogate.qe import ingest, run_qe
+def _label(
+    config: LearnConfig,
+    iteration: int,
+    selection: dict[str, Any],
+    params: Any,
+    log: Callable[[str], None],
+) -> None:
+    """pw.x + pp.x and ingest for every pick whose snapshot is not there yet. A pick whose
+    bands the LDOS window cannot hold (e.g. a compressed cell, whose band bottom lies
+    lower) is skipped, with the reason in ``.skipped``: no model on that window can
+    learn it."""
+    from mlsurrogate.qe import EnergyWindowError, ingest, run_qe
 
     directory = config.workdir / f"iteration_{iteration:02d}"
     frames = ase.io.read(directory / "candidates.extxyz", index=":")
@@ -400,17 +410,27 @@ def _label(config: LearnConfig, iteration: int, selection: dict[str, Any], param
     for number, index in enumerate(picks):
         role = "validation" if number >= first_validation else "pick"
         target = snapshots / f"iteration_{iteration:02d}_{role}_{number}.h5"
-        if target.exists():
+        skipped = _skip_marker(config, iteration, number)
+        if target.exists() or skipped.exists():
             continue
         rundir = directory / f"qe_pick_{number}"
         if rundir.exists():  # killed mid-run: QE runs do not resume
             shutil.rmtree(rundir)
-        run_qe(frames[index], config.qe, rundir, progress=False)
+        try:
+            run_qe(frames[index], config.qe, rundir, progress=False)
+        except EnergyWindowError as exc:
+            log(f"iteration {iteration}: pick {number} skipped: {exc}")
+            write_bytes_atomically(skipped, f"{exc}\n".encode())
+            continue
         ingest(
             rundir, target, descriptor_params=params,
             ldos_mantissa_bits=config.ldos_mantissa_bits, progress=False,
         )  # fmt: skip
         shutil.rmtree(rundir / "out", ignore_errors=True)  # wavefunctions, not needed
+
+
+def _skip_marker(config: LearnConfig, iteration: int, number: int) -> Path:
+    return config.workdir / "snapshots" / f"iteration_{iteration:02d}_pick_{number}.skipped"
 
 
 def labelled_snapshots(config: LearnConfig, before: int, role: str = "pick") -> list[str]:
@@ -470,7 +490,17 @@ def run_learning(
                 # descriptors stored with the training recipe's own keywords, which
                 # training compares against
                 params = TrainingConfig.from_toml(config.training_config).params()
-                _label(config, iteration, selection, params)
+                _label(config, iteration, selection, params, log)
+                record.skipped = [
+                    name
+                    for number, name in enumerate(record.picks)
+                    if _skip_marker(config, iteration, number).exists()
+                ]
+                if record.skipped == record.picks:
+                    record.stop = (
+                        "every pick lies outside the LDOS energy window: widen it "
+                        "(new data) or explore other structures"
+                    )
         log(format_report(records).splitlines()[-1])
         write_report(config, records)
         if record.stop:
@@ -489,8 +519,8 @@ def format_report(records: Sequence[IterationRecord]) -> str:
         "| iteration | training / validation snapshots | held-out dA MAE (meV/atom) "
         "| F RMSE (eV/A) "
         "| mean dE unc. (meV/atom) | mean max dF (eV/A) | rho E | rho F | frames | accurate "
-        "| candidate | failed | labelled | stop |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| candidate | failed | labelled | skipped | stop |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in records:
         lines.append(
@@ -499,8 +529,9 @@ def format_report(records: Sequence[IterationRecord]) -> str:
             f"| {r.heldout_force_rmse:.3f} | {r.heldout_energy_uncertainty:.1f} "
             f"| {r.heldout_max_force_deviation:.3f} | {r.energy_rank_correlation:+.2f} "
             f"| {r.force_rank_correlation:+.2f} | {r.frames or '-'} | {share(r.accurate)} "
-            f"| {share(r.candidate)} | {share(r.failed)} | {', '.join(r.picks) or '-'} "
-            f"| {r.stop} |"
+            f"| {share(r.candidate)} | {share(r.failed)} "
+            f"| {', '.join(p for p in r.picks if p not in r.skipped) or '-'} "
+            f"| {', '.join(r.skipped) or '-'} | {r.stop} |"
         )
     return "\n".join(lines)
 

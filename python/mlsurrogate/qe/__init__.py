@@ -8,7 +8,7 @@ raises :class:`QEError` naming the file and the problem.
 """
 
 from mlsurrogate.qe.discover import RunDirectory, RunFiles, find_run_files
-from mlsurrogate.qe.errors import QEError
+from mlsurrogate.qe.errors import EnergyWindowError, QEError
 from mlsurrogate.qe.ingest import ApproximateIntegrationWarning, ingest
 from mlsurrogate.qe.readers import (
     Cube,
@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_PSEUDO_DIR",
     "Cube",
     "PwResult",
+    "EnergyWindowError",
     "QEError",
     "QESettings",
     "UpfInfo",

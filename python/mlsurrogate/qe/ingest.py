@@ -35,9 +35,6 @@ from mlsurrogate.units import BOHR_ANGSTROM, RYDBERG_EV
 
 _LDOS_TO_EV_ANGSTROM = 1.0 / (RYDBERG_EV * BOHR_ANGSTROM**3)  # 1/(Ry bohr^3) -> 1/(eV A^3)
 _DENSITY_TO_ANGSTROM = 1.0 / BOHR_ANGSTROM**3
-# A level this many broadening widths outside the window has negligible weight inside it
-# (Fermi-Dirac derivative tail exp(-x): < 1e-5 of a state).
-_WINDOW_MARGIN_WIDTHS = 12.0
 # pp.x sums the kernel over the eigenvalues, so the DOS of the right kernel matches the
 # broadened eigenvalues to round-off (relative L1 misfit 5e-8 measured on 4-atom Al at a
 # 0.1 eV width); the other kernel of the same width misses by 0.16.
@@ -70,24 +67,6 @@ def _check_cube_matches_run(cube: Cube, path: Path, run: PwResult) -> None:
     frac = (cube.positions - run.positions / BOHR_ANGSTROM) @ np.linalg.inv(cell_bohr)
     if np.abs(frac - np.round(frac)).max() > 1e-4:
         raise QEError(f"{path}: atom positions differ from the pw.x run (another run's cube?)")
-
-
-def _check_window_covers_bands(run: PwResult, emin: float, emax: float, width: float) -> None:
-    margin = _WINDOW_MARGIN_WIDTHS * width
-    lowest = float(run.eigenvalues.min())
-    if emin > lowest - margin:
-        raise QEError(
-            f"LDOS window starts at {emin:.3f} eV, but the lowest band is at {lowest:.3f} eV: "
-            f"occupied states are cut off; use emin <= {lowest - margin:.2f} eV"
-        )
-    top_band_floor = float(run.eigenvalues[:, -1].min())
-    if top_band_floor < emax + margin:
-        raise QEError(
-            f"LDOS window ends at {emax:.3f} eV, but the highest computed band "
-            f"({run.eigenvalues.shape[1]}) comes down to {top_band_floor:.3f} eV: states above "
-            "it are missing in the window; "
-            "rerun pw.x with more bands (nbnd)"
-        )
 
 
 def _kernel_values(kernel: str, x: np.ndarray) -> np.ndarray:
@@ -242,7 +221,7 @@ def ingest(
         _check_energy_count(ldos_array.shape[3], files, ldos_source)
         first = None
     energies = grid.emin + grid.spacing * np.arange(ldos_array.shape[3])
-    _check_window_covers_bands(run, float(energies[0]), float(energies[-1]), grid.width)
+    run.check_ldos_window(float(energies[0]), float(energies[-1]), grid.width)
     volume = abs(float(np.linalg.det(run.cell)))
     dos = ldos_array.reshape(-1, ldos_array.shape[3]).sum(0, dtype=np.float64) * (
         volume / ldos_array[..., 0].size

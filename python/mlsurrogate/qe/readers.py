@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlsurrogate.qe.errors import QEError
+from mlsurrogate.qe.errors import EnergyWindowError, QEError
 from mlsurrogate.units import BOHR_ANGSTROM, BOLTZMANN_EV_PER_K, HARTREE_EV, RYDBERG_EV
 
 
@@ -89,6 +89,11 @@ def read_upf_core_density(path: str | os.PathLike[str]) -> dict[str, np.ndarray]
     return {"r": r * BOHR_ANGSTROM, "rab": rab * BOHR_ANGSTROM, "rho": rho / BOHR_ANGSTROM**3}
 
 
+# A level this many broadening widths outside the window has negligible weight inside it
+# (Fermi-Dirac derivative tail exp(-x): < 1e-5 of a state).
+WINDOW_MARGIN_WIDTHS = 12.0
+
+
 @dataclass
 class PwResult:
     """What pw.x wrote to its XML (eV, Angstrom); energies by QE's names."""
@@ -125,6 +130,25 @@ class PwResult:
     @property
     def electron_count(self) -> float:
         return float(np.sum(self.kweights[:, None] * self.occupations))
+
+    def check_ldos_window(self, emin: float, emax: float, width: float) -> None:
+        """EnergyWindowError unless the window [emin, emax] (eV) reaches 12 broadening
+        ``width``s below the lowest band and the highest band stays that far above emax
+        at every k-point (so that no broadened state is cut off)."""
+        margin = WINDOW_MARGIN_WIDTHS * width
+        lowest = float(self.eigenvalues.min())
+        if emin > lowest - margin:
+            raise EnergyWindowError(
+                f"LDOS window starts at {emin:.3f} eV, but the lowest band is at {lowest:.3f} "
+                f"eV: occupied states are cut off; use emin <= {lowest - margin:.2f} eV"
+            )
+        top_band_floor = float(self.eigenvalues[:, -1].min())
+        if top_band_floor < emax + margin:
+            raise EnergyWindowError(
+                f"LDOS window ends at {emax:.3f} eV, but the highest computed band "
+                f"({self.eigenvalues.shape[1]}) comes down to {top_band_floor:.3f} eV: states "
+                "above it are missing in the window; rerun pw.x with more bands (nbnd)"
+            )
 
 
 def _floats(element: ET.Element | None, path: Path, what: str) -> np.ndarray:

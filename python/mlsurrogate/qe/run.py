@@ -21,8 +21,11 @@ from pathlib import Path
 import ase
 
 from mlsurrogate.qe.errors import QEError
+from mlsurrogate.qe.readers import read_pw_xml
 from mlsurrogate.qe.settings import (
     LDOS_STEM,
+    OUTDIR,
+    PREFIX,
     QESettings,
     write_pp_inputs,
     write_pw_input,
@@ -165,6 +168,11 @@ def run_qe(
 ) -> Path:
     """Run pw.x (SCF), then pp.x for LDOS cubes and the valence density, in ``directory``."""
     directory = run_pw(atoms, settings, directory, progress=progress)
+    # before the long pp.x part: does the LDOS window hold this structure's bands?
+    xml = directory / OUTDIR / f"{PREFIX}.save" / "data-file-schema.xml"
+    read_pw_xml(xml).check_ldos_window(
+        settings.ldos_emin_ev, settings.ldos_emax_ev, settings.ldos_broadening
+    )
     run_pp_ldos(settings, directory, progress=progress)
     (directory / "pp_density.in").write_text(write_pp_inputs(settings)["pp_density.in"])
     _run_program(settings.pp_command, "pp_density.in", directory, lambda: 0, lambda n: None)
