@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mlsurrogate.lammps_pair import lmp_command
+from mlsurrogate.lammps_pair import lmp_command, read_stage_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,13 +73,7 @@ def run_size(model: Path, cells: int, points: int, steps: int, ranks: int) -> di
         peak_kib = int(measured.stdout.split()[-1])
         log = Path(work, "log.lammps").read_text()
     loop = float(re.search(r"Loop time of ([0-9.eE+-]+)", log).group(1))
-    split = {}
-    block = log[log.index("pair_style mlsurrogate timing") :]
-    for line in block.splitlines()[1:]:
-        match = re.match(r"\s+(.+?)\s+[0-9.]+\s+([0-9.]+)%$", line)
-        if not match:
-            break
-        split[match.group(1)] = float(match.group(2))
+    split = {stage: percent for stage, (_, percent) in read_stage_timing(log).items()}
     return {
         "atoms": 4 * cells**3,
         "grid": grid,

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from mlsurrogate.lammps_pair import lmp_command
+from mlsurrogate.lammps_pair import lmp_command, read_stage_timing
 from mlsurrogate.model import Model
 
 SCRIPT = """
@@ -57,13 +57,7 @@ def run(model: Path, cells: int, grid: int, steps: int, ranks: int, options: str
         subprocess.run(command, cwd=work, check=True, capture_output=True)
         log = Path(work, "log.lammps").read_text()
     loop = float(re.search(r"Loop time of ([0-9.eE+-]+)", log).group(1))
-    seconds = {}
-    block = log[log.index("pair_style mlsurrogate timing") :]
-    for line in block.splitlines()[1:]:
-        match = re.match(r"\s+(.+?)\s+([0-9.]+)\s+[0-9.]+%$", line)
-        if not match:
-            break
-        seconds[match.group(1)] = float(match.group(2))
+    seconds = {stage: value for stage, (value, _) in read_stage_timing(log).items()}
     return {"step_s": loop / steps, "stages": seconds}
 
 

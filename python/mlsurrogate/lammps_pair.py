@@ -5,6 +5,7 @@ output (examples and benchmarks that run input scripts)."""
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -33,6 +34,21 @@ def read_thermo(log: str) -> np.ndarray:
         elif reading and fields[:1] == ["Loop"]:
             break
     return np.array(rows)
+
+
+def read_stage_timing(log: str) -> dict[str, tuple[float, float]]:
+    """The pair style's stage timing block of a LAMMPS log (printed at the end of a run):
+    {stage: (seconds on the slowest rank, percent)}."""
+    if "pair_style mlsurrogate timing" not in log:
+        raise ValueError("the log has no 'pair_style mlsurrogate timing' block")
+    stages = {}
+    block = log[log.index("pair_style mlsurrogate timing") :]
+    for line in block.splitlines()[1:]:
+        match = re.match(r"\s+(.+?)\s+([0-9.]+)\s+([0-9.]+)%$", line)
+        if not match:
+            break
+        stages[match.group(1)] = (float(match.group(2)), float(match.group(3)))
+    return stages
 
 
 def _pair_style_session(
