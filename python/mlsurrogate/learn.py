@@ -168,8 +168,10 @@ class LearnConfig:
                 **training,
             )
             config.validate()
-        except TypeError as exc:  # a key of [qe] that QESettings lacks
-            raise ValueError(f"{path}: {exc}; see docs/active-learning.md for the keys") from exc
+        except TypeError as exc:  # a [qe] key QESettings lacks, or a value of the wrong type
+            raise ValueError(
+                f"{path}: {exc}; see docs/active-learning.md for keys and types"
+            ) from exc
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
         return config
