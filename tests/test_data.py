@@ -123,3 +123,19 @@ def test_write_refuses_inconsistent_arrays(tmp_path):
             attributes={},
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stored_descriptors_serve_params_naming_the_same_elements(tmp_path):
+    from dataclasses import replace
+
+    from mlsurrogate.descriptors import snapshot_descriptors
+
+    path = tmp_path / "s.h5"
+    atoms, _ = synthetic_snapshot(path)
+    add_descriptors(path, replace(PARAMS, elements=None), progress=False)
+    elements = tuple(sorted(set(atoms.get_chemical_symbols())))
+    with Snapshot(path) as snap:
+        stored = snapshot_descriptors(snap, replace(PARAMS, elements=elements))
+        assert stored.shape[:3] == snap.grid_shape  # the stored dataset, not an error
+        with pytest.raises(ValueError, match="its descriptors were computed with"):
+            snapshot_descriptors(snap, replace(PARAMS, elements=(*elements, "Cu")))

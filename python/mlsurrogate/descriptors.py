@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import ase
@@ -370,7 +370,15 @@ def snapshot_descriptors(snapshot: Snapshot, params: BispectrumParams) -> Any:
             np.float32
         )
     stored_params = snapshot.descriptor_params
-    if stored_params != params:
+
+    def explicit(values: BispectrumParams) -> BispectrumParams:
+        # elements None means the structure's own, sorted (resolve_species)
+        if values.elements is not None:
+            return values
+        species = resolve_species(snapshot.atoms, values)
+        return replace(values, elements=species.elements)
+
+    if explicit(stored_params) != explicit(params):
         raise ValueError(
             f"{snapshot.path}: its descriptors were computed with {stored_params}, the model "
             f"uses {params}; run `mlsurrogate data descriptors` with the model's parameters"
