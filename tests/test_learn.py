@@ -116,7 +116,9 @@ def test_learn_runs_end_to_end_and_resumes_after_an_interruption(tiny_snapshots,
         assert np.allclose(snap.atoms.get_scaled_positions() % 1.0,
                            picked.get_scaled_positions() % 1.0, atol=1e-8)  # fmt: skip
         assert snap.attrs["energy_total_eV"] < 0 and snap.descriptors is not None
-    assert not (first / "qe_pick_0" / "out").exists()  # wavefunctions removed
+    out = first / "qe_pick_0" / "out"
+    assert not list(out.rglob("*wfc*"))  # wavefunctions removed, the XML kept
+    assert list(out.rglob("data-file-schema.xml"))
     model = Model.load(config.workdir / "model.pt")
     assert model.ensemble_size == 2
     report = (config.workdir / "report.md").read_text()

@@ -428,7 +428,10 @@ def _label(
             rundir, target, descriptor_params=params,
             ldos_mantissa_bits=config.ldos_mantissa_bits, progress=False,
         )  # fmt: skip
-        shutil.rmtree(rundir / "out", ignore_errors=True)  # wavefunctions, not needed
+        # the wavefunctions are hundreds of MB and not needed; the XML stays, so that the
+        # run can be ingested again (the cubes and the XML are the whole record)
+        for wavefunctions in (rundir / "out").rglob("*wfc*"):
+            wavefunctions.unlink()
 
 
 def _skip_marker(config: LearnConfig, iteration: int, number: int) -> Path:
