@@ -10,9 +10,9 @@
 * Entropy-maximized structures (3c): positions that spread (or gather) the atoms'
   descriptors, needing no potential at all (Montes de Oca Zapiain et al. 2022).
 
-The MD generators run each structure at several temperatures and lattice scalings and take a frame
-at a fixed interval. The frames are candidates for :mod:`mlsurrogate.selection`, which
-picks the ones to label.
+The MD generators run each structure at several temperatures and lattice scalings and
+take a frame at a fixed interval. The frames are candidates for
+:mod:`mlsurrogate.selection`, which picks the ones to label.
 """
 
 from __future__ import annotations
@@ -86,6 +86,10 @@ def _check_schedule(
         raise ValueError(f"temperatures must be > 0 K, got {list(temperatures_K)}")
     if not lattice_scales or any(not s > 0 for s in lattice_scales):
         raise ValueError(f"lattice scales must be > 0, got {list(lattice_scales)}")
+    _check_frame_interval(steps, every)
+
+
+def _check_frame_interval(steps: int, every: int) -> None:
     if steps < 1 or not 1 <= every <= steps:
         raise ValueError(f"need steps >= 1 and 1 <= every <= steps, got {steps}, {every}")
 
@@ -158,7 +162,7 @@ def model_md_frames(
             f"the structure has {', '.join(unknown)}, which {model_path} was not trained on "
             f"(it knows {', '.join(spec.elements)})"
         )
-    types = {element: index + 1 for index, element in enumerate(spec.elements)}
+    charges = dict(zip(spec.elements, spec.valence_charges))
     runs = []
     for scale in lattice_scales:
         for temperature in temperatures_K:
@@ -166,9 +170,7 @@ def model_md_frames(
             with tempfile.TemporaryDirectory(prefix="mlsurrogate_md_") as workdir:
                 work = Path(workdir)
                 moving = _scaled(atoms, scale)
-                moving.set_initial_charges(
-                    [spec.valence_charges[types[s] - 1] for s in moving.get_chemical_symbols()]
-                )
+                moving.set_initial_charges([charges[s] for s in moving.get_chemical_symbols()])
                 ase.io.write(
                     work / "start.data", moving, format="lammps-data", atom_style="charge",
                     specorder=list(spec.elements), masses=True,
@@ -326,8 +328,7 @@ def entropy_maximized_frames(
 
     if not k_values or any(k == 0 for k in k_values):
         raise ValueError(f"K values must be nonzero (+K spreads, -K gathers), got {k_values}")
-    if steps < 1 or not 1 <= every <= steps:
-        raise ValueError(f"need steps >= 1 and 1 <= every <= steps, got {steps}, {every}")
+    _check_frame_interval(steps, every)
     if not step_size > 0 or not r_min > 0:
         raise ValueError(f"step_size and r_min must be > 0 A, got {step_size}, {r_min}")
     if len(atoms) < 3:

@@ -3,11 +3,10 @@ snapshots and on held-out reference structures, with its uncertainty."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -387,7 +386,7 @@ class ReferenceError:
         return None if deviation is None else float(deviation.max())
 
     def to_json(self) -> dict[str, Any]:
-        record = dataclasses.asdict(self)
+        record = asdict(self)
         for key in ("atom_force_errors", "atom_force_deviation"):
             if record[key] is not None:
                 record[key] = record[key].tolist()

@@ -47,6 +47,7 @@ import numpy as np
 from mlsurrogate.evaluate import ReferenceError, rank_correlations
 from mlsurrogate.files import atomic_output, write_bytes_atomically
 from mlsurrogate.qe import QESettings, mpi_commands
+from mlsurrogate.training import TrainingConfig
 
 EXPLORE_METHODS = ("emt", "model", "entropy")
 _LEARN_KEYS = {
@@ -244,11 +245,16 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _members(
-    config: LearnConfig, iteration: int, train: list[str], validation: list[str], log: Callable
+    config: LearnConfig,
+    base: TrainingConfig,
+    iteration: int,
+    train: list[str],
+    validation: list[str],
+    log: Callable,
 ) -> Path:
-    """Train (or finish training) the ensemble of ``iteration``; return its model."""
+    """Train (or finish training) the ensemble of ``iteration`` from the base recipe;
+    return its model."""
     from mlsurrogate.export import export_model
-    from mlsurrogate.training import TrainingConfig
     from mlsurrogate.training import train as run_training
 
     directory = config.workdir / f"iteration_{iteration:02d}"
@@ -256,7 +262,6 @@ def _members(
     if model.exists():
         return model
     directory.mkdir(parents=True, exist_ok=True)
-    base = TrainingConfig.from_toml(config.training_config)
     checkpoints = []
     for member in range(config.members):
         checkpoint = directory / f"member_{member}.ckpt"
@@ -449,14 +454,13 @@ def run_learning(
     config: LearnConfig, log: Callable[[str], None] = print
 ) -> list[IterationRecord]:
     """Run (or resume) the loop; return one record per iteration and write the report."""
-    from mlsurrogate.training import TrainingConfig
-
     config.workdir.mkdir(parents=True, exist_ok=True)
+    base = TrainingConfig.from_toml(config.training_config)
     records: list[IterationRecord] = []
     for iteration in range(config.iterations + 1):
         train = [*config.train, *labelled_snapshots(config, iteration)]
         validation = [*config.validation, *labelled_snapshots(config, iteration, "validation")]
-        model_path = _members(config, iteration, train, validation, log)
+        model_path = _members(config, base, iteration, train, validation, log)
         heldout = _evaluate(config, iteration, model_path)
         energy_rho, force_rho = (
             rank_correlations(heldout) if len(heldout) >= 3 else (math.nan, math.nan)
@@ -475,8 +479,7 @@ def run_learning(
             force_rank_correlation=force_rho,
         )
         records.append(record)
-        shutil.copyfile(model_path, config.workdir / "model.pt.tmp")
-        os.replace(config.workdir / "model.pt.tmp", config.workdir / "model.pt")
+        write_bytes_atomically(config.workdir / "model.pt", model_path.read_bytes())
         if iteration == config.iterations:
             record.stop = "iteration budget spent"
         else:
@@ -494,8 +497,7 @@ def run_learning(
                 log(f"iteration {iteration}: labelling {len(record.picks)} structures with QE")
                 # descriptors stored with the training recipe's own keywords, which
                 # training compares against
-                params = TrainingConfig.from_toml(config.training_config).params()
-                _label(config, iteration, selection, params, log)
+                _label(config, iteration, selection, base.params(), log)
                 record.skipped = [
                     name
                     for number, name in enumerate(record.picks)
