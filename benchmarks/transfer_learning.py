@@ -1,14 +1,16 @@
 """Fine-tuning against training from scratch (issue 17, item 5), on the data of an
 active-learning run.
 
-    python benchmarks/transfer_learning.py LEARN.toml [--iteration K] [--outdir DIR]
+    python benchmarks/transfer_learning.py LEARN.toml [--iteration K] [--members M]
+        [--outdir DIR]
 
 The run's iteration K ensemble was fine-tuned (warm start from iteration K - 1) on its
 initial small-cell snapshots plus the large-cell snapshots labelled before K. This trains
-two ensembles from scratch with the run's base recipe, its seeds and its validation
-snapshots: on those labelled large-cell snapshots alone, and on all of the iteration's
-data; then prints the held-out errors of the three side by side (the run's held-out
-references; nothing here is chosen by them). Default K: the run's last iteration.
+from scratch, with the run's base recipe, its seeds and its validation snapshots: on
+those labelled large-cell snapshots alone, and on all of the iteration's data; then
+prints the held-out errors of the three side by side with the training time (the run's
+held-out references; nothing here is chosen by them). ``--members M`` compares the first
+M members of each (default: all of the run's). Default K: the run's last iteration.
 Resumable: finished members are kept in ``--outdir``.
 """
 
@@ -24,11 +26,15 @@ from mlsurrogate.evaluate import evaluate_references, load_references
 from mlsurrogate.export import export_model
 from mlsurrogate.learn import LearnConfig, labelled_snapshots
 from mlsurrogate.model import Model
-from mlsurrogate.training import TrainingConfig, train
+from mlsurrogate.training import TrainingConfig, load_checkpoint, train
 
 
 def scratch_ensemble(
-    config: LearnConfig, snapshots: list[str], validation: list[str], directory: Path
+    config: LearnConfig,
+    snapshots: list[str],
+    validation: list[str],
+    directory: Path,
+    members: int,
 ) -> Path:
     """The run's recipe from random weights on ``snapshots``, one member per seed."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -37,7 +43,7 @@ def scratch_ensemble(
         return model
     base = TrainingConfig.from_toml(config.training_config)
     checkpoints = []
-    for member in range(config.members):
+    for member in range(members):
         checkpoint = directory / f"member_{member}.ckpt"
         done = checkpoint.with_suffix(".done")
         settings = dataclasses.replace(
@@ -50,40 +56,72 @@ def scratch_ensemble(
     return export_model(checkpoints, model)
 
 
+def mean_epochs(checkpoints: list[Path]) -> float:
+    """Epochs trained per member (the fine-tuned ones: of the fine-tuning only)."""
+    return float(np.mean([len(load_checkpoint(c)["history"]) for c in checkpoints]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="the learn TOML of a finished (or advanced) run")
     parser.add_argument("--iteration", type=int, default=None)
+    parser.add_argument("--members", type=int, default=None)
     parser.add_argument("--outdir", default="build/transfer_learning")
     args = parser.parse_args()
     config = LearnConfig.from_toml(args.config)
-    iterations = sorted(config.workdir.glob("iteration_*/model.pt"))
-    if not iterations:
-        raise SystemExit(f"{config.workdir}: no trained iteration yet; run mlsurrogate learn")
-    k = args.iteration if args.iteration is not None else len(iterations) - 1
+    members = args.members or config.members
+
+    def trained(k: int) -> list[Path]:
+        directory = config.workdir / f"iteration_{k:02d}"
+        done = [(directory / f"member_{m}.done").exists() for m in range(members)]
+        return [directory / f"member_{m}.ckpt" for m in range(members)] if all(done) else []
+
+    k = args.iteration
+    if k is None:
+        k = max((i for i in range(1, config.iterations + 1) if trained(i)), default=1)
     if k < 1:
         raise SystemExit("--iteration must be >= 1: iteration 0 is not fine-tuned")
     labelled = labelled_snapshots(config, k)
+    if not labelled:
+        raise SystemExit(f"{config.workdir}: no labelled snapshots before iteration {k}")
     validation = [*config.validation, *labelled_snapshots(config, k, "validation")]
     outdir = Path(args.outdir)
-    models = {
-        f"fine-tuned (learn iteration {k})": config.workdir / f"iteration_{k:02d}" / "model.pt",
+    # from scratch first: it needs only the labels, so it can run beside the learn run
+    scratch = {
         "from scratch, large cells only": scratch_ensemble(
-            config, labelled, validation, outdir / "large"
+            config, labelled, validation, outdir / "large", members
         ),
         "from scratch, all data": scratch_ensemble(
-            config, [*config.train, *labelled], validation, outdir / "all"
+            config, [*config.train, *labelled], validation, outdir / "all", members
         ),
     }
+    finetuned = trained(k)
+    if not finetuned:
+        raise SystemExit(f"learn iteration {k} is not trained yet; run this again after it")
+    models = {
+        f"fine-tuned (learn iteration {k})": (
+            export_model(finetuned, outdir / "finetuned.pt"),
+            finetuned,
+        ),
+        **{
+            name: (path, [path.parent / f"member_{m}.ckpt" for m in range(members)])
+            for name, path in scratch.items()
+        },
+    }
     references = load_references(config.heldout)
-    print(f"{len(labelled)} large-cell snapshots; held-out: {', '.join(config.heldout)}")
-    print("| model | held-out dA MAE (meV/atom) | max dA | F RMSE (eV/A) |")
-    print("|---|---:|---:|---:|")
-    for name, path in models.items():
+    print(f"{len(labelled)} large-cell snapshots, {members} member(s) each; held-out: "
+          f"{', '.join(config.heldout)}")  # fmt: skip
+    print("| model | epochs per member | held-out dA MAE (meV/atom) | max dA | F RMSE (eV/A) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (path, checkpoints) in models.items():
         errors = evaluate_references(Model.load(path), references, threads=config.threads)
         energy = np.abs([1000 * e.energy_error for e in errors])
         force = np.sqrt(np.mean([e.force_rmse**2 for e in errors]))
-        print(f"| {name} | {energy.mean():.1f} | {energy.max():.1f} | {force:.3f} |", flush=True)
+        print(
+            f"| {name} | {mean_epochs(checkpoints):.0f} | {energy.mean():.1f} | "
+            f"{energy.max():.1f} | {force:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

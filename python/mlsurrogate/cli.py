@@ -282,8 +282,10 @@ def _explore(args: argparse.Namespace) -> int:
                          "often (--every) or explore with another method")  # fmt: skip
     with atomic_output(args.output) as tmp:
         ase.io.write(tmp, frames, format="extxyz")
-    print(f"wrote {len(frames)} frames to {args.output}; next: mlsurrogate select "
-          f"{args.output} --train SNAPSHOTS... -k K")
+    print(
+        f"wrote {len(frames)} frames to {args.output}; next: mlsurrogate select "
+        f"{args.output} --train SNAPSHOTS... -k K"
+    )
     return 0
 
 
@@ -342,6 +344,65 @@ def _learn(args: argparse.Namespace) -> int:
     config = LearnConfig.from_toml(args.config)
     run_learning(config, log=(lambda line: None) if args.quiet else print)
     print(f"report: {config.workdir / 'report.md'}; newest model: {config.workdir / 'model.pt'}")
+    return 0
+
+
+def _hpo_acsd(args: argparse.Namespace) -> int:
+    from mlsurrogate.files import check_output_path
+    from mlsurrogate.hpo.acsd import SCANNABLE, acsd_scan, best, format_table, plot_scan
+
+    if args.plot:
+        check_output_path(args.plot)
+    values = {name: getattr(args, name) for name in SCANNABLE if getattr(args, name)}
+    if not values:
+        raise UsageError(f"give values to scan for at least one of --{', --'.join(SCANNABLE)}")
+    results = acsd_scan(
+        args.snapshots, values, grid=args.grid, points=args.points, seed=args.seed,
+        threads=args.threads or 1, progress=not args.quiet,
+    )  # fmt: skip
+    print(format_table(results))
+    lowest = best(results)
+    print(f"lowest ACSD: {lowest.changes} ({lowest.acsd:.4f})")
+    if args.plot:
+        plot_scan(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _hpo_naswot(args: argparse.Namespace) -> int:
+    from mlsurrogate.hpo.naswot import format_naswot, naswot_scan
+    from mlsurrogate.hpo.trials import HpoConfig
+
+    config = HpoConfig.from_toml(args.config)
+    rows = naswot_scan(config, train=args.train, log=(lambda line: None) if args.quiet else print)
+    print(format_naswot(rows, config.objective))
+    return 0
+
+
+def _hpo_optuna(args: argparse.Namespace) -> int:
+    from mlsurrogate.files import write_bytes_atomically
+    from mlsurrogate.hpo.study import format_study, run_study
+    from mlsurrogate.hpo.trials import HpoConfig
+
+    config = HpoConfig.from_toml(args.config)
+    study = run_study(config, log=(lambda line: None) if args.quiet else print)
+    table = format_study(study, config.objective)
+    write_bytes_atomically(config.workdir / "optuna.md", (table + "\n").encode())
+    print(table)
+    print(f"study: {config.workdir / 'study.db'}; table: {config.workdir / 'optuna.md'}")
+    return 0
+
+
+def _hpo_oat(args: argparse.Namespace) -> int:
+    from mlsurrogate.files import write_bytes_atomically
+    from mlsurrogate.hpo.orthogonal_array import format_oat, run_oat
+    from mlsurrogate.hpo.trials import HpoConfig
+
+    config = HpoConfig.from_toml(args.config)
+    result = run_oat(config, log=(lambda line: None) if args.quiet else print)
+    table = format_oat(result, config.objective)
+    write_bytes_atomically(config.workdir / "oat.md", (table + "\n").encode())
+    print(table)
     return 0
 
 
@@ -539,32 +600,70 @@ def _build_parser() -> argparse.ArgumentParser:
         "2022). The frames go to `mlsurrogate select`.",
     )
     explore.add_argument("structure", help="start structure (any ase.io format)")
-    explore.add_argument("--method", choices=("emt", "model", "entropy"), default="emt",
-                         help="how to explore (default emt)")
-    explore.add_argument("--temperatures", nargs="+", type=float, default=[933.0],
-                         help="temperatures, K (emt, model; default 933)")
-    explore.add_argument("--scales", nargs="+", type=float, default=[1.0],
-                         help="lattice scalings of the cell (emt, model; default 1)")
-    explore.add_argument("--steps", type=int, default=1000,
-                         help="MD steps per run, or entropy moves per K (1000)")
-    explore.add_argument("--every", type=int, default=100,
-                         help="steps (moves) between frames (100)")
+    explore.add_argument(
+        "--method",
+        choices=("emt", "model", "entropy"),
+        default="emt",
+        help="how to explore (default emt)",
+    )
+    explore.add_argument(
+        "--temperatures",
+        nargs="+",
+        type=float,
+        default=[933.0],
+        help="temperatures, K (emt, model; default 933)",
+    )
+    explore.add_argument(
+        "--scales",
+        nargs="+",
+        type=float,
+        default=[1.0],
+        help="lattice scalings of the cell (emt, model; default 1)",
+    )
+    explore.add_argument(
+        "--steps", type=int, default=1000, help="MD steps per run, or entropy moves per K (1000)"
+    )
+    explore.add_argument(
+        "--every", type=int, default=100, help="steps (moves) between frames (100)"
+    )
     explore.add_argument("--timestep", type=float, default=2.0, help="fs (default 2)")
     explore.add_argument("--seed", type=int, default=0, help="velocities, noise, moves (0)")
     explore.add_argument("--model", help="model: the ensemble (.pt)")
-    explore.add_argument("--halt", type=float, default=0.15,
-                         help="model: stop a run above this max force deviation, eV/A (0.15)")
-    explore.add_argument("--check-every", type=int, default=None,
-                         help="model: steps between deviation checks (default --every)")
-    explore.add_argument("--spacing", type=float, default=0.5,
-                         help="model: MD grid spacing, A (0.5)")
+    explore.add_argument(
+        "--halt",
+        type=float,
+        default=0.15,
+        help="model: stop a run above this max force deviation, eV/A (0.15)",
+    )
+    explore.add_argument(
+        "--check-every",
+        type=int,
+        default=None,
+        help="model: steps between deviation checks (default --every)",
+    )
+    explore.add_argument(
+        "--spacing", type=float, default=0.5, help="model: MD grid spacing, A (0.5)"
+    )
     explore.add_argument("--ranks", type=int, default=1, help="model: MPI ranks (1)")
-    explore.add_argument("-k", nargs="+", type=float, default=[1.0, -1.0],
-                         help="entropy: weights K of the entropy, one run each (1 -1)")
-    explore.add_argument("--step-size", type=float, default=0.1,
-                         help="entropy: standard deviation of a move, A (0.1)")
-    explore.add_argument("--r-min", type=float, default=2.2,
-                         help="entropy: repulsive core below this distance, A (2.2)")
+    explore.add_argument(
+        "-k",
+        nargs="+",
+        type=float,
+        default=[1.0, -1.0],
+        help="entropy: weights K of the entropy, one run each (1 -1)",
+    )
+    explore.add_argument(
+        "--step-size",
+        type=float,
+        default=0.1,
+        help="entropy: standard deviation of a move, A (0.1)",
+    )
+    explore.add_argument(
+        "--r-min",
+        type=float,
+        default=2.2,
+        help="entropy: repulsive core below this distance, A (2.2)",
+    )
     explore.add_argument("-o", "--output", required=True, help="frames file (extxyz)")
     explore.set_defaults(handler=_explore)
 
@@ -576,19 +675,36 @@ def _build_parser() -> argparse.ArgumentParser:
         "reconstruction error) and, with an ensemble model, by its force deviation and "
         "dpgen's trust levels; pick K diverse ones (farthest-point order).",
     )
-    select.add_argument("candidates", nargs="+", help="structure files (any ase.io format; "
-                        "every frame of a trajectory or LAMMPS dump is a candidate)")
+    select.add_argument(
+        "candidates",
+        nargs="+",
+        help="structure files (any ase.io format; "
+        "every frame of a trajectory or LAMMPS dump is a candidate)",
+    )
     select.add_argument("--train", nargs="+", required=True, help="training snapshots (.h5)")
     select.add_argument("-k", type=int, default=1, help="structures to pick (default 1)")
     select.add_argument("--model", help="ensemble model (.pt): uncertainty and trust levels")
-    select.add_argument("--trust", nargs=2, type=float, default=[0.05, 0.15],
-                        metavar=("LOW", "HIGH"), help="trust levels on the max force "
-                        "deviation, eV/A (default 0.05 0.15)")
-    select.add_argument("--spacing", type=float, default=None,
-                        help="grid spacing of the candidates' descriptors, A (default: "
-                        "that of the first training snapshot)")
-    select.add_argument("--elements", nargs="+", default=None,
-                        help="element of LAMMPS atom types 1, 2, ... (for dumps)")
+    select.add_argument(
+        "--trust",
+        nargs=2,
+        type=float,
+        default=[0.05, 0.15],
+        metavar=("LOW", "HIGH"),
+        help="trust levels on the max force deviation, eV/A (default 0.05 0.15)",
+    )
+    select.add_argument(
+        "--spacing",
+        type=float,
+        default=None,
+        help="grid spacing of the candidates' descriptors, A (default: "
+        "that of the first training snapshot)",
+    )
+    select.add_argument(
+        "--elements",
+        nargs="+",
+        default=None,
+        help="element of LAMMPS atom types 1, 2, ... (for dumps)",
+    )
     select.add_argument("-o", "--output", default=None, help="write the picks (extxyz)")
     _add_descriptor_options(select)
     select.set_defaults(handler=_select)
@@ -605,6 +721,81 @@ def _build_parser() -> argparse.ArgumentParser:
     learn.add_argument("config", help="learn TOML file")
     learn.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     learn.set_defaults(handler=_learn)
+
+    hpo = sub.add_parser("hpo", help="descriptor and network search: ACSD, NASWOT, Optuna, OAT")
+    hpo_sub = hpo.add_subparsers(dest="hpo_command", required=True)
+    acsd = hpo_sub.add_parser(
+        "acsd",
+        help="score descriptor settings from data alone (ACSD; lower is better)",
+        description="Average cosine similarity distance (Fiedler et al. 2022, Eqs. 8-9) of "
+        "descriptor settings on grid points of snapshots: per snapshot, POINTS points and "
+        "all pairs among them; |S_C(LDOS) - S_C(descriptors)| averaged. Unscanned keywords "
+        "keep MALA's aluminium values. One keyword at a time, or every combination (--grid).",
+    )
+    acsd.add_argument("snapshots", nargs="+", help="snapshot files (.h5) with LDOS")
+    for name, kind in (
+        ("rcutfac", float),
+        ("rfac0", float),
+        ("twojmax", int),
+        ("radius", float),
+        ("weight", float),
+        ("rmin0", float),
+    ):
+        acsd.add_argument(
+            f"--{name}", nargs="+", type=kind, default=None, help=f"values of {name} to score"
+        )
+    acsd.add_argument(
+        "--grid",
+        action="store_true",
+        help="every combination of the scanned values, not one at a time",
+    )
+    acsd.add_argument("--points", type=int, default=200, help="points per snapshot (200)")
+    acsd.add_argument("--seed", type=int, default=0, help="of the point sample (0)")
+    acsd.add_argument("--threads", type=int, default=None, help="kernel threads (1)")
+    acsd.add_argument("--plot", default=None, help="write the ACSD curves (PNG)")
+    acsd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    acsd.set_defaults(handler=_hpo_acsd)
+    search_help = (
+        "search TOML: [hpo] training = base recipe, workdir, objective, trials, "
+        "naswot_threshold ...; [space] the settings and their levels "
+        "(docs/hyperparameter-search.md)"
+    )
+    naswot = hpo_sub.add_parser(
+        "naswot",
+        help="score network architectures at initialisation (NASWOT; higher is better)",
+        description="NASWOT score S' = mean + std over initialisations of -sum_i "
+        "[log(sigma_i + k) + 1/(sigma_i + k)], sigma_i the eigenvalues of the correlation "
+        "matrix of the per-sample input Jacobians on one mini-batch of the training data "
+        "(Fiedler et al. 2022, Eqs. 5-6), for every layers x width x activation of [space]. "
+        "With --train, also trains each one and prints Kendall's tau.",
+    )
+    naswot.add_argument("config", help=search_help)
+    naswot.add_argument(
+        "--train", action="store_true", help="train every architecture too (resumable) and compare"
+    )
+    naswot.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    naswot.set_defaults(handler=_hpo_naswot)
+    optuna_parser = hpo_sub.add_parser(
+        "optuna",
+        help="Optuna TPE study over [space] with a NASWOT pruner (resumable)",
+        description="Draw [space] values with Optuna's TPE sampler, prune trials whose "
+        "NASWOT score is below naswot_threshold, train the rest with the base recipe and "
+        "minimise the objective. The study is kept in WORKDIR/study.db: run again to resume "
+        "after a kill (the interrupted trial resumes from its checkpoint).",
+    )
+    optuna_parser.add_argument("config", help=search_help)
+    optuna_parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    optuna_parser.set_defaults(handler=_hpo_optuna)
+    oat = hpo_sub.add_parser(
+        "oat",
+        help="orthogonal-array tuning over the [space] levels, with range analysis",
+        description="Train one network per row of a strength-2 orthogonal array over the "
+        "[space] levels, print the mean objective per level and each factor's importance "
+        "(max - min), then train the best level of every factor. Resumable.",
+    )
+    oat.add_argument("config", help=search_help)
+    oat.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    oat.set_defaults(handler=_hpo_oat)
     return parser
 
 
@@ -655,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     name = " ".join(
         filter(
             None,
-            [args.command, getattr(args, "qe_command", None), getattr(args, "data_command", None)],
+            [args.command, *(getattr(args, f"{v}_command", None) for v in ("qe", "data", "hpo"))],
         )
     )
     try:
