@@ -117,6 +117,8 @@ def test_range_analysis_by_hand():
     assert [f.name for f in found] == ["a", "b"]  # importance 4 before 2
     assert found[0].means == [2.0, 6.0] and found[0].best == "x"
     assert found[1].means == [3.0, 5.0] and found[1].importance == 2.0
+    failed = range_analysis(levels, array, [1.0, 3.0, math.inf, 7.0])  # inf -> 7, the worst
+    assert {f.name: f.means for f in failed} == {"a": [2.0, 7.0], "b": [4.0, 5.0]}
 
 
 @pytest.fixture()
@@ -180,7 +182,8 @@ def test_optuna_study_resumes_a_killed_trial_from_its_checkpoint(search):
     killed_study.enqueue_trial(values)
     killed = killed_study.ask(distributions)
     assert killed.params == values
-    checkpoint = config.workdir / "trials" / f"{trial_key(values)}.ckpt"
+    config_text = (search.parent / "train.toml").read_text()
+    checkpoint = config.workdir / "trials" / f"{trial_key(values, config_text)}.ckpt"
     train(trial_config(config.base, values), checkpoint, stop_after_epoch=0, progress=False,
           log=lambda line: None)  # fmt: skip
     state = load_checkpoint(checkpoint)
@@ -191,7 +194,9 @@ def test_optuna_study_resumes_a_killed_trial_from_its_checkpoint(search):
     assert any(f"trial {killed.number} was interrupted" in line for line in lines)
     states = [t.state.name for t in resumed.trials]
     assert states.count("COMPLETE") == 4 and states.count("FAIL") == 1
-    record = json.loads((config.workdir / "trials" / f"{trial_key(values)}.json").read_text())
+    record = json.loads(
+        (config.workdir / "trials" / f"{trial_key(values, config_text)}.json").read_text()
+    )
     assert record["history"][0]["train_loss"] == 123.0  # resumed, not trained again
     assert len(record["history"]) == 2
 
@@ -207,6 +212,12 @@ def test_oat_trains_each_row_once_and_reads_them_back(search):
     again = run_oat(config, log=lambda line: None)
     assert again.objectives == result.objectives
     assert sorted((config.workdir / "trials").glob("*.json")) == trained
+    # an edited recipe is a new trial, not a stale read-back
+    recipe = (search.parent / "train.toml").read_text()
+    values = result.rows[0]
+    assert trial_key(values, recipe) != trial_key(
+        values, recipe.replace("max_epochs = 2", "max_epochs = 3")
+    )
 
 
 def test_cli_hpo(search, capsys):
@@ -220,3 +231,13 @@ def test_cli_hpo(search, capsys):
     assert out.count("| 8x8 silu |") == 1 and "Kendall" not in out
     assert cli.main(["hpo", "optuna", str(search) + ".missing"]) == 2
     assert "cannot read the search config" in capsys.readouterr().err
+
+
+def test_every_search_key_is_documented():
+    from pathlib import Path
+
+    from mlsurrogate.hpo.trials import _HPO_KEYS, OBJECTIVES
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "hyperparameter-search.md").read_text()
+    for key in (*_HPO_KEYS, *OBJECTIVES):
+        assert f"`{key}`" in page, key

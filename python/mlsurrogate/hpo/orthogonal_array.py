@@ -9,6 +9,7 @@ A factor with L < q levels takes level (entry mod L): every pair of its levels w
 another factor's still appears, the low levels somewhat more often. Range analysis: the
 mean objective over the rows at each level of a factor; the factor's importance is the
 largest minus the smallest of those means, its best level the one of the smallest mean.
+A row without a finite objective counts as the worst row.
 """
 
 from __future__ import annotations
@@ -62,8 +63,12 @@ class FactorAnalysis:
 def range_analysis(
     levels: Mapping[str, Sequence[Any]], array: np.ndarray, objectives: Sequence[float]
 ) -> list[FactorAnalysis]:
-    """Per factor (array column), most important first."""
+    """Per factor (array column), most important first. A row without a finite objective
+    (an untrainable network) counts as the worst finite row."""
     objectives = np.asarray(objectives, dtype=float)
+    finite_rows = np.isfinite(objectives)
+    if finite_rows.any():
+        objectives = np.where(finite_rows, objectives, objectives[finite_rows].max())
     analyses = []
     for column, (name, values) in enumerate(levels.items()):
         means = [float(objectives[array[:, column] == i].mean()) for i in range(len(values))]

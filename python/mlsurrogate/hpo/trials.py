@@ -5,8 +5,9 @@ vary, in section [space]: ``layers`` and ``width`` (``hidden = [width] * layers`
 key of the recipe's [model], [training] or [physics] sections. A list gives the levels
 (OAT, and Optuna's categorical choice); a table ``{low = .., high = .., log = ..}`` a range
 (Optuna only). Each trial trains the recipe with its values into ``workdir/trials``,
-named by a hash of the values: a finished trial is read back, an interrupted one resumes
-from its checkpoint, so a killed search loses at most the epoch in progress.
+named by a hash of the values and of the recipe's text: a finished trial is read back,
+an interrupted one resumes from its checkpoint, so a killed search loses at most the
+epoch in progress.
 """
 
 from __future__ import annotations
@@ -131,9 +132,11 @@ def trial_config(base: TrainingConfig, values: Mapping[str, Any]) -> TrainingCon
     return dataclasses.replace(base, hidden=hidden, **rest)
 
 
-def trial_key(values: Mapping[str, Any]) -> str:
-    """A short name for a set of values (the trial's file names)."""
-    text = json.dumps(dict(sorted(values.items())), sort_keys=True, default=str)
+def trial_key(values: Mapping[str, Any], recipe: str) -> str:
+    """A short name for a trial (its file names): a hash of its values and of the base
+    recipe's text, so that editing the recipe starts new trials instead of reading back
+    results it no longer describes."""
+    text = json.dumps(dict(sorted(values.items())), sort_keys=True, default=str) + recipe
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -151,7 +154,7 @@ def run_trial(config: HpoConfig, values: Mapping[str, Any]) -> float:
     """Train (or read back, or resume) the trial with ``values``; its objective."""
     directory = config.workdir / "trials"
     directory.mkdir(parents=True, exist_ok=True)
-    key = trial_key(values)
+    key = trial_key(values, Path(config.training).read_text())
     result = directory / f"{key}.json"
     if result.exists():
         return float(json.loads(result.read_text())["objective"])
