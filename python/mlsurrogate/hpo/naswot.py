@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mlsurrogate.hpo.trials import naswot_batch, run_trial
+from mlsurrogate.hpo.trials import naswot_inputs, run_trial
 from mlsurrogate.model import LdosNetwork
 
 if TYPE_CHECKING:
@@ -153,11 +153,7 @@ def architectures_of(config: HpoConfig) -> list[Architecture]:
 def naswot_scan(config: HpoConfig, train: bool = False, log: Any = print) -> list[NaswotRow]:
     """Score every architecture of the search; with ``train`` also train each one
     (``trials.run_trial``: finished trainings are read back)."""
-    from mlsurrogate.data import Snapshot
-
-    batch = naswot_batch(config.base, config.naswot_batch, config.seed)
-    with Snapshot(config.base.train[0]) as snap:
-        energies = len(snap.energies)
+    batch, energies = naswot_inputs(config)
     rows = []
     for architecture in architectures_of(config):
         start = time.perf_counter()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mlsurrogate.hpo.naswot import Architecture, combined, naswot_score
-from mlsurrogate.hpo.trials import HpoConfig, naswot_batch, run_trial, trial_config
+from mlsurrogate.hpo.trials import HpoConfig, naswot_inputs, run_trial, trial_config
 
 STUDY_NAME = "mlsurrogate"
 
@@ -62,11 +62,7 @@ def open_study(config: HpoConfig, storage: Any = None) -> Any:
 
 def naswot_scorer(config: HpoConfig) -> Callable[[dict[str, Any]], float]:
     """values -> S' of the trial's architecture on one mini-batch of the training data."""
-    from mlsurrogate.data import Snapshot
-
-    batch = naswot_batch(config.base, config.naswot_batch, config.seed)
-    with Snapshot(config.base.train[0]) as snap:
-        energies = len(snap.energies)
+    batch, energies = naswot_inputs(config)
 
     def score(values: dict[str, Any]) -> float:
         settings = trial_config(config.base, values)

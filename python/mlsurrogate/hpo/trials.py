@@ -192,3 +192,12 @@ def naswot_batch(config: TrainingConfig, size: int, seed: int = 0) -> np.ndarray
                 descriptors, _ = source.plane(int(ix))
                 rows.append(descriptors[flat[planes == ix] % (ny * nz)])
     return np.concatenate(rows)
+
+
+def naswot_inputs(config: HpoConfig) -> tuple[np.ndarray, int]:
+    """The NASWOT mini-batch of a search and the number of LDOS energies of its data."""
+    from mlsurrogate.data import Snapshot
+
+    with Snapshot(config.base.train[0]) as snap:
+        energies = len(snap.energies)
+    return naswot_batch(config.base, config.naswot_batch, config.seed), energies
