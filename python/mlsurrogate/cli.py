@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import mlsurrogate
 
@@ -342,7 +342,7 @@ def _learn(args: argparse.Namespace) -> int:
     from mlsurrogate.learn import LearnConfig, run_learning
 
     config = LearnConfig.from_toml(args.config)
-    run_learning(config, log=(lambda line: None) if args.quiet else print)
+    run_learning(config, log=_progress_log(args))
     print(f"report: {config.workdir / 'report.md'}; newest model: {config.workdir / 'model.pt'}")
     return 0
 
@@ -374,36 +374,45 @@ def _hpo_naswot(args: argparse.Namespace) -> int:
     from mlsurrogate.hpo.trials import HpoConfig
 
     config = HpoConfig.from_toml(args.config)
-    rows = naswot_scan(config, train=args.train, log=(lambda line: None) if args.quiet else print)
+    rows = naswot_scan(config, train=args.train, log=_progress_log(args))
     print(format_naswot(rows, config.objective))
     return 0
 
 
 def _hpo_optuna(args: argparse.Namespace) -> int:
-    from mlsurrogate.files import write_bytes_atomically
     from mlsurrogate.hpo.study import format_study, run_study
-    from mlsurrogate.hpo.trials import HpoConfig
 
-    config = HpoConfig.from_toml(args.config)
-    study = run_study(config, log=(lambda line: None) if args.quiet else print)
-    table = format_study(study, config.objective)
-    write_bytes_atomically(config.workdir / "optuna.md", (table + "\n").encode())
-    print(table)
-    print(f"study: {config.workdir / 'study.db'}; table: {config.workdir / 'optuna.md'}")
-    return 0
+    return _hpo_search(args, run_study, format_study, "optuna.md")
 
 
 def _hpo_oat(args: argparse.Namespace) -> int:
-    from mlsurrogate.files import write_bytes_atomically
     from mlsurrogate.hpo.orthogonal_array import format_oat, run_oat
+
+    return _hpo_search(args, run_oat, format_oat, "oat.md")
+
+
+def _hpo_search(
+    args: argparse.Namespace,
+    run: Callable[..., Any],
+    format_result: Callable[[Any, str], str],
+    table_name: str,
+) -> int:
+    """A search that trains networks (Optuna, OAT): run it, print its table and keep it
+    in the workdir."""
+    from mlsurrogate.files import write_bytes_atomically
     from mlsurrogate.hpo.trials import HpoConfig
 
     config = HpoConfig.from_toml(args.config)
-    result = run_oat(config, log=(lambda line: None) if args.quiet else print)
-    table = format_oat(result, config.objective)
-    write_bytes_atomically(config.workdir / "oat.md", (table + "\n").encode())
+    table = format_result(run(config, log=_progress_log(args)), config.objective)
+    write_bytes_atomically(config.workdir / table_name, (table + "\n").encode())
     print(table)
+    print(f"results in {config.workdir} (table: {config.workdir / table_name})")
     return 0
+
+
+def _progress_log(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where a long workflow reports its progress: stdout, or nowhere with --quiet."""
+    return (lambda line: None) if args.quiet else print
 
 
 def _build_parser() -> argparse.ArgumentParser:

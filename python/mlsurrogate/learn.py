@@ -34,7 +34,6 @@ import json
 import math
 import os
 import shutil
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ import numpy as np
 from mlsurrogate.evaluate import ReferenceError, rank_correlations
 from mlsurrogate.files import atomic_output, write_bytes_atomically
 from mlsurrogate.qe import QESettings, mpi_commands
+from mlsurrogate.toml_config import read_sections
 from mlsurrogate.training import TrainingConfig
 
 EXPLORE_METHODS = ("emt", "model", "entropy")
@@ -107,26 +107,10 @@ class LearnConfig:
     def from_toml(cls, path: str | os.PathLike[str]) -> LearnConfig:
         """Read and check a learn TOML; ValueError naming the file, key and what to do."""
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read the learn config ({exc})") from exc
+        tables = read_sections(path, "learn config", ("learn", "data", "training", "explore", "qe"))
         base = path.resolve().parent
-
-        def section(name: str) -> dict[str, Any]:
-            table = raw.get(name, {})
-            if not isinstance(table, dict):
-                raise ValueError(f"{path}: [{name}] must be a table")
-            return dict(table)
-
-        unknown = sorted(set(raw) - {"learn", "data", "training", "explore", "qe"})
-        if unknown:
-            raise ValueError(
-                f"{path}: unknown sections {unknown}; use [learn], [data], [training], "
-                "[explore], [qe]"
-            )
         for name, allowed in SECTION_KEYS.items():
-            misplaced = sorted(set(section(name)) - allowed)
+            misplaced = sorted(set(tables[name]) - allowed)
             if misplaced:
                 raise ValueError(
                     f"{path}: [{name}] has unknown keys {misplaced}; it takes "
@@ -136,8 +120,8 @@ class LearnConfig:
         def resolve(value: str) -> str:
             return str(base / value)
 
-        learn, data, training = section("learn"), section("data"), section("training")
-        explore, qe = section("explore"), section("qe")
+        learn, data, training = tables["learn"], tables["data"], tables["training"]
+        explore, qe = tables["explore"], tables["qe"]
         try:
             for key in ("train", "validation", "heldout"):
                 if not data.get(key):

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mlsurrogate.files import write_bytes_atomically
+from mlsurrogate.toml_config import read_sections
 from mlsurrogate.training import SnapshotSource, TrainingConfig, train
 from mlsurrogate.training.checkpoint import load_checkpoint
 
@@ -62,14 +62,8 @@ class HpoConfig:
     def from_toml(cls, path: str | os.PathLike[str]) -> HpoConfig:
         """Read and check a search TOML; ValueError naming the file and the key."""
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read the search config ({exc})") from exc
-        unknown = sorted(set(raw) - {"hpo", "space"})
-        if unknown:
-            raise ValueError(f"{path}: unknown sections {unknown}; use [hpo] and [space]")
-        settings, space = dict(raw.get("hpo", {})), dict(raw.get("space", {}))
+        tables = read_sections(path, "search config", ("hpo", "space"))
+        settings, space = tables["hpo"], tables["space"]
         misplaced = sorted(set(settings) - _HPO_KEYS)
         if misplaced:
             raise ValueError(
