@@ -37,6 +37,7 @@ from mlsurrogate.training.config import config_reference
 from mlsurrogate.training.dataset import density_weights
 from mlsurrogate.training.loop import point_loss
 from mlsurrogate.training.physics_terms import (
+    DescriptorAdjoint,
     coarse_grid_target,
     predicted_energy_forces,
     predicted_strain_derivatives,
@@ -325,6 +326,52 @@ def test_stress_term_strain_derivatives_are_those_of_the_energy(smooth_checkpoin
         [-volume * stress[0, 0] + reference.ii_virial[0, 0],
          -volume * stress[0, 1] + reference.ii_virial[0, 1]],
     )  # fmt: skip
+
+
+def test_descriptor_adjoint_and_its_backward_equal_a_stored_jacobian():
+    """DescriptorAdjoint contracts beta with dB/dR and dB/dh without storing them; its
+    backward differentiates the descriptors along the incoming gradient. Both must equal
+    the products with the dense Jacobian (central differences per coordinate and strain,
+    a step of 1e-5: ~1e-8 of the largest value) to 1e-6 of the largest value."""
+    params = CONFIG.params()
+    source = SnapshotSource(SNAP[3], params)
+    target = coarse_grid_target(
+        source, snapshot_reference(source), params, spacing=0.8, device="cpu", with_stress=True
+    )
+    atoms, grid = target.atoms, target.grid
+    points, components = target.descriptors.shape
+    step = 1e-5
+
+    def derivative(plus, minus) -> np.ndarray:
+        values = [compute_grid_descriptors(a, grid, params) for a in (plus, minus)]
+        return (values[0] - values[1]).reshape(points, -1) / (2 * step)
+
+    columns = []
+    for coordinate in range(3 * len(atoms)):
+        moved = [atoms.copy(), atoms.copy()]
+        moved[0].positions[coordinate // 3, coordinate % 3] += step
+        moved[1].positions[coordinate // 3, coordinate % 3] -= step
+        columns.append(-derivative(*moved))  # F = -beta . dB/dR
+    columns += [derivative(strained(atoms, c, step), strained(atoms, c, -step)) for c in range(6)]
+    jacobian = torch.as_tensor(np.stack(columns, axis=-1))  # [P, K, 3N + 6]
+
+    generator = torch.Generator().manual_seed(3)
+    beta = torch.randn(points, components, dtype=torch.float64, generator=generator)
+    beta.requires_grad_(True)
+    contracted = DescriptorAdjoint.apply(beta, target)
+    expected = torch.einsum("pk,pkc->c", beta.detach(), jacobian)
+    bound = 1e-6 * float(expected.abs().max())
+    torch.testing.assert_close(contracted.detach(), expected, rtol=0.0, atol=bound)
+    # the strains and forces are not trivially zero here (displaced atoms)
+    assert float(expected.abs().min()) > 0.0
+
+    weights = torch.randn(3 * len(atoms) + 6, dtype=torch.float64, generator=generator)
+    (gradient,) = torch.autograd.grad((weights * contracted).sum(), beta)
+    expected_gradient = jacobian @ weights
+    bound = 1e-6 * float(expected_gradient.abs().max())
+    torch.testing.assert_close(gradient, expected_gradient, rtol=0.0, atol=bound)
+    zero = torch.autograd.grad((0.0 * contracted).sum(), beta)[0]
+    assert float(zero.abs().max()) == 0.0
 
 
 def test_density_weights_give_the_density_over_its_mean(checkpoint):

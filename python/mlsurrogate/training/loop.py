@@ -172,7 +172,7 @@ def train(
     physics_train: list[CoarseGridTarget] = []
     physics_validation: list[CoarseGridTarget] = []
     if config.uses_physics:
-        log("energy/force terms: descriptor derivatives on the coarse grids (once)")
+        log("energy/force terms: descriptors on the coarse grids (once)")
 
         def coarse(source: SnapshotSource, reference: SnapshotReference) -> CoarseGridTarget:
             return coarse_grid_target(
@@ -186,7 +186,7 @@ def train(
 
         physics_train = [
             coarse(s, snapshot_reference(s))
-            for s in tqdm(train_sources, desc="dB/dR", disable=not progress, leave=False)
+            for s in tqdm(train_sources, desc="coarse grids", disable=not progress, leave=False)
         ]
         physics_validation = [coarse(s, t) for s, t in zip(validation_sources, targets)]
 

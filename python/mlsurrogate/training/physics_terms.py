@@ -5,17 +5,21 @@ only): every ``physics_every`` mini-batches one training snapshot, in turn, is p
 on a coarse grid (``physics_spacing``), its free energy A and forces F = -dA/dR go
 through the energy functional and descriptor derivatives, and
 w_E ((A - A_QE) / N)^2 + w_F mean |F - F_QE|^2 is added to that step's loss. The forces
-use dB/dR of the coarse grid (central finite differences of the descriptors, computed
-once) and dA/dLDOS of the functional at the current prediction (held fixed while
-differentiating the loss, a first-order approximation of its parameter gradient; the
-loss value itself is exact).
+are beta . dB/dR with beta = dA/dB from back-propagation, contracted by the kernel's
+adjoint (as the pair style does: dB/dR is never stored), with dA/dLDOS of the functional
+at the current prediction held fixed while differentiating the loss (a first-order
+approximation of its parameter gradient; the loss value itself is exact). The parameter
+gradient of a loss on the forces needs dL/dbeta = -sum_i (dL/dF_i) . dB/dR_i: the
+derivative of the descriptors along the direction dL/dF, one central difference of two
+descriptor evaluations (DescriptorAdjoint). Memory is O(points x components), not the
+O(points x components x 3N) of a stored Jacobian.
 
 The optional stress term (``stress_weight``) fits the strain derivatives of A to QE's
 stress: for each of the six symmetric strains (x -> (I + h S) x of atoms, cell and grid
-together) dA/dh = sum_r dA/dB . dB/dh (dB/dh once, by finite differences like dB/dR)
-+ the functional's explicit cell dependence (central differences in the cell at fixed
-LDOS); the target is -V sigma_QE + W_ii (QE's sign: sigma = -(1/V) dE/deps; W_ii the
-E_ii virial). Its parameter gradient is first order, as for the forces.
+together) dA/dh = sum_r dA/dB . dB/dh (from the same adjoint pass as the forces) + the
+functional's explicit cell dependence (central differences in the cell at fixed LDOS);
+the target is -V sigma_QE + W_ii (QE's sign: sigma = -(1/V) dE/deps; W_ii the E_ii
+virial). Its parameter gradient is first order, as for the forces.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors, grid_for_spacing
+from mlsurrogate.descriptors import (
+    BispectrumParams,
+    compute_grid_descriptors,
+    descriptor_gradients,
+    grid_for_spacing,
+)
 from mlsurrogate.evaluate import core_density_of
 from mlsurrogate.ion_ion import ion_ion_energy
 from mlsurrogate.model import LdosNetwork
@@ -100,16 +109,16 @@ def energy_errors(
 
 @dataclass
 class CoarseGridTarget:
-    """A snapshot's descriptors and their Jacobians on the coarse physics grid, with its
+    """A snapshot's structure and descriptors on the coarse physics grid, with its
     targets: what the energy, force and stress terms of the loss need."""
 
     reference: SnapshotReference  # cell, electron count, QE and E_ii values
+    atoms: Any  # ase.Atoms: the structure the descriptor derivatives are taken at
+    params: BispectrumParams
     descriptors: torch.Tensor  # [P, K]
-    jacobian: torch.Tensor  # [P, K, 3N]: dB/dR at the P coarse grid points
     grid: tuple[int, int, int]
     electronic_forces: torch.Tensor  # F_QE - F_ii [3N] (eV/A)
-    # dB/dh [P, K, 6] for the strains of STRAINS (None: no stress term)
-    strain_jacobian: torch.Tensor | None
+    with_stress: bool  # whether the stress term fits this snapshot
     electronic_strain_derivative: torch.Tensor  # target dA/dh [6]: -V sigma_QE + W_ii (eV)
 
     @property
@@ -154,39 +163,8 @@ def coarse_grid_target(
             "pseudopotentials yet; set energy_weight = force_weight = 0"
         )
     atoms = source.snapshot.atoms
-    # at least 2 points per direction: central differences need a neighbouring point
+    # at least 2 points per direction, as the functional's gradient terms need
     grid = grid_for_spacing(atoms.cell, spacing, minimum=2)
-    step = 1e-4  # A (or strain); descriptors are smooth, central differences good to ~1e-8
-
-    def derivative(move: Any) -> np.ndarray:
-        """d(descriptors)/d(step) [P, K] for ``move(atoms, signed step)``."""
-        shifted = []
-        for sign in (1.0, -1.0):
-            values = compute_grid_descriptors(move(atoms, sign * step), grid, params)
-            shifted.append(values.reshape(-1, values.shape[-1]))
-        return ((shifted[0] - shifted[1]) / (2 * step)).astype(np.float32)
-
-    def displaced(coordinate: int) -> Any:
-        def move(atoms: Any, delta: float) -> Any:
-            moved = atoms.copy()
-            moved.positions[coordinate // 3, coordinate % 3] += delta
-            return moved
-
-        return move
-
-    jacobian = np.stack([derivative(displaced(c)) for c in range(3 * len(atoms))], axis=-1)
-    strain_jacobian = None
-    if with_stress:
-        strain_jacobian = torch.as_tensor(
-            np.stack(
-                [
-                    derivative(lambda atoms, h, c=c: strained(atoms, c, h))
-                    for c in range(len(STRAINS))
-                ],
-                axis=-1,
-            ),
-            device=device,
-        )
     descriptors = compute_grid_descriptors(atoms, grid, params)  # float64: small
     forces = source.snapshot.reference("forces") - reference.ii_forces
     volume = abs(float(np.linalg.det(np.asarray(atoms.cell))))
@@ -195,13 +173,65 @@ def coarse_grid_target(
     ]
     return CoarseGridTarget(
         reference=reference,
+        atoms=atoms,
+        params=params,
         descriptors=torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]), device=device),
-        jacobian=torch.as_tensor(jacobian, device=device),
         grid=grid,
         electronic_forces=torch.as_tensor(forces.reshape(-1), dtype=torch.float32, device=device),
-        strain_jacobian=strain_jacobian,
+        with_stress=with_stress,
         electronic_strain_derivative=torch.as_tensor(strain_target, dtype=torch.float64),
     )
+
+
+DIRECTION_STEP = 1e-4  # A: largest atom move of DescriptorAdjoint's central difference
+
+
+class DescriptorAdjoint(torch.autograd.Function):
+    """(F [3N], dE/dh [6]) of E = sum_p beta_p . B_p on a target's grid: F = -dE/dR by the
+    kernel's adjoint, dE/dh for the strains of STRAINS from the same pass. Linear in beta;
+    its backward, dL/dbeta_p = -sum_i g_F,i . dB_p/dR_i + sum_c g_h,c dB_p/dh_c, is the
+    derivative of B along the deformation x -> (I + t G)(x - t g_F), G = sum_c g_h,c S_c,
+    by a central difference (error ~ step^2: descriptors are smooth)."""
+
+    @staticmethod
+    def forward(ctx: Any, beta: torch.Tensor, target: CoarseGridTarget) -> torch.Tensor:
+        ctx.target = target
+        values = beta.detach().double().cpu().numpy().reshape(*target.grid, -1)
+        gradients = descriptor_gradients(target.atoms, target.grid, target.params, values)
+        strain = gradients.strain_derivative
+        per_strain = [float(np.sum(strain * strain_matrix(c))) for c in range(len(STRAINS))]
+        out = np.concatenate([gradients.forces.reshape(-1), per_strain])
+        return torch.as_tensor(out, dtype=beta.dtype, device=beta.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        target = ctx.target
+        atoms = target.atoms
+        values = grad.detach().double().cpu().numpy()
+        move = -values[: 3 * len(atoms)].reshape(-1, 3)
+        deformation = sum(w * strain_matrix(c) for c, w in enumerate(values[3 * len(atoms) :]))
+        # the largest atom displacement per unit t: the step is DIRECTION_STEP in it
+        size = float(np.abs(move + atoms.positions @ deformation.T).max())
+        points, components = target.descriptors.shape
+        if size == 0.0:
+            return grad.new_zeros(points, components), None
+        t = DIRECTION_STEP / size
+
+        def descriptors_at(signed_t: float) -> np.ndarray:
+            moved = atoms.copy()
+            moved.positions = atoms.positions + signed_t * move
+            moved.set_cell(
+                np.asarray(atoms.cell) @ (np.eye(3) + signed_t * deformation).T, scale_atoms=True
+            )
+            return compute_grid_descriptors(moved, target.grid, target.params)
+
+        derivative = (descriptors_at(t) - descriptors_at(-t)) / (2.0 * t)
+        return (
+            torch.as_tensor(derivative.reshape(points, components), dtype=grad.dtype).to(
+                grad.device
+            ),
+            None,
+        )
 
 
 @dataclass
@@ -210,9 +240,9 @@ class CoarsePrediction:
 
     energy: float  # electronic free energy A (eV)
     forces: torch.Tensor  # -dA/dR [3N] (eV/A), with graph
+    strain_descriptor_part: torch.Tensor  # sum_r dA/dB . dB/dh [6] (eV), with graph
     linear: torch.Tensor  # sum_r dA/dd(r) . d(r): its parameter gradient is dA/dtheta
     ldos: torch.Tensor  # [P, E], with graph
-    beta: torch.Tensor  # dA/dB [P, K] at the fixed cell, with graph
 
 
 def predicted_energy_forces(
@@ -236,8 +266,11 @@ def predicted_energy_forces(
         return None
     linear = (gradient.detach().reshape(ldos.shape).to(ldos) * ldos).sum()
     beta = torch.autograd.grad(linear, x, create_graph=True)[0]  # dA/dB at every point
-    forces = -torch.einsum("pk,pkc->c", beta, target.jacobian.to(dtype))
-    return CoarsePrediction(float(terms["electronic"]), forces, linear, ldos, beta)
+    contracted = DescriptorAdjoint.apply(beta, target)
+    natoms3 = 3 * target.reference.natoms
+    return CoarsePrediction(
+        float(terms["electronic"]), contracted[:natoms3], contracted[natoms3:], linear, ldos
+    )
 
 
 def predicted_strain_derivatives(
@@ -250,12 +283,9 @@ def predicted_strain_derivatives(
     dA/dh = sum_r beta(r) . dB(r)/dh + dA/dh|_LDOS: the descriptor part exactly, the
     explicit cell part (voxel volume, Hartree and gradient terms, mu at fixed N_val) by
     central differences of the functional alone, all in float64."""
-    assert target.strain_jacobian is not None
     ldos, cell = prediction.ldos, target.reference.cell
     fixed = ldos.detach().double().cpu().reshape(*target.grid, -1)
-    descriptor_part = torch.einsum(
-        "pk,pkc->c", prediction.beta, target.strain_jacobian.to(ldos.dtype)
-    )
+    descriptor_part = prediction.strain_descriptor_part
     explicit, explicit_graph = [], []
     for component in range(len(STRAINS)):
         energies, linears = [], []
@@ -309,7 +339,7 @@ def physics_loss(
         + config.force_weight * force_mse
     )
     stress_mse = 0.0
-    if config.stress_weight > 0 and target.strain_jacobian is not None:
+    if config.stress_weight > 0 and target.with_stress:
         strain = predicted_strain_derivatives(predicted, functional, target)
         if strain is None:
             return None
