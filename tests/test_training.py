@@ -39,6 +39,8 @@ from mlsurrogate.training.loop import point_loss
 from mlsurrogate.training.physics_terms import (
     DescriptorAdjoint,
     coarse_grid_target,
+    contract,
+    descriptor_jacobian,
     predicted_energy_forces,
     predicted_strain_derivatives,
     snapshot_reference,
@@ -245,16 +247,19 @@ def test_cli_train_with_toml_and_export(tmp_path, capsys):
     )
 
 
-def test_force_term_forces_are_minus_the_energy_gradient(checkpoint):
+@pytest.mark.parametrize("store_jacobian", [False, True], ids=["adjoint", "stored"])
+def test_force_term_forces_are_minus_the_energy_gradient(checkpoint, store_jacobian):
     """The forces the force term fits are -dA/dR of the network's free energy on the
-    coarse grid (descriptor Jacobian, functional gradient and back-propagation together),
-    checked against central differences of A in double precision."""
+    coarse grid (descriptor derivatives, functional gradient and back-propagation
+    together), by either contraction, checked against central differences of A in double
+    precision."""
     network = build_model(checkpoint).network.double()
     params = CONFIG.params()
     source = SnapshotSource(SNAP[3], params)
     target = coarse_grid_target(
-        source, snapshot_reference(source), params, spacing=0.8, device="cpu"
-    )
+        source, snapshot_reference(source), params, spacing=0.8, device="cpu",
+        store_jacobian=store_jacobian,
+    )  # fmt: skip
     assert target.grid == (5, 5, 5)
     functional = functional_for(source.snapshot)
     predicted = predicted_energy_forces(network, functional, target)
@@ -328,7 +333,7 @@ def test_stress_term_strain_derivatives_are_those_of_the_energy(smooth_checkpoin
     )  # fmt: skip
 
 
-def test_descriptor_adjoint_and_its_backward_equal_a_stored_jacobian():
+def test_descriptor_adjoint_and_its_backward_equal_a_dense_jacobian():
     """DescriptorAdjoint contracts beta with dB/dR and dB/dh without storing them; its
     backward differentiates the descriptors along the incoming gradient. Both must equal
     the products with the dense Jacobian (central differences per coordinate and strain,
@@ -372,6 +377,15 @@ def test_descriptor_adjoint_and_its_backward_equal_a_stored_jacobian():
     torch.testing.assert_close(gradient, expected_gradient, rtol=0.0, atol=bound)
     zero = torch.autograd.grad((0.0 * contracted).sum(), beta)[0]
     assert float(zero.abs().max()) == 0.0
+
+    # the stored dB/dR of the training (float32, a step of 1e-4) gives the same products
+    target.jacobian = torch.as_tensor(descriptor_jacobian(atoms, grid, params, True))
+    stored = contract(beta, target)
+    bound = 1e-5 * float(expected.abs().max())
+    torch.testing.assert_close(stored.detach(), expected, rtol=0.0, atol=bound)
+    (gradient,) = torch.autograd.grad((weights * stored).sum(), beta)
+    bound = 1e-5 * float(expected_gradient.abs().max())
+    torch.testing.assert_close(gradient, expected_gradient, rtol=0.0, atol=bound)
 
 
 def test_density_weights_give_the_density_over_its_mean(checkpoint):

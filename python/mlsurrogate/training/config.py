@@ -85,6 +85,11 @@ class TrainingConfig:
         "physics", 0.1, "learning rate multiplied by this when the terms start, (0, 1]"
     )
     physics_spacing: float = _key("physics", 0.5, "Angstrom, grid of the energy/force terms")
+    physics_jacobian_gb: float = _key(
+        "physics",
+        2.0,
+        "GB of dB/dR stored for the terms' snapshots (faster steps); the rest use the adjoint",
+    )
     density_weight: float = _key(
         "physics", 0.0, "on (density error / mean density)^2 per grid point"
     )
@@ -178,6 +183,7 @@ class TrainingConfig:
             "dropout": 0.0 <= self.dropout < 1.0,
             "physics_lr_factor": 0.0 < self.physics_lr_factor <= 1.0,
             "physics_spacing": self.physics_spacing > 0,
+            "physics_jacobian_gb": self.physics_jacobian_gb >= 0,
             "weight_averaging": 0.0 <= self.weight_averaging < 1.0,
             "hidden": bool(self.hidden) and all(width >= 1 for width in self.hidden),
             # at least the output layer trains

@@ -37,9 +37,9 @@ from mlsurrogate.training.dataset import (
 )
 from mlsurrogate.training.physics_terms import (
     CoarseGridTarget,
-    SnapshotReference,
     coarse_grid_target,
     energy_errors,
+    jacobian_bytes,
     physics_loss,
     snapshot_reference,
 )
@@ -172,23 +172,32 @@ def train(
     physics_train: list[CoarseGridTarget] = []
     physics_validation: list[CoarseGridTarget] = []
     if config.uses_physics:
-        log("energy/force terms: descriptors on the coarse grids (once)")
-
-        def coarse(source: SnapshotSource, reference: SnapshotReference) -> CoarseGridTarget:
-            return coarse_grid_target(
-                source,
-                reference,
-                params,
-                config.physics_spacing,
-                config.device,
-                with_stress=config.stress_weight > 0,
-            )
-
-        physics_train = [
-            coarse(s, snapshot_reference(s))
-            for s in tqdm(train_sources, desc="coarse grids", disable=not progress, leave=False)
+        with_stress = config.stress_weight > 0
+        sources = [*train_sources, *validation_sources]
+        # stored dB/dR, in the given order, while the budget lasts; the adjoint beyond
+        sizes = [
+            jacobian_bytes(s.snapshot.atoms, config.physics_spacing, num_features, with_stress)
+            for s in sources
         ]
-        physics_validation = [coarse(s, t) for s, t in zip(validation_sources, targets)]
+        stored = list(np.cumsum(sizes) <= config.physics_jacobian_gb * 1e9)
+        log(
+            f"energy/force terms: dB/dR stored for {sum(stored)} of {len(sources)} snapshots "
+            f"({sum(n for n, keep in zip(sizes, stored) if keep) / 1e9:.2f} GB; "
+            f"physics_jacobian_gb = {config.physics_jacobian_gb:g}), the adjoint for the rest"
+        )
+        coarse = [
+            coarse_grid_target(
+                source, reference, params, config.physics_spacing, config.device,
+                with_stress=with_stress, store_jacobian=keep,
+            )  # fmt: skip
+            for source, reference, keep in zip(
+                tqdm(sources, desc="coarse grids", disable=not progress, leave=False),
+                [*(snapshot_reference(s) for s in train_sources), *targets],
+                stored,
+            )
+        ]
+        n_train = len(train_sources)
+        physics_train, physics_validation = coarse[:n_train], coarse[n_train:]
 
     torch.manual_seed(config.seed)  # the initial weights; a resumed run loads its own
     network = network_for(config, num_features, len(energies))

@@ -5,18 +5,25 @@ only): every ``physics_every`` mini-batches one training snapshot, in turn, is p
 on a coarse grid (``physics_spacing``), its free energy A and forces F = -dA/dR go
 through the energy functional and descriptor derivatives, and
 w_E ((A - A_QE) / N)^2 + w_F mean |F - F_QE|^2 is added to that step's loss. The forces
-are beta . dB/dR with beta = dA/dB from back-propagation, contracted by the kernel's
-adjoint (as the pair style does: dB/dR is never stored), with dA/dLDOS of the functional
+are beta . dB/dR with beta = dA/dB from back-propagation, with dA/dLDOS of the functional
 at the current prediction held fixed while differentiating the loss (a first-order
-approximation of its parameter gradient; the loss value itself is exact). The parameter
-gradient of a loss on the forces needs dL/dbeta = -sum_i (dL/dF_i) . dB/dR_i: the
-derivative of the descriptors along the direction dL/dF, one central difference of two
-descriptor evaluations (DescriptorAdjoint). Memory is O(points x components), not the
-O(points x components x 3N) of a stored Jacobian.
+approximation of its parameter gradient; the loss value itself is exact). Two ways to
+contract, the same numbers (tested against each other):
+
+* a stored dB/dR (central differences of the descriptors, 6N + 1 evaluations once per
+  snapshot; [points, components, 3N] floats: 0.5 GB for 32 atoms on a 0.34 A grid,
+  growing as N^2): each step is one product;
+* the kernel's adjoint (DescriptorAdjoint, as the pair style does; memory O(points x
+  components)): each step contracts beta by the adjoint and, for the loss's parameter
+  gradient dL/dbeta = -sum_i (dL/dF_i) . dB/dR_i, differentiates the descriptors along
+  dL/dF (one central difference): about five descriptor evaluations per step.
+
+``physics_jacobian_gb`` says how much stored dB/dR the training may hold; snapshots
+beyond it use the adjoint (all of them with 0).
 
 The optional stress term (``stress_weight``) fits the strain derivatives of A to QE's
 stress: for each of the six symmetric strains (x -> (I + h S) x of atoms, cell and grid
-together) dA/dh = sum_r dA/dB . dB/dh (from the same adjoint pass as the forces) + the
+together) dA/dh = sum_r dA/dB . dB/dh (stored like dB/dR, or from the adjoint pass) + the
 functional's explicit cell dependence (central differences in the cell at fixed LDOS);
 the target is -V sigma_QE + W_ii (QE's sign: sigma = -(1/V) dE/deps; W_ii the E_ii
 virial). Its parameter gradient is first order, as for the forces.
@@ -116,6 +123,8 @@ class CoarseGridTarget:
     atoms: Any  # ase.Atoms: the structure the descriptor derivatives are taken at
     params: BispectrumParams
     descriptors: torch.Tensor  # [P, K]
+    # d(forces, dA/dh)/dbeta [P, K, 3N (+ 6 with stress)]: -dB/dR, dB/dh; None: adjoint
+    jacobian: torch.Tensor | None
     grid: tuple[int, int, int]
     electronic_forces: torch.Tensor  # F_QE - F_ii [3N] (eV/A)
     with_stress: bool  # whether the stress term fits this snapshot
@@ -149,6 +158,49 @@ def strained(atoms: Any, component: int, h: float) -> Any:
     return moved
 
 
+def jacobian_bytes(atoms: Any, spacing: float, components: int, with_stress: bool) -> int:
+    """Memory of a stored d(forces, dA/dh)/dbeta (float32) on the physics grid."""
+    points = int(np.prod(physics_grid(atoms, spacing)))
+    columns = 3 * len(atoms) + (len(STRAINS) if with_stress else 0)
+    return 4 * points * components * columns
+
+
+def physics_grid(atoms: Any, spacing: float) -> tuple[int, int, int]:
+    # at least 2 points per direction: the functional's gradient terms need a neighbour
+    return grid_for_spacing(atoms.cell, spacing, minimum=2)
+
+
+def descriptor_jacobian(
+    atoms: Any, grid: tuple[int, int, int], params: BispectrumParams, with_stress: bool
+) -> np.ndarray:
+    """-dB/dR per coordinate (and dB/dh per strain) [P, K, 3N (+ 6)], float32, by central
+    differences (descriptors are smooth: good to ~1e-8 relative)."""
+    step = 1e-4  # A (or strain)
+
+    def derivative(move: Any) -> np.ndarray:
+        """d(descriptors)/d(step) [P, K] for ``move(atoms, signed step)``."""
+        plus, minus = (
+            compute_grid_descriptors(move(atoms, sign * step), grid, params) for sign in (1, -1)
+        )
+        difference = (plus - minus) / (2 * step)
+        return difference.reshape(-1, plus.shape[-1]).astype(np.float32)
+
+    def displaced(coordinate: int) -> Any:
+        def move(atoms: Any, delta: float) -> Any:
+            moved = atoms.copy()
+            moved.positions[coordinate // 3, coordinate % 3] += delta
+            return moved
+
+        return move
+
+    columns = [-derivative(displaced(c)) for c in range(3 * len(atoms))]
+    if with_stress:
+        columns += [
+            derivative(lambda atoms, h, c=c: strained(atoms, c, h)) for c in range(len(STRAINS))
+        ]
+    return np.stack(columns, axis=-1)
+
+
 def coarse_grid_target(
     source: SnapshotSource,
     reference: SnapshotReference,
@@ -156,6 +208,7 @@ def coarse_grid_target(
     spacing: float,
     device: str,
     with_stress: bool = False,
+    store_jacobian: bool = False,
 ) -> CoarseGridTarget:
     if reference.core is not None:
         raise ValueError(
@@ -163,9 +216,13 @@ def coarse_grid_target(
             "pseudopotentials yet; set energy_weight = force_weight = 0"
         )
     atoms = source.snapshot.atoms
-    # at least 2 points per direction, as the functional's gradient terms need
-    grid = grid_for_spacing(atoms.cell, spacing, minimum=2)
+    grid = physics_grid(atoms, spacing)
     descriptors = compute_grid_descriptors(atoms, grid, params)  # float64: small
+    jacobian = None
+    if store_jacobian:
+        jacobian = torch.as_tensor(
+            descriptor_jacobian(atoms, grid, params, with_stress), device=device
+        )
     forces = source.snapshot.reference("forces") - reference.ii_forces
     volume = abs(float(np.linalg.det(np.asarray(atoms.cell))))
     strain_target = [
@@ -176,11 +233,22 @@ def coarse_grid_target(
         atoms=atoms,
         params=params,
         descriptors=torch.as_tensor(descriptors.reshape(-1, descriptors.shape[-1]), device=device),
+        jacobian=jacobian,
         grid=grid,
         electronic_forces=torch.as_tensor(forces.reshape(-1), dtype=torch.float32, device=device),
         with_stress=with_stress,
         electronic_strain_derivative=torch.as_tensor(strain_target, dtype=torch.float64),
     )
+
+
+def contract(beta: torch.Tensor, target: CoarseGridTarget) -> torch.Tensor:
+    """(F [3N], dA/dh [6]) of beta = dA/dB on the target's grid, differentiable in beta:
+    through the stored Jacobian if the target has one, else by the adjoint."""
+    if target.jacobian is None:
+        return DescriptorAdjoint.apply(beta, target)
+    product = torch.einsum("pk,pkc->c", beta, target.jacobian.to(beta.dtype))
+    missing = 3 * target.reference.natoms + len(STRAINS) - product.numel()
+    return torch.cat([product, product.new_zeros(missing)])  # no strains stored: zeros
 
 
 DIRECTION_STEP = 1e-4  # A: largest atom move of DescriptorAdjoint's central difference
@@ -266,7 +334,7 @@ def predicted_energy_forces(
         return None
     linear = (gradient.detach().reshape(ldos.shape).to(ldos) * ldos).sum()
     beta = torch.autograd.grad(linear, x, create_graph=True)[0]  # dA/dB at every point
-    contracted = DescriptorAdjoint.apply(beta, target)
+    contracted = contract(beta, target)
     natoms3 = 3 * target.reference.natoms
     return CoarsePrediction(
         float(terms["electronic"]), contracted[:natoms3], contracted[natoms3:], linear, ldos
