@@ -8,10 +8,12 @@ The run's iteration K ensemble was fine-tuned (warm start from iteration K - 1) 
 initial small-cell snapshots plus the large-cell snapshots labelled before K. This trains
 from scratch, with the run's base recipe, its seeds and its validation snapshots: on
 those labelled large-cell snapshots alone, and on all of the iteration's data; then
-prints the held-out errors of the three side by side with the training time (the run's
-held-out references; nothing here is chosen by them). ``--members M`` compares the first
-M members of each (default: all of the run's). Default K: the run's last iteration.
-Resumable: finished members are kept in ``--outdir``.
+prints the held-out errors of the three side by side with the training epochs (the run's
+held-out references; nothing here is chosen by them) and, for ensembles, the Spearman
+rank correlations of their uncertainty with the errors (energy over structures, force
+over atoms). ``--members M`` compares the first M members of each (default: all of the
+run's). Default K: the run's last iteration. Resumable: finished members are kept in
+``--outdir``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from mlsurrogate.evaluate import evaluate_references, load_references
+from mlsurrogate.evaluate import evaluate_references, load_references, rank_correlations
 from mlsurrogate.export import export_model
 from mlsurrogate.learn import LearnConfig, labelled_snapshots
 from mlsurrogate.model import Model
@@ -35,8 +38,10 @@ def scratch_ensemble(
     validation: list[str],
     directory: Path,
     members: int,
+    **changes: Any,
 ) -> Path:
-    """The run's recipe from random weights on ``snapshots``, one member per seed."""
+    """The run's recipe (with ``changes`` to its TrainingConfig fields) from random
+    weights on ``snapshots``, one member per seed; resumable."""
     directory.mkdir(parents=True, exist_ok=True)
     model = directory / "model.pt"
     if model.exists():
@@ -47,7 +52,7 @@ def scratch_ensemble(
         checkpoint = directory / f"member_{member}.ckpt"
         done = checkpoint.with_suffix(".done")
         settings = dataclasses.replace(
-            base, train=snapshots, validation=validation, seed=base.seed + member
+            base, train=snapshots, validation=validation, seed=base.seed + member, **changes
         )
         if not done.exists():
             train(settings, checkpoint, resume=checkpoint.exists(), progress=False)
@@ -111,15 +116,21 @@ def main() -> None:
     references = load_references(config.heldout)
     print(f"{len(labelled)} large-cell snapshots, {members} member(s) each; held-out: "
           f"{', '.join(config.heldout)}")  # fmt: skip
-    print("| model | epochs per member | held-out dA MAE (meV/atom) | max dA | F RMSE (eV/A) |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| model | epochs per member | held-out dA MAE (meV/atom) | max dA | F RMSE (eV/A) "
+        "| rho E | rho F |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, (path, checkpoints) in models.items():
         errors = evaluate_references(Model.load(path), references, threads=config.threads)
         energy = np.abs([1000 * e.energy_error for e in errors])
         force = np.sqrt(np.mean([e.force_rmse**2 for e in errors]))
+        # calibration of the ensemble's uncertainty (Spearman, as in the learn report)
+        rho = rank_correlations(errors) if members > 1 and len(errors) >= 3 else None
+        calibration = f"{rho[0]:+.2f} | {rho[1]:+.2f}" if rho else "- | -"
         print(
             f"| {name} | {mean_epochs(checkpoints):.0f} | {energy.mean():.1f} | "
-            f"{energy.max():.1f} | {force:.3f} |",
+            f"{energy.max():.1f} | {force:.3f} | {calibration} |",
             flush=True,
         )
 

@@ -1,22 +1,24 @@
 """Single-point time of pair_style mlsurrogate against Quantum ESPRESSO pw.x, same cell.
 
     python benchmarks/vs_qe.py [MODEL.pt] [--cells 1 2 3] [--ranks 2] [--pw-out FILE ...]
-        [--pw-bands ldos|energy]
+        [--pw-bands ldos|energy] [--spacing A]
 
 fcc Al (a = 4.05 A), cells^3 cubic cells (4, 32, 108 atoms) with 0.1 A random
 displacements. Ours: one energy + forces (``run 0``) in the ``lmp`` executable on
 ``--ranks`` MPI ranks at the model's training grid spacing (that of QE's FFT grid in the
-training cells; pw.x may round its own FFT size up to one with small prime factors), Ewald
-E_ii; the wall time of the whole process (start-up and model loading included). QE: pw.x SCF
-with the project's reference settings (Al.pz-vbc, 20 Ry, 933 K Fermi-Dirac, k-spacing
-0.2 1/A) on the same ranks (k-point pools), its own WALL time. ``--pw-out`` takes the
-time from existing pw.x outputs (matched by atom count) instead of running pw.x, e.g.
-those of ``make data`` / ``make data32``; several outputs with the same atom count are
-the pieces of one run continued with ``restart_mode = 'restart'`` (after ``max_seconds``)
-and their times add up (printed as a lower bound, ">", until one piece reports a
-converged SCF): a 108-atom SCF takes about 50 minutes on 2 cores. ``--pw-time cpu`` takes
-pw.x's CPU time instead (rank 0; equal to its wall time on an otherwise idle machine, and
-not inflated when pieces ran niced beside other work). ``--ours-only`` skips pw.x.
+training cells; pw.x may round its own FFT size up to one with small prime factors) or at
+``--spacing`` (A; the coarsest spacing that keeps the result on the training grid's, from
+``benchmarks/grid_convergence.py``), Ewald E_ii; the wall time of the whole process
+(start-up and model loading included). QE: pw.x SCF with the project's reference settings
+(Al.pz-vbc, 20 Ry, 933 K Fermi-Dirac, k-spacing 0.2 1/A) on the same ranks (k-point
+pools), its own WALL time. ``--pw-out`` takes the time from existing pw.x outputs
+(matched by atom count) instead of running pw.x, e.g. those of ``make data`` / ``make
+data32``; several outputs with the same atom count are the pieces of one run continued
+with ``restart_mode = 'restart'`` (after ``max_seconds``) and their times add up (printed
+as a lower bound, ">", until one piece reports a converged SCF): a 108-atom SCF takes
+about 50 minutes on 2 cores. ``--pw-time cpu`` takes pw.x's CPU time instead (rank 0;
+equal to its wall time on an otherwise idle machine, and not inflated when pieces ran
+niced beside other work). ``--ours-only`` skips pw.x.
 
 Bands (``--pw-bands``, for pw.x runs made here): ``ldos`` (default) is the training-data
 setting, twice the occupied bands plus 4, so that the LDOS window (up to 11 eV, E_F + 3 eV)
@@ -50,7 +52,7 @@ atom_style charge
 read_data structure.data
 mass 1 26.9815385
 set type 1 charge 3.0
-pair_style hybrid/overlay mlsurrogate {model} coul/long 10.0
+pair_style hybrid/overlay mlsurrogate {model} grid {grid} {grid} {grid} coul/long 10.0
 pair_coeff * * mlsurrogate Al
 pair_coeff * * coul/long
 kspace_style ewald 1e-8
@@ -81,12 +83,12 @@ def energy_bands(atoms) -> int:
     return max(math.floor(1.2 * occupied + 0.5), math.floor(occupied + 0.5) + 4)  # NINT
 
 
-def time_ours(model: Path, atoms, ranks: int) -> float:
+def time_ours(model: Path, atoms, grid: int, ranks: int) -> float:
     import ase.io
 
     with tempfile.TemporaryDirectory() as work:
         ase.io.write(Path(work, "structure.data"), atoms, format="lammps-data", atom_style="charge")
-        Path(work, "in.point").write_text(SCRIPT.format(model=model))
+        Path(work, "in.point").write_text(SCRIPT.format(model=model, grid=grid))
         command = lmp_command(["-in", "in.point", "-log", "none", "-nocite"], ranks)
         start = time.perf_counter()
         subprocess.run(command, cwd=work, check=True, stdout=subprocess.DEVNULL)
@@ -115,11 +117,14 @@ def main() -> None:
         help="bands of the pw.x runs made here: the LDOS window's or QE's default",
     )
     parser.add_argument(
+        "--spacing", type=float, default=None, help="grid spacing (A); default: the model's"
+    )
+    parser.add_argument(
         "--ours-only", action="store_true", help="time mlsurrogate only (no pw.x run)"
     )
     args = parser.parse_args()
     model = Path(args.model).resolve()
-    spacing = load_metadata(model)["grid_spacing_A"]
+    spacing = args.spacing or load_metadata(model)["grid_spacing_A"]
     known: dict[int, tuple[float, str, int]] = {}  # atoms -> (seconds, source, bands)
     converged: set[int] = set()
     for path in args.pw_out:
@@ -139,7 +144,7 @@ def main() -> None:
     for cells in args.cells:
         atoms = structure(cells)
         grid = grid_for_spacing(atoms.cell, spacing)[0]  # cubic cells
-        ours = time_ours(model, atoms, args.ranks)
+        ours = time_ours(model, atoms, grid, args.ranks)
         qe, source, bands = known.get(len(atoms), (None, None, None))
         if qe is None and args.ours_only:
             print(f"| {len(atoms)} | {grid}^3 | {ours:.1f} | - | - | - |", flush=True)
