@@ -2,7 +2,7 @@
 active-learning run.
 
     python benchmarks/transfer_learning.py LEARN.toml [--iteration K] [--members M]
-        [--outdir DIR]
+        [--scratch large all] [--outdir DIR]
 
 The run's iteration K ensemble was fine-tuned (warm start from iteration K - 1) on its
 initial small-cell snapshots plus the large-cell snapshots labelled before K. This trains
@@ -43,7 +43,7 @@ def scratch_ensemble(
     """The run's recipe (with ``changes`` to its TrainingConfig fields) from random
     weights on ``snapshots``, one member per seed; resumable."""
     directory.mkdir(parents=True, exist_ok=True)
-    model = directory / "model.pt"
+    model = directory / f"model_{members}.pt"  # the first ``members`` of the directory's
     if model.exists():
         return model
     base = TrainingConfig.from_toml(config.training_config)
@@ -72,6 +72,10 @@ def main() -> None:
     parser.add_argument("--iteration", type=int, default=None)
     parser.add_argument("--members", type=int, default=None)
     parser.add_argument("--outdir", default="build/transfer_learning")
+    parser.add_argument(
+        "--scratch", nargs="+", choices=["large", "all"], default=["large", "all"],
+        help="which from-scratch trainings: on the large cells only, on all data",
+    )  # fmt: skip
     args = parser.parse_args()
     config = LearnConfig.from_toml(args.config)
     members = args.members or config.members
@@ -92,13 +96,14 @@ def main() -> None:
     validation = [*config.validation, *labelled_snapshots(config, k, "validation")]
     outdir = Path(args.outdir)
     # from scratch first: it needs only the labels, so it can run beside the learn run
+    data = {
+        "large": ("from scratch, large cells only", labelled),
+        "all": ("from scratch, all data", [*config.train, *labelled]),
+    }
     scratch = {
-        "from scratch, large cells only": scratch_ensemble(
-            config, labelled, validation, outdir / "large", members
-        ),
-        "from scratch, all data": scratch_ensemble(
-            config, [*config.train, *labelled], validation, outdir / "all", members
-        ),
+        name: scratch_ensemble(config, snapshots, validation, outdir / key, members)
+        for key, (name, snapshots) in data.items()
+        if key in args.scratch
     }
     finetuned = trained(k)
     if not finetuned:
