@@ -112,7 +112,7 @@ def main() -> None:
         errors = evaluate_references(Model.load(path), references, threads=config.threads)
         energy = np.abs([1000 * e.energy_error for e in errors])
         force = np.sqrt(np.mean([e.force_rmse**2 for e in errors]))
-        timing = run_size(path, args.cells, args.points_per_cell, args.steps, args.ranks)
+        timing = run_size(path.resolve(), args.cells, args.points_per_cell, args.steps, args.ranks)
         print(
             f"| {params['twojmax']} | {params['rcutfac']:g} | "
             f"{num_descriptors(recipe.params())} | "
