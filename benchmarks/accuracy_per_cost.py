@@ -66,7 +66,9 @@ def main() -> None:
                         help="default: the recipe's")  # fmt: skip
     parser.add_argument("--cells", type=int, default=4, help="MD cell: 4 cells^3 atoms")
     parser.add_argument("--points-per-cell", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument(
+        "--steps", type=int, default=6, help="MD steps timed (the first include the warm-up)"
+    )
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--outdir", default="build/accuracy_per_cost")
     args = parser.parse_args()
@@ -94,7 +96,11 @@ def main() -> None:
         models[name] = (
             params,
             scratch_ensemble(
-                config, [data[p] for p in train], [data[p] for p in validation], directory, 1,
+                config,
+                [data[p] for p in train],
+                [data[p] for p in validation],
+                directory,
+                1,
                 descriptor_params=params,
             ),  # fmt: skip
         )
