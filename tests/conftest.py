@@ -118,8 +118,11 @@ def run_with_file_size_limit(command: list[str], cwd, limit_bytes: int):
 
 # One-atom fcc Al, low cutoff, coarse energy grid: pw.x + pp.x take a few seconds.
 # The broadening (0.3 eV) exceeds the energy spacing (0.25 eV), so sums over the
-# energy grid integrate the broadened DOS accurately.
+# energy grid integrate the broadened DOS accurately. The LDOS comes from pp.x's cubes:
+# most ingest tests are about finding and checking cubes; tests/test_qe_ldos.py makes
+# the same LDOS from the wavefunctions (run_qe's default) and compares.
 TINY_SETTINGS = QESettings(
+    ldos_program="pp.x",
     ecutwfc_ry=12.0,
     kpts=(4, 4, 4),
     nbnd=10,

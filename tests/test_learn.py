@@ -23,7 +23,7 @@ from mlsurrogate.qe import ingest, run_qe
 # the tiny settings broaden the LDOS by 0.3 eV, which ingest warns is approximate
 pytestmark = pytest.mark.filterwarnings("ignore::mlsurrogate.qe.ApproximateIntegrationWarning")
 # four atoms, so the k-point mesh of the tiny one-atom settings shrinks alike
-TINY_QE = {**TINY_SETTINGS.__dict__, "kpts": (2, 2, 2), "nbnd": 20}
+TINY_QE = {**TINY_SETTINGS.__dict__, "kpts": (2, 2, 2), "nbnd": 20, "ldos_program": "wavefunctions"}
 
 
 def _cell(seed: int) -> ase.Atoms:

@@ -124,6 +124,9 @@ def _qe_run(args: argparse.Namespace) -> int:
         ldos_emax_ev=args.emax,
         ldos_spacing_ev=args.de,
         ldos_broadening_ev=args.broadening,
+        ldos_kpts=tuple(args.ldos_kpts) if args.ldos_kpts else None,
+        ldos_kspacing=args.ldos_kspacing,
+        ldos_program=args.ldos_program,
         pw_command=args.pw_command,
         pp_command=args.pp_command,
     )
@@ -440,9 +443,11 @@ def _build_parser() -> argparse.ArgumentParser:
     qe_sub = qe.add_subparsers(dest="qe_command", required=True)
     run = qe_sub.add_parser(
         "run",
-        help="pw.x SCF + pp.x LDOS and density cubes for one structure",
-        description="Write pw.x/pp.x inputs for a structure, run the SCF, then pp.x for the "
-        "LDOS on an energy grid (one cube per energy) and the valence density. Defaults are "
+        help="pw.x SCF, the LDOS and the density cube for one structure",
+        description="Write pw.x/pp.x inputs for a structure, run the SCF, then the "
+        "LDOS on an energy grid (ldos.h5, every energy in one pass over the wavefunctions, "
+        "on a denser k-grid with --ldos-kpts; or pp.x's cubes) and the valence density. "
+        "Defaults are "
         "the settings of the bundled Al dataset. Debian's QE uses Open MPI: for 2 ranks pass "
         "--pw-command '/usr/bin/mpirun -n 2 pw.x -nk 2' --pp-command '/usr/bin/mpirun -n 2 pp.x'.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -475,6 +480,22 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--de", type=float, default=0.1, help="LDOS energy spacing (eV)")
     run.add_argument(
         "--broadening", type=float, default=None, help="LDOS width (eV; default k_B T)"
+    )
+    run.add_argument(
+        "--ldos-kpts",
+        type=int,
+        nargs=3,
+        metavar=("K1", "K2", "K3"),
+        help="k-grid of the LDOS (a pw.x nscf on the SCF density; default: the SCF's)",
+    )
+    run.add_argument(
+        "--ldos-kspacing", type=float, default=None, help="k-spacing of the LDOS grid (1/A)"
+    )
+    run.add_argument(
+        "--ldos-program",
+        choices=("wavefunctions", "pp.x"),
+        default="wavefunctions",
+        help="LDOS from the wavefunctions in one pass (norm-conserving) or by pp.x per energy",
     )
     run.add_argument("--pw-command", default="pw.x", help="pw.x command line (launcher, flags)")
     run.add_argument("--pp-command", default="pp.x", help="pp.x command line (launcher, flags)")

@@ -3,6 +3,7 @@ ingesting a finished run into a snapshot file.
 
 One concept per module: :mod:`.settings` (QESettings, input writers), :mod:`.run`
 (pw.x/pp.x processes), :mod:`.readers` (printout, XML, UPF, cubes, clock),
+:mod:`.wavefunctions` (pw.x's wfc files), :mod:`.ldos` (the LDOS from them),
 :mod:`.ingest` (a run directory, recognised by content, -> snapshot). Every failure
 raises :class:`QEError` naming the file and the problem.
 """
@@ -10,6 +11,7 @@ raises :class:`QEError` naming the file and the problem.
 from mlsurrogate.qe.discover import RunDirectory, RunFiles, find_run_files
 from mlsurrogate.qe.errors import EnergyWindowError, QEError
 from mlsurrogate.qe.ingest import ApproximateIntegrationWarning, ingest
+from mlsurrogate.qe.ldos import LdosFile, compute_ldos, read_ldos_file, write_ldos_file
 from mlsurrogate.qe.readers import (
     Cube,
     LdosEnergyGrid,
@@ -25,12 +27,13 @@ from mlsurrogate.qe.readers import (
     read_upf,
     read_upf_core_density,
 )
-from mlsurrogate.qe.run import mpi_commands, run_pp_ldos, run_pw, run_qe
+from mlsurrogate.qe.run import mpi_commands, run_ldos, run_pp_ldos, run_pw, run_qe
 from mlsurrogate.qe.settings import (
     BROADENING_KERNELS,
     DEFAULT_PSEUDO_DIR,
     QESettings,
     kpoint_grid,
+    ldos_kpoint_grid,
     valence_electrons,
     write_pp_inputs,
     write_pw_input,
@@ -52,6 +55,12 @@ __all__ = [
     "electronic_temperature_k",
     "ingest",
     "kpoint_grid",
+    "ldos_kpoint_grid",
+    "LdosFile",
+    "compute_ldos",
+    "read_ldos_file",
+    "write_ldos_file",
+    "run_ldos",
     "mpi_commands",
     "read_cube",
     "LdosEnergyGrid",

@@ -2,9 +2,13 @@
 
 What identifies each file (docs/qe-ingest.md lists the same):
 
-* pw.x output: the text ``Program PWSCF`` in its first 4 kB;
+* pw.x output: the text ``Program PWSCF`` in its first 4 kB, and not a non-self-consistent
+  run (``End of band structure calculation``: the LDOS k-grid's run of ``run_qe``);
 * pw.x XML: ``data-file-schema.xml`` inside any ``<prefix>.save`` directory;
 * pp.x LDOS input: a namelist ``&inputpp`` with ``plot_num = 3``;
+* LDOS from wavefunctions: an HDF5 file with the attribute ``format =
+  mlsurrogate-ldos-1`` (``ldos.h5`` of :func:`mlsurrogate.qe.run_qe`); it holds the energy
+  grid, the width and the k-set itself;
 * LDOS cubes: cube files whose comment line states the energy (pp.x 6.7 writes
   ``Energy =  -8.0000 eV, broadening =   0.3000 eV``); the energy of a cube is that
   header value, not its file name; a cube without one gets the energy of the number in
@@ -29,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from mlsurrogate.qe.errors import QEError
+from mlsurrogate.qe.ldos import is_ldos_file
 from mlsurrogate.qe.readers import LdosEnergyGrid, read_cube, read_ldos_energy_grid, read_pw_xml
 
 _HEAD_BYTES = 4096
@@ -224,7 +229,12 @@ class RunDirectory:
             _resolve(directory, pw_out)
             if pw_out is not None
             else _one(
-                [p for p, h in self.heads.items() if "Program PWSCF" in h],
+                [
+                    p
+                    for p, h in self.heads.items()
+                    if "Program PWSCF" in h
+                    and "End of band structure calculation" not in p.read_text(errors="replace")
+                ],
                 "pw.x output ('Program PWSCF')",
                 "--pw-out FILE",
                 directory,
@@ -241,6 +251,18 @@ class RunDirectory:
             )
         )
         return pw_path, xml_path
+
+    def ldos_file(self) -> Path | None:
+        """The LDOS computed from wavefunctions (by content), None if there is none."""
+        found = [p for p in self.heads if is_ldos_file(p)]
+        if not found:
+            return None
+        if any(_CUBE_ENERGY.search(c) for c in self.cubes.values()):
+            raise QEError(
+                f"{self.directory}: both an LDOS file ({found[0]}) and LDOS cubes; choose the "
+                "cubes with --ldos GLOB or remove one"
+            )
+        return _one(found, "LDOS file (format mlsurrogate-ldos-1)", "--ldos GLOB", self.directory)
 
     def ldos_files(
         self,

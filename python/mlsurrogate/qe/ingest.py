@@ -7,9 +7,9 @@ from a MALA-layout array (``mala_ldos``). The snapshot layout is docs/snapshot-f
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import ase
@@ -19,8 +19,10 @@ from mlsurrogate.descriptors import BispectrumParams
 from mlsurrogate.files import check_output_path
 from mlsurrogate.qe.discover import RunDirectory, RunFiles
 from mlsurrogate.qe.errors import QEError
+from mlsurrogate.qe.ldos import FERMI_DIRAC, GAUSSIAN, kernel_values, read_ldos_file
 from mlsurrogate.qe.readers import (
     Cube,
+    LdosEnergyGrid,
     PwResult,
     electronic_temperature_k,
     read_cube,
@@ -39,8 +41,6 @@ _DENSITY_TO_ANGSTROM = 1.0 / BOHR_ANGSTROM**3
 # broadened eigenvalues to round-off (relative L1 misfit 5e-8 measured on 4-atom Al at a
 # 0.1 eV width); the other kernel of the same width misses by 0.16.
 _KERNEL_FIT_TOLERANCE = 0.02
-_FERMI_DIRAC = "fermi-dirac-derivative"
-_GAUSSIAN = "gaussian"
 
 
 class ApproximateIntegrationWarning(UserWarning):
@@ -69,15 +69,14 @@ def _check_cube_matches_run(cube: Cube, path: Path, run: PwResult) -> None:
         raise QEError(f"{path}: atom positions differ from the pw.x run (another run's cube?)")
 
 
-def _kernel_values(kernel: str, x: np.ndarray) -> np.ndarray:
-    """pp.x's broadening kernels of unit width (QE's w0gauss for ngauss -99 and 0)."""
-    if kernel == _FERMI_DIRAC:
-        return 1.0 / (2.0 + np.exp(-np.abs(x)) + np.exp(np.abs(x)))
-    return np.exp(-x * x) / math.sqrt(math.pi)
-
-
 def _broadening_kernel(
-    stated: str, run: PwResult, energies: np.ndarray, dos: np.ndarray, width: float, source: str
+    stated: str,
+    eigenvalues: np.ndarray,
+    kweights: np.ndarray,
+    energies: np.ndarray,
+    dos: np.ndarray,
+    width: float,
+    source: str,
 ) -> str:
     """The kernel the LDOS was really broadened with, told apart by content.
 
@@ -85,19 +84,19 @@ def _broadening_kernel(
     edited before pp.x ran, or another tool, may differ: the DOS over the window is
     compared with the eigenvalues broadened by the Fermi-Dirac and the Gaussian kernel.
     """
-    if stated not in (_FERMI_DIRAC, _GAUSSIAN):
+    if stated not in (FERMI_DIRAC, GAUSSIAN):
         return stated
-    x = (energies[:, None, None] - run.eigenvalues[None]) / width
+    x = (energies[:, None, None] - eigenvalues[None]) / width
     residual = {}
-    for kernel in (_FERMI_DIRAC, _GAUSSIAN):
-        expected = np.einsum("ekn,k->e", _kernel_values(kernel, x), run.kweights) / width
+    for kernel in (FERMI_DIRAC, GAUSSIAN):
+        expected = np.einsum("ekn,k->e", kernel_values(kernel, x), kweights) / width
         residual[kernel] = float(np.abs(dos - expected).sum() / np.abs(expected).sum())
     best = min(residual, key=residual.__getitem__)
     if residual[best] > _KERNEL_FIT_TOLERANCE:
         raise QEError(
             f"{source}: the LDOS matches neither a Fermi-Dirac nor a Gaussian broadening of "
             f"the eigenvalues with width {width} eV (relative misfit "
-            f"{residual[_FERMI_DIRAC]:.3f} and {residual[_GAUSSIAN]:.3f}): LDOS and pw.x "
+            f"{residual[FERMI_DIRAC]:.3f} and {residual[GAUSSIAN]:.3f}): LDOS and pw.x "
             "XML of different runs, or a wrong degauss_ldos in the pp.x input?"
         )
     return best
@@ -184,7 +183,21 @@ def ingest(
                 f"({printed[term]:.8f} vs {run.energies[term]:.8f} eV): files of different "
                 "runs? Name the right ones with --pw-out and --xml"
             )
-    input_path, grid, cubes = found.ldos_files(ldos, ldos_input, mala_ldos is None)
+    computed_path = found.ldos_file() if ldos is None and mala_ldos is None else None
+    if computed_path is None:
+        input_path, grid, cubes = found.ldos_files(ldos, ldos_input, mala_ldos is None)
+    else:
+        computed = read_ldos_file(computed_path)
+        spacing = float(computed.energies[1] - computed.energies[0])
+        input_path, cubes = computed_path, []
+        grid = LdosEnergyGrid(
+            emin=float(computed.energies[0]),
+            emax=float(computed.energies[-1]),
+            spacing=spacing,
+            width=computed.width,
+            filplot="",
+            fileout="",
+        )
     files = RunFiles(
         pw_output=pw_path,
         xml=xml_path,
@@ -211,7 +224,24 @@ def ingest(
             "charged cells are not supported"
         )
 
-    if mala_ldos is None:
+    # the k-set the LDOS was made on: the SCF's, or the LDOS file's own (a denser grid)
+    ldos_kset = run
+    if computed_path is not None:
+        ldos_source = str(computed_path)
+        _check_energy_count(computed.ldos.shape[3], files, ldos_source)
+        ldos_array, first = computed.ldos, None
+        if computed.ldos.shape[:3] != tuple(run.fft_grid):
+            raise QEError(
+                f"{computed_path}: grid {computed.ldos.shape[:3]} differs from pw.x's FFT "
+                f"grid {run.fft_grid} (another run's LDOS?)"
+            )
+        ldos_kset = replace(
+            run,
+            eigenvalues=computed.eigenvalues,
+            kweights=computed.kweights,
+            kpoint_grid=computed.kpoint_grid,
+        )
+    elif mala_ldos is None:
         ldos_source = str(files.ldos_cubes[0].parent)
         _check_energy_count(len(files.ldos_cubes), files, ldos_source)
         ldos_array, first = _read_ldos_cubes(files.ldos_cubes, run, progress)
@@ -221,12 +251,20 @@ def ingest(
         _check_energy_count(ldos_array.shape[3], files, ldos_source)
         first = None
     energies = grid.emin + grid.spacing * np.arange(ldos_array.shape[3])
-    run.check_ldos_window(float(energies[0]), float(energies[-1]), grid.width)
+    ldos_kset.check_ldos_window(float(energies[0]), float(energies[-1]), grid.width)
     volume = abs(float(np.linalg.det(run.cell)))
     dos = ldos_array.reshape(-1, ldos_array.shape[3]).sum(0, dtype=np.float64) * (
         volume / ldos_array[..., 0].size
     )
-    kernel = _broadening_kernel(stated_kernel, run, energies, dos, grid.width, ldos_source)
+    kernel = _broadening_kernel(
+        stated_kernel,
+        ldos_kset.eigenvalues,
+        ldos_kset.kweights,
+        energies,
+        dos,
+        grid.width,
+        ldos_source,
+    )
     if ldos_mantissa_bits < 23:
         ldos_array = round_mantissa(ldos_array, ldos_mantissa_bits)
 
@@ -266,6 +304,7 @@ def ingest(
         "ecutwfc_eV": run.ecutwfc,
         "ecutrho_eV": run.ecutrho,
         "kpoint_grid": np.array(run.kpoint_grid, dtype=np.int64),
+        "ldos_kpoint_grid": np.array(ldos_kset.kpoint_grid, dtype=np.int64),
         "qe_version": f"Quantum ESPRESSO {run.qe_version}",
         "source": str(directory.resolve()),
         **{f"energy_{term}_eV": value for term, value in run.energies.items()},

@@ -27,10 +27,11 @@ class UpfInfo:
     z_valence: float
     functional: str
     core_correction: bool
+    norm_conserving: bool  # False: ultrasoft or PAW (augmentation charges)
 
 
 def read_upf(path: str | os.PathLike[str]) -> UpfInfo:
-    """Element, valence charge, functional and NLCC flag of a UPF v1 or v2 file."""
+    """Element, valence charge, functional, NLCC flag and type of a UPF v1 or v2 file."""
     path = Path(path)
     try:
         text = path.read_text(errors="replace")
@@ -49,6 +50,7 @@ def read_upf(path: str | os.PathLike[str]) -> UpfInfo:
                 functional=" ".join(attributes.get("functional", "").split()),
                 core_correction=attributes.get("core_correction", "F").strip().upper()
                 in ("T", ".TRUE.", "TRUE"),
+                norm_conserving=attributes.get("pseudo_type", "NC").strip().upper() in ("NC", "SL"),
             )
         lines = body.strip("> \n").splitlines()  # UPF v1: one value per line, then a label
 
@@ -61,6 +63,7 @@ def read_upf(path: str | os.PathLike[str]) -> UpfInfo:
             functional=" ".join(field_line("Exchange-Correlation").split()[:4]),
             core_correction=field_line("Nonlinear Core Correction").split()[0].upper()
             in ("T", ".TRUE."),
+            norm_conserving=field_line("pseudopotential").split()[0].upper() in ("NC", "SL"),
         )
     except (KeyError, StopIteration, ValueError, IndexError) as exc:
         raise QEError(f"{path}: cannot read the UPF header ({exc})") from exc
@@ -121,6 +124,7 @@ class PwResult:
     kweights: np.ndarray  # (nk,), sum 2: spin degeneracy included
     qe_version: str
     converged: bool
+    symmetry_count: int  # operations pw.x reduced the k-points with (1: none, or nosym)
 
     @property
     def band_energy(self) -> float:
@@ -258,6 +262,11 @@ def read_pw_xml(path: str | os.PathLike[str]) -> PwResult:
             .strip()
             .lower()
             == "true",
+            symmetry_count=(
+                1
+                if (root.findtext("input/symmetry_flags/nosym") or "").strip() == "true"
+                else int(output.findtext("symmetries/nsym", "1"))
+            ),
         )
     except ValueError as exc:
         raise QEError(f"{path}: malformed pw.x XML ({exc})") from exc

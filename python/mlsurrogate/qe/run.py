@@ -1,8 +1,14 @@
 """Running pw.x and pp.x: a run directory made by :func:`run_qe` holds::
 
     pw.in  pw.out  out/pwscf.save/data-file-schema.xml       (SCF)
-    pp_ldos.in  pp_ldos.out  ldos_001.cube ... ldos_NNN.cube   (LDOS, pp.x plot_num=3)
+    ldos.h5                                                   (LDOS from the wavefunctions)
+    ldos_nscf/pw.in  ldos_nscf/pw.out    (the LDOS k-grid's non-self-consistent run, when
+                                          its k-grid differs from the SCF's or the SCF
+                                          used symmetry; its wavefunctions are removed)
     pp_density.in  pp_density.out  density.cube                (valence density, plot_num=0)
+
+or, with ``ldos_program = "pp.x"``, ``pp_ldos.in  pp_ldos.out  ldos_001.cube ...`` (pp.x
+plot_num=3) instead of ``ldos.h5``.
 
 :func:`mlsurrogate.qe.ingest` does not need these names: it recognises files by content.
 """
@@ -16,20 +22,34 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import ase
 
 from mlsurrogate.qe.errors import QEError
+from mlsurrogate.qe.ldos import (
+    LDOS_FILE,
+    check_supported,
+    compute_ldos,
+    require_norm_conserving,
+    write_ldos_file,
+)
 from mlsurrogate.qe.readers import read_pw_xml
 from mlsurrogate.qe.settings import (
+    BROADENING_KERNELS,
+    LDOS_NSCF_DIR,
     LDOS_STEM,
     OUTDIR,
     PREFIX,
     QESettings,
+    kpoint_grid,
+    ldos_kpoint_grid,
     write_pp_inputs,
     write_pw_input,
 )
+
+_XML = f"{OUTDIR}/{PREFIX}.save/data-file-schema.xml"
 
 
 def _qe_error_message(text: str) -> str:
@@ -101,26 +121,32 @@ def run_pw(
     settings: QESettings,
     directory: str | os.PathLike[str],
     *,
+    ldos_nscf: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Run the pw.x SCF in ``directory`` (pw.in, pw.out, out/); return the directory."""
+    """Run pw.x in ``directory`` (pw.in, pw.out, out/); return the directory. The SCF, or
+    with ``ldos_nscf`` the non-self-consistent run of the LDOS k-grid, which needs the
+    SCF's density in ``directory/out`` (:func:`run_ldos` puts it there)."""
     from tqdm import tqdm
 
     settings.validate()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "pw.in").write_text(write_pw_input(atoms, settings))
+    (directory / "pw.in").write_text(write_pw_input(atoms, settings, ldos_nscf=ldos_nscf))
+    marker = "Computing kpt #" if ldos_nscf else "total energy  "
 
-    def scf_iterations() -> int:
+    def steps() -> int:
         out = directory / "pw.out"
-        return out.read_text(errors="replace").count("total energy  ") if out.exists() else 0
+        return out.read_text(errors="replace").count(marker) if out.exists() else 0
 
-    with tqdm(desc="pw.x scf iterations", unit="it", disable=not progress) as bar:
+    unit = "k" if ldos_nscf else "it"
+    desc = "pw.x nscf k-points" if ldos_nscf else "pw.x scf iterations"
+    with tqdm(desc=desc, unit=unit, disable=not progress) as bar:
         _run_program(
             settings.pw_command,
             "pw.in",
             directory,
-            scf_iterations,
+            steps,
             lambda n: bar.update(n - bar.n),
             diagnose=lambda text: (
                 None
@@ -159,6 +185,50 @@ def run_pp_ldos(
     return directory
 
 
+def run_ldos(
+    atoms: ase.Atoms,
+    settings: QESettings,
+    directory: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+) -> Path:
+    """The LDOS of the finished SCF in ``directory`` with ``settings.ldos_program``.
+
+    From the wavefunctions (``ldos.h5``): of the SCF itself when its k-grid is the LDOS
+    k-grid and it used no symmetry, else of a non-self-consistent run in ``ldos_nscf/``
+    on the SCF's density (its wavefunctions are removed afterwards). The window is
+    checked against that run's bands before the LDOS is made."""
+    directory = Path(directory)
+    scf = read_pw_xml(directory / _XML)
+    scf.check_ldos_window(settings.ldos_emin_ev, settings.ldos_emax_ev, settings.ldos_broadening)
+    if settings.ldos_program == "pp.x":
+        return run_pp_ldos(settings, directory, progress=progress)
+    kernel = BROADENING_KERNELS[settings.smearing.lower()]
+    nscf = ldos_kpoint_grid(atoms, settings) != kpoint_grid(atoms, settings) or (
+        scf.symmetry_count > 1
+    )
+    check_supported(replace(scf, symmetry_count=1) if nscf else scf, kernel, directory / _XML)
+    save = directory / OUTDIR / f"{PREFIX}.save"
+    if nscf:
+        nscf_save = directory / LDOS_NSCF_DIR / OUTDIR / f"{PREFIX}.save"
+        shutil.rmtree(nscf_save, ignore_errors=True)
+        nscf_save.mkdir(parents=True)
+        for name in ("data-file-schema.xml", "charge-density.dat"):
+            shutil.copy2(save / name, nscf_save / name)
+        run_pw(atoms, settings, directory / LDOS_NSCF_DIR, ldos_nscf=True, progress=progress)
+        save = nscf_save
+    read_pw_xml(save / "data-file-schema.xml").check_ldos_window(
+        settings.ldos_emin_ev, settings.ldos_emax_ev, settings.ldos_broadening
+    )
+    result = compute_ldos(
+        save, settings.ldos_energies, settings.ldos_broadening, kernel, progress=progress
+    )
+    write_ldos_file(directory / LDOS_FILE, result)
+    if nscf:
+        shutil.rmtree(directory / LDOS_NSCF_DIR / OUTDIR)
+    return directory
+
+
 def run_qe(
     atoms: ase.Atoms,
     settings: QESettings,
@@ -166,14 +236,17 @@ def run_qe(
     *,
     progress: bool = True,
 ) -> Path:
-    """Run pw.x (SCF), then pp.x for LDOS cubes and the valence density, in ``directory``."""
+    """Run pw.x (SCF), the LDOS (:func:`run_ldos`) and pp.x for the valence density, in
+    ``directory``."""
+    if settings.ldos_program == "wavefunctions":  # before the SCF, not after
+        require_norm_conserving(
+            {
+                s: Path(settings.pseudo_dir) / settings.pseudopotentials[s]
+                for s in set(atoms.symbols)
+            }
+        )
     directory = run_pw(atoms, settings, directory, progress=progress)
-    # before the long pp.x part: does the LDOS window hold this structure's bands?
-    xml = directory / OUTDIR / f"{PREFIX}.save" / "data-file-schema.xml"
-    read_pw_xml(xml).check_ldos_window(
-        settings.ldos_emin_ev, settings.ldos_emax_ev, settings.ldos_broadening
-    )
-    run_pp_ldos(settings, directory, progress=progress)
+    run_ldos(atoms, settings, directory, progress=progress)
     (directory / "pp_density.in").write_text(write_pp_inputs(settings)["pp_density.in"])
     _run_program(settings.pp_command, "pp_density.in", directory, lambda: 0, lambda n: None)
     (directory / "density_raw").unlink(missing_ok=True)

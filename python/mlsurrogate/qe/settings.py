@@ -23,6 +23,8 @@ PREFIX = "pwscf"
 OUTDIR = "out"
 LDOS_STEM = "ldos_"
 DENSITY_CUBE = "density.cube"
+LDOS_NSCF_DIR = "ldos_nscf"  # the non-self-consistent run of the LDOS k-grid
+LDOS_PROGRAMS = ("wavefunctions", "pp.x")
 # Kernel names recorded in snapshots, keyed by the smearing names pw.x accepts.
 BROADENING_KERNELS = {
     "fd": "fermi-dirac-derivative",
@@ -47,6 +49,13 @@ class QESettings:
     Energies of the LDOS grid are absolute (QE's zero), in eV: ``ldos_emin_ev``,
     ``ldos_emin_ev + ldos_spacing_ev``, ... up to ``ldos_emax_ev``.
     ``ldos_broadening_ev`` None means the SCF smearing width (k_B T).
+    ``ldos_kpts`` / ``ldos_kspacing`` set the k-grid of the LDOS (a non-self-consistent
+    pw.x run on the SCF's density, as MALA's data generation does, so that a small
+    cell's LDOS is converged in k); both None: the SCF's k-grid.
+    ``ldos_program``: ``"wavefunctions"`` (every energy in one pass over pw.x's
+    wavefunctions, :mod:`mlsurrogate.qe.ldos`; norm-conserving pseudopotentials) or
+    ``"pp.x"`` (QE's plot_num = 3, one pass per energy; any pseudopotential, the SCF's
+    k-grid only).
     ``pw_command``/``pp_command`` are command lines, e.g. ``"mpirun -n 2 pw.x -nk 2"``;
     ``-in FILE`` is appended.
     """
@@ -66,6 +75,9 @@ class QESettings:
     ldos_emax_ev: float = 11.0
     ldos_spacing_ev: float = 0.1
     ldos_broadening_ev: float | None = None
+    ldos_kspacing: float | None = None
+    ldos_kpts: tuple[int, int, int] | None = None
+    ldos_program: str = "wavefunctions"
     pw_command: str = "pw.x"
     pp_command: str = "pp.x"
 
@@ -98,6 +110,32 @@ class QESettings:
             ),
             (self.nbnd is None or self.nbnd >= 1, f"nbnd must be >= 1, got {self.nbnd}"),
             (
+                self.ldos_kspacing is None or self.ldos_kspacing > 0,
+                f"ldos_kspacing must be > 0, got {self.ldos_kspacing}",
+            ),
+            (
+                self.ldos_kpts is None or (len(self.ldos_kpts) == 3 and min(self.ldos_kpts) >= 1),
+                f"ldos_kpts must be three integers >= 1, got {self.ldos_kpts}",
+            ),
+            (
+                self.ldos_program in LDOS_PROGRAMS,
+                f"ldos_program {self.ldos_program!r} is not one of {list(LDOS_PROGRAMS)}",
+            ),
+            (
+                self.ldos_program == "pp.x"
+                or BROADENING_KERNELS.get(self.smearing.lower())
+                in ("fermi-dirac-derivative", "gaussian"),
+                f"smearing {self.smearing!r}: the LDOS from wavefunctions broadens with the "
+                "Fermi-Dirac or the Gaussian kernel (smearing 'fd' or 'gaussian'); for "
+                "another use ldos_program 'pp.x'",
+            ),
+            (
+                self.ldos_program == "wavefunctions"
+                or (self.ldos_kpts is None and self.ldos_kspacing is None),
+                "ldos_program 'pp.x' computes the LDOS on the SCF's k-grid only; drop "
+                "ldos_kpts/ldos_kspacing or use ldos_program 'wavefunctions'",
+            ),
+            (
                 self.electron_maxstep >= 1,
                 f"electron_maxstep must be >= 1, got {self.electron_maxstep}",
             ),
@@ -121,13 +159,32 @@ class QESettings:
     def num_ldos_energies(self) -> int:
         return int(round((self.ldos_emax_ev - self.ldos_emin_ev) / self.ldos_spacing_ev)) + 1
 
+    @property
+    def ldos_energies(self) -> np.ndarray:
+        """The LDOS energy grid, eV (absolute)."""
+        return self.ldos_emin_ev + self.ldos_spacing_ev * np.arange(self.num_ldos_energies)
+
+
+def _monkhorst_pack(
+    atoms: ase.Atoms, kpts: tuple[int, int, int] | None, kspacing: float
+) -> tuple[int, int, int]:
+    """``kpts``, or ceil(|b_i| / kspacing) with b_i = 2 pi x reciprocal vectors."""
+    if kpts is not None:
+        return tuple(int(k) for k in kpts)  # type: ignore[return-value]
+    lengths = 2.0 * math.pi * np.linalg.norm(atoms.cell.reciprocal(), axis=1)
+    return tuple(max(1, math.ceil(b / kspacing - 1e-6)) for b in lengths)
+
 
 def kpoint_grid(atoms: ase.Atoms, settings: QESettings) -> tuple[int, int, int]:
-    """``settings.kpts``, or ceil(|b_i| / kspacing) with b_i = 2 pi x reciprocal vectors."""
-    if settings.kpts is not None:
-        return tuple(int(k) for k in settings.kpts)  # type: ignore[return-value]
-    lengths = 2.0 * math.pi * np.linalg.norm(atoms.cell.reciprocal(), axis=1)
-    return tuple(max(1, math.ceil(b / settings.kspacing - 1e-6)) for b in lengths)
+    """The SCF's k-grid: ``kpts``, else from ``kspacing``."""
+    return _monkhorst_pack(atoms, settings.kpts, settings.kspacing)
+
+
+def ldos_kpoint_grid(atoms: ase.Atoms, settings: QESettings) -> tuple[int, int, int]:
+    """The LDOS k-grid: ``ldos_kpts``, else from ``ldos_kspacing``, else the SCF's."""
+    if settings.ldos_kpts is None and settings.ldos_kspacing is None:
+        return kpoint_grid(atoms, settings)
+    return _monkhorst_pack(atoms, settings.ldos_kpts, settings.ldos_kspacing or settings.kspacing)
 
 
 def valence_electrons(atoms: ase.Atoms, settings: QESettings) -> float:
@@ -146,8 +203,10 @@ def _number_of_bands(atoms: ase.Atoms, settings: QESettings) -> int:
     return math.ceil(valence_electrons(atoms, settings)) + 4
 
 
-def write_pw_input(atoms: ase.Atoms, settings: QESettings) -> str:
-    """pw.x SCF input for ``atoms`` (cell and positions in Angstrom)."""
+def write_pw_input(atoms: ase.Atoms, settings: QESettings, *, ldos_nscf: bool = False) -> str:
+    """pw.x input for ``atoms`` (cell and positions in Angstrom): the SCF, or with
+    ``ldos_nscf`` the non-self-consistent run on the LDOS k-grid (no symmetry reduction
+    beyond time reversal, so that the LDOS from the wavefunctions needs none)."""
     settings.validate()
     symbols = atoms.get_chemical_symbols()
     missing = sorted(set(symbols) - set(settings.pseudopotentials))
@@ -156,7 +215,7 @@ def write_pw_input(atoms: ase.Atoms, settings: QESettings) -> str:
     if not all(atoms.pbc):
         raise ValueError("pw.x needs a periodic cell: atoms.pbc must be all True")
     species = sorted(set(symbols))
-    kx, ky, kz = kpoint_grid(atoms, settings)
+    kx, ky, kz = (ldos_kpoint_grid if ldos_nscf else kpoint_grid)(atoms, settings)
     system = [
         "ibrav = 0",
         f"nat = {len(atoms)}",
@@ -169,14 +228,16 @@ def write_pw_input(atoms: ase.Atoms, settings: QESettings) -> str:
     ]
     if settings.ecutrho_ry is not None:
         system.append(f"ecutrho = {settings.ecutrho_ry!r}")
+    if ldos_nscf:
+        system.append("nosym = .true.")
     lines = [
         "&control",
-        "  calculation = 'scf'",
+        f"  calculation = '{'nscf' if ldos_nscf else 'scf'}'",
         f"  prefix = '{PREFIX}'",
         f"  outdir = './{OUTDIR}'",
         f"  pseudo_dir = '{settings.pseudo_dir}'",
-        "  tprnfor = .true.",
-        "  tstress = .true.",
+        # nscf: 'high' prints "Computing kpt #" per k-point (the progress bar counts them)
+        *(["  verbosity = 'high'"] if ldos_nscf else ["  tprnfor = .true.", "  tstress = .true."]),
         "/",
         "&system",
         *(f"  {item}" for item in system),
@@ -205,9 +266,7 @@ def write_pp_inputs(settings: QESettings) -> dict[str, str]:
     """pp.x inputs: ``pp_ldos.in`` (LDOS cubes, plot_num=3), ``pp_density.in`` (plot_num=0)."""
     settings.validate()
     common = [f"  prefix = '{PREFIX}'", f"  outdir = './{OUTDIR}'"]
-    last_energy = (
-        settings.ldos_emin_ev + (settings.num_ldos_energies - 1) * settings.ldos_spacing_ev
-    )
+    last_energy = float(settings.ldos_energies[-1])
     ldos = [
         "&inputpp",
         *common,
