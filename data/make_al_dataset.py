@@ -71,11 +71,21 @@ def main() -> None:
     parser.add_argument("--workdir", default="build/qe_runs", help="QE run directories")
     parser.add_argument("--mantissa-bits", type=int, default=7, help="23 keeps the LDOS exact")
     parser.add_argument("--mpi-ranks", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--emin", type=float, default=-5.0, help="LDOS window start (eV)")
+    parser.add_argument("--emax", type=float, default=11.0, help="LDOS window end (eV)")
+    parser.add_argument(
+        "--ldos-kspacing", type=float, help="k-spacing of the LDOS (1/A; default: the SCF's)"
+    )
     args = parser.parse_args()
     if not 3.0 < args.lattice < 6.0:
         parser.error(f"--lattice {args.lattice}: expected an fcc Al lattice constant in A (4.05)")
 
-    settings = QESettings(**mpi_commands(args.mpi_ranks))
+    settings = QESettings(
+        ldos_emin_ev=args.emin,
+        ldos_emax_ev=args.emax,
+        ldos_kspacing=args.ldos_kspacing,
+        **mpi_commands(args.mpi_ranks),
+    )
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
@@ -103,6 +113,7 @@ def main() -> None:
             f"{n_stored - n_exact:+.2e} and integral e*D by {1000 * (e_stored - e_exact):+.4f} meV"
         )
         shutil.rmtree(Path(rundir) / "out")  # wavefunctions: hundreds of MB, not needed
+        (Path(rundir) / "ldos.h5").unlink(missing_ok=True)  # in the snapshot now
 
 
 if __name__ == "__main__":

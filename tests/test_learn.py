@@ -96,7 +96,9 @@ def test_learn_runs_end_to_end_and_resumes_after_an_interruption(tiny_snapshots,
     stamps = {name: os.stat(first / name).st_mtime_ns for name in finished}
     assert not (config.workdir / "snapshots" / "iteration_00_pick_0.h5").exists()
 
-    records = run_learning(config, log=lambda line: None)
+    lines: list[str] = []
+    records = run_learning(config, log=lines.append)
+    assert "iteration 1: training member 0 (fine-tuned) on 2 snapshots" in lines
     # what was finished before the interruption is kept, not redone
     assert {name: os.stat(first / name).st_mtime_ns for name in finished} == stamps
     assert [r.iteration for r in records] == [0, 1]
@@ -214,6 +216,18 @@ def test_model_md_refuses_elements_and_models_it_cannot_use(tiny_ensemble, smoot
     with pytest.raises(ValueError, match="needs an ensemble model"):
         model_md_frames(smooth_model, bulk("Al", cubic=True), [300.0], steps=10, every=10)
 
+
+
+@pytest.mark.parametrize(
+    ("scratch_every", "expected"),
+    [(0, [True, False, False, False, False]), (2, [True, False, True, False, True])],
+)
+def test_members_start_from_scratch_at_iteration_0_and_every_scratch_every(
+    scratch_every, expected
+):
+    from mlsurrogate.learn import from_scratch
+
+    assert [from_scratch(i, scratch_every) for i in range(5)] == expected
 
 
 def test_every_learn_key_is_documented():

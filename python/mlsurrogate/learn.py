@@ -54,7 +54,13 @@ _LEARN_KEYS = {
     "workdir", "iterations", "picks", "members", "stop_fraction", "trust",
     "selection_spacing", "threads", "ldos_mantissa_bits", "validation_picks",
 }  # fmt: skip
-_TRAINING_KEYS = {"config", "finetune_epochs", "finetune_learning_rate", "frozen_layers"}
+_TRAINING_KEYS = {
+    "config",
+    "finetune_epochs",
+    "finetune_learning_rate",
+    "frozen_layers",
+    "scratch_every",
+}
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ class LearnConfig:
     finetune_epochs: int = 10
     finetune_learning_rate: float = 3e-4
     frozen_layers: int = 0
+    scratch_every: int = 0  # every N-th iteration from scratch (independent members); 0: never
     threads: int | None = None
     ldos_mantissa_bits: int = 23  # < 23 rounds the labelled LDOS (smaller files to commit)
     explore: ExploreSettings = field(default_factory=ExploreSettings)
@@ -129,8 +136,9 @@ class LearnConfig:
             if "config" not in training:
                 raise ValueError("[training] config: the base training TOML is required")
             qe_ranks = int(qe.pop("mpi_ranks", 1))
-            if "kpts" in qe:
-                qe["kpts"] = tuple(qe["kpts"])
+            for key in ("kpts", "ldos_kpts"):
+                if key in qe:
+                    qe[key] = tuple(qe[key])
             qe_settings = QESettings(**{**mpi_commands(qe_ranks), **qe})
             explore_settings = ExploreSettings(
                 **{
@@ -174,6 +182,7 @@ class LearnConfig:
             (1 <= self.ldos_mantissa_bits <= 23, "[learn] ldos_mantissa_bits must be in 1..23"),
             (self.finetune_epochs >= 1, "[training] finetune_epochs must be >= 1"),
             (self.finetune_learning_rate > 0, "[training] finetune_learning_rate must be > 0"),
+            (self.scratch_every >= 0, "[training] scratch_every must be >= 0 (0: never)"),
             (self.explore.method in EXPLORE_METHODS,
              f"[explore] method must be one of {EXPLORE_METHODS}, got {self.explore.method!r}"),
             (bool(self.explore.structures), "[explore] structures: give at least one file"),
@@ -260,7 +269,7 @@ def _members(
             seed=base.seed + member,
             threads=config.threads or base.threads,
         )
-        if iteration > 0:
+        if not from_scratch(iteration, config.scratch_every):
             previous = config.workdir / f"iteration_{iteration - 1:02d}" / f"member_{member}.ckpt"
             settings = dataclasses.replace(
                 settings,
@@ -273,11 +282,20 @@ def _members(
                 physics_start_epoch=0,
                 physics_lr_factor=1.0,
             )
-        log(f"iteration {iteration}: training member {member} on {len(train)} snapshots")
+        start = "from scratch" if from_scratch(iteration, config.scratch_every) else "fine-tuned"
+        log(f"iteration {iteration}: training member {member} ({start}) on {len(train)} snapshots")
         run_training(settings, checkpoint, resume=checkpoint.exists(), progress=False, log=log)
         write_bytes_atomically(done, b"")
     export_model(checkpoints, model)
     return model
+
+
+def from_scratch(iteration: int, scratch_every: int) -> bool:
+    """Whether the members of ``iteration`` train from scratch (iteration 0, and every
+    ``scratch_every``-th) rather than fine-tune the previous iteration's. Fine-tuned
+    members inherit one another's agreement; from-scratch ones are independent again
+    (docs/active-learning.md: rho E 0.24 fine-tuned, 0.90 from scratch, on the same data)."""
+    return iteration == 0 or (scratch_every > 0 and iteration % scratch_every == 0)
 
 
 def _evaluate(config: LearnConfig, iteration: int, model_path: Path) -> list[ReferenceError]:
