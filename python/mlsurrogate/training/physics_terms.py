@@ -139,6 +139,9 @@ class CoarseGridTarget:
 # The six symmetric strains of the stress term, LAMMPS's Voigt order xx yy zz xy xz yz.
 STRAINS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 STRAIN_STEP = 1e-4  # of the functional's central differences in the cell (float64)
+# A (or strain): the largest atom move of every central difference of the descriptors,
+# the stored dB/dR's and DescriptorAdjoint's backward (descriptors are smooth: ~1e-8)
+DESCRIPTOR_STEP = 1e-4
 
 
 def strain_matrix(component: int) -> np.ndarray:
@@ -174,15 +177,15 @@ def descriptor_jacobian(
     atoms: Any, grid: tuple[int, int, int], params: BispectrumParams, with_stress: bool
 ) -> np.ndarray:
     """-dB/dR per coordinate (and dB/dh per strain) [P, K, 3N (+ 6)], float32, by central
-    differences (descriptors are smooth: good to ~1e-8 relative)."""
-    step = 1e-4  # A (or strain)
+    differences of DESCRIPTOR_STEP."""
 
     def derivative(move: Any) -> np.ndarray:
         """d(descriptors)/d(step) [P, K] for ``move(atoms, signed step)``."""
         plus, minus = (
-            compute_grid_descriptors(move(atoms, sign * step), grid, params) for sign in (1, -1)
+            compute_grid_descriptors(move(atoms, sign * DESCRIPTOR_STEP), grid, params)
+            for sign in (1, -1)
         )
-        difference = (plus - minus) / (2 * step)
+        difference = (plus - minus) / (2 * DESCRIPTOR_STEP)
         return difference.reshape(-1, plus.shape[-1]).astype(np.float32)
 
     def displaced(coordinate: int) -> Any:
@@ -251,9 +254,6 @@ def contract(beta: torch.Tensor, target: CoarseGridTarget) -> torch.Tensor:
     return torch.cat([product, product.new_zeros(missing)])  # no strains stored: zeros
 
 
-DIRECTION_STEP = 1e-4  # A: largest atom move of DescriptorAdjoint's central difference
-
-
 class DescriptorAdjoint(torch.autograd.Function):
     """(F [3N], dE/dh [6]) of E = sum_p beta_p . B_p on a target's grid: F = -dE/dR by the
     kernel's adjoint, dE/dh for the strains of STRAINS from the same pass. Linear in beta;
@@ -278,12 +278,12 @@ class DescriptorAdjoint(torch.autograd.Function):
         values = grad.detach().double().cpu().numpy()
         move = -values[: 3 * len(atoms)].reshape(-1, 3)
         deformation = sum(w * strain_matrix(c) for c, w in enumerate(values[3 * len(atoms) :]))
-        # the largest atom displacement per unit t: the step is DIRECTION_STEP in it
+        # the largest atom displacement per unit t: the step is DESCRIPTOR_STEP in it
         size = float(np.abs(move + atoms.positions @ deformation.T).max())
         points, components = target.descriptors.shape
         if size == 0.0:
             return grad.new_zeros(points, components), None
-        t = DIRECTION_STEP / size
+        t = DESCRIPTOR_STEP / size
 
         def descriptors_at(signed_t: float) -> np.ndarray:
             moved = atoms.copy()
