@@ -52,6 +52,9 @@ class QESettings:
     ``ldos_kpts`` / ``ldos_kspacing`` set the k-grid of the LDOS (a non-self-consistent
     pw.x run on the SCF's density, as MALA's data generation does, so that a small
     cell's LDOS is converged in k); both None: the SCF's k-grid.
+    ``ldos_nscf_threshold_ry`` is that run's eigenvalue threshold (pw.x ``diago_thr_init``);
+    pw.x's nscf default, conv_thr / N_el / 10 (1e-13 Ry here), costs 2-3x for no change
+    in the LDOS (1e-5 of its largest value at 1e-8, as at 1e-10, on 32-atom Al).
     ``ldos_program``: ``"wavefunctions"`` (every energy in one pass over pw.x's
     wavefunctions, :mod:`mlsurrogate.qe.ldos`; norm-conserving pseudopotentials) or
     ``"pp.x"`` (QE's plot_num = 3, one pass per energy; any pseudopotential, the SCF's
@@ -78,6 +81,7 @@ class QESettings:
     ldos_kspacing: float | None = None
     ldos_kpts: tuple[int, int, int] | None = None
     ldos_program: str = "wavefunctions"
+    ldos_nscf_threshold_ry: float = 1e-8
     pw_command: str = "pw.x"
     pp_command: str = "pp.x"
 
@@ -116,6 +120,10 @@ class QESettings:
             (
                 self.ldos_kpts is None or (len(self.ldos_kpts) == 3 and min(self.ldos_kpts) >= 1),
                 f"ldos_kpts must be three integers >= 1, got {self.ldos_kpts}",
+            ),
+            (
+                self.ldos_nscf_threshold_ry > 0,
+                f"ldos_nscf_threshold_ry must be > 0, got {self.ldos_nscf_threshold_ry}",
             ),
             (
                 self.ldos_program in LDOS_PROGRAMS,
@@ -245,6 +253,7 @@ def write_pw_input(atoms: ase.Atoms, settings: QESettings, *, ldos_nscf: bool = 
         "&electrons",
         f"  conv_thr = {settings.conv_thr_ry!r}",
         f"  electron_maxstep = {settings.electron_maxstep}",
+        *([f"  diago_thr_init = {settings.ldos_nscf_threshold_ry!r}"] if ldos_nscf else []),
         "/",
         "ATOMIC_SPECIES",
         *(
