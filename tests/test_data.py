@@ -139,3 +139,50 @@ def test_stored_descriptors_serve_params_naming_the_same_elements(tmp_path):
         assert stored.shape[:3] == snap.grid_shape  # the stored dataset, not an error
         with pytest.raises(ValueError, match="its descriptors were computed with"):
             snapshot_descriptors(snap, replace(PARAMS, elements=(*elements, "Cu")))
+
+
+def test_compact_snapshot_keeps_points_dos_and_references_and_refuses_full_grid_work(
+    tmp_path, capsys
+):
+    from mlsurrogate.data import compact_snapshot
+    from mlsurrogate.evaluate import evaluate_dft
+
+    path = tmp_path / "s.h5"
+    _, ldos = synthetic_snapshot(path)
+    out = compact_snapshot(path, tmp_path / "c.h5", 30, seed=4)
+    with Snapshot(path) as full, Snapshot(out) as snap:
+        points = snap.ldos_points
+        assert len(points) == 30 and np.all(np.diff(points) > 0)
+        np.testing.assert_array_equal(snap.ldos[()], ldos.reshape(-1, 7)[points])
+        np.testing.assert_array_equal(snap.read_points("ldos", points[3:9]), snap.ldos[3:9])
+        np.testing.assert_allclose(snap.dos(), full.dos(), rtol=1e-12)
+        assert snap.dos() == pytest.approx(
+            ldos.reshape(-1, 7).sum(0) * full.atoms.get_volume() / 120, rel=1e-6
+        )
+        assert snap.density is None and snap.descriptors is None
+        attrs = snap.attrs
+        for key, value in full.attrs.items():
+            assert np.array_equal(attrs[key], value), key
+        np.testing.assert_array_equal(snap.reference("forces"), full.reference("forces"))
+        missing = sorted(set(range(120)) - set(points))[:1]
+        with pytest.raises(IndexError, match="lacks some points"):
+            snap.read_points("ldos", missing)
+    with pytest.raises(SnapshotError, match=r"c\.h5: a compact snapshot \(the LDOS at 30 of 120"):
+        evaluate_dft(out)
+    with pytest.raises(SnapshotError, match="compacting needs the full grid"):
+        compact_snapshot(out, tmp_path / "again.h5", 10)
+    with pytest.raises(ValueError, match="121 points asked, the grid has 120"):
+        compact_snapshot(path, tmp_path / "x.h5", 121)
+    assert cli.main(["data", "info", str(out)]) == 0
+    assert "the LDOS at 30 of 120 grid points (seed 4)" in capsys.readouterr().out
+    (tmp_path / "dir").mkdir()
+    argv = ["data", "compact", str(path), "-o", str(tmp_path / "dir"), "--points", "12"]
+    assert cli.main(argv) == 0
+    with Snapshot(tmp_path / "dir" / "s.h5") as snap:
+        assert len(snap.ldos_points) == 12
+    assert cli.main(["data", "compact", str(path), "-o", str(tmp_path / "nowhere")]) == 2
+    assert "-o " in capsys.readouterr().err
+    with h5py.File(out, "r+") as h5:
+        h5["ldos_points"][0] = h5["ldos_points"][1]
+    with pytest.raises(SnapshotError, match="ldos_points must be increasing"):
+        Snapshot(out)

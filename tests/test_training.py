@@ -774,3 +774,38 @@ def test_fine_tuning_starts_from_the_initial_checkpoint(smooth_checkpoint, tmp_p
         smooth_training_config(frozen_layers=1).validate()
     with pytest.raises(ValueError, match="frozen_layers = 2 .section \\[transfer\\]. is out"):
         smooth_training_config(initial_checkpoint="x.ckpt", frozen_layers=2).validate()
+
+
+def test_compact_snapshots_train_like_the_full_ones(checkpoint, tmp_path):
+    """A compact copy with every point reads as the full snapshot (same points, DOS and
+    density weights); copies with 10 % of the points fine-tune a network with the energy
+    and force terms (whose full-grid prediction needs the descriptors of every point)."""
+    from mlsurrogate.data import compact_snapshot
+
+    params = CONFIG.params()
+    full = SnapshotSource(SNAP[0], params)
+    every = compact_snapshot(SNAP[0], tmp_path / "every.h5", full.num_points, seed=1)
+    compact = SnapshotSource(str(every), params)
+    assert compact.num_chunks == 1 and compact.num_points == full.num_points
+    for ours, theirs in zip(compact.all_points(), full.all_points()):
+        np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(compact.grid_descriptors(), full.grid_descriptors())
+    functional = functional_for(full.snapshot)
+    np.testing.assert_allclose(
+        density_weights(compact, functional), density_weights(full, functional), rtol=1e-12
+    )
+    small = [
+        str(compact_snapshot(p, tmp_path / f"c{i}.h5", 1400, seed=i))
+        for i, p in enumerate(CONFIG.train)
+    ]
+    with Snapshot(small[0]) as snap:
+        assert snap.ldos.shape == (1400, len(snap.energies)) and snap.descriptors is None
+        rows = snap.ldos[()]
+        np.testing.assert_array_equal(rows, full.snapshot.read_points("ldos", snap.ldos_points))
+    config = replace(
+        CONFIG, train=small, validation=small[:1], max_epochs=2, energy_weight=1.0,
+        force_weight=1e-3, physics_every=1, physics_spacing=0.8, physics_start_epoch=0,
+        initial_checkpoint=str(checkpoint), learning_rate=3e-4,
+    )  # fmt: skip
+    history = train(config, tmp_path / "ck.pt", progress=False, log=lambda line: None)
+    assert np.isfinite(history[-1]["force_rmse"]) and np.isfinite(history[-1]["total_meV_atom"])

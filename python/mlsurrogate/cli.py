@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlsurrogate
@@ -166,6 +167,21 @@ def _data_info(args: argparse.Namespace) -> int:
     from mlsurrogate.data import summary
 
     print("\n\n".join(summary(path) for path in args.snapshots))
+    return 0
+
+
+def _data_compact(args: argparse.Namespace) -> int:
+    from mlsurrogate.data import compact_snapshot
+
+    directory = Path(args.output)
+    if not directory.is_dir():
+        raise UsageError(f"-o {directory}: not a directory; create it first")
+    for index, path in enumerate(args.snapshots):
+        target = directory / Path(path).name
+        if target.resolve() == Path(path).resolve():
+            raise UsageError(f"{path}: -o is its own directory; choose another")
+        compact_snapshot(path, target, args.points, seed=args.seed + index)
+        print(f"wrote {target}: the LDOS at {args.points} points")
     return 0
 
 
@@ -543,6 +559,19 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     dinfo.add_argument("snapshots", nargs="+", help="snapshot files (.h5)")
     dinfo.set_defaults(handler=_data_info)
+    dcompact = data_sub.add_parser(
+        "compact",
+        help="copies of snapshots with the LDOS at random grid points only (for the repository)",
+        description="Write each snapshot into DIR with the LDOS at --points random grid points "
+        "(seed + file index), its DOS, and all attributes and QE references; no descriptors "
+        "and no density. Training accepts such files; what needs the full LDOS refuses them "
+        "(docs/snapshot-format.md).",
+    )
+    dcompact.add_argument("snapshots", nargs="+", help="snapshot files (.h5)")
+    dcompact.add_argument("-o", "--output", required=True, help="directory (it must exist)")
+    dcompact.add_argument("--points", type=int, default=2000, help="grid points kept")
+    dcompact.add_argument("--seed", type=int, default=0, help="seed of the first file's draw")
+    dcompact.set_defaults(handler=_data_compact)
     ddesc = data_sub.add_parser(
         "descriptors",
         help="compute descriptors on a snapshot's grid and store them",

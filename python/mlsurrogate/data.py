@@ -230,11 +230,32 @@ class Snapshot:
         if missing:
             raise SnapshotError(f"{self.path}: missing {', '.join(missing)}")
         grid = self.grid_shape
+        if "ldos_points" in h5:
+            self._check_compact()
         for name in GRID_DATASETS:
+            if name == "ldos" and "ldos_points" in h5:
+                continue
             if name in h5 and tuple(h5[name].shape[:3]) != grid:
                 raise SnapshotError(
                     f"{self.path}: dataset {name} has grid {h5[name].shape[:3]}, expected {grid}"
                 )
+
+    def _check_compact(self) -> None:
+        h5, total = self._h5, int(np.prod(self.grid_shape))
+        points = h5["ldos_points"][()]
+        if "dos" not in h5 or h5["dos"].shape != h5["energies"].shape:
+            raise SnapshotError(f"{self.path}: a compact snapshot needs its dataset dos [nE]")
+        if h5["ldos"].shape != (len(points), len(h5["energies"])):
+            raise SnapshotError(
+                f"{self.path}: compact LDOS of shape {h5['ldos'].shape}, expected "
+                f"({len(points)}, {len(h5['energies'])}) for its ldos_points"
+            )
+        if len(points) and (
+            points[0] < 0 or points[-1] >= total or not np.all(np.diff(points) > 0)
+        ):
+            raise SnapshotError(
+                f"{self.path}: ldos_points must be increasing grid indices in 0..{total - 1}"
+            )
 
     def __enter__(self) -> Snapshot:
         return self
@@ -275,6 +296,34 @@ class Snapshot:
         return self._h5["ldos"]
 
     @property
+    def ldos_points(self) -> np.ndarray | None:
+        """Flat grid indices (C order over [ix, iy, iz]) of the LDOS rows of a compact
+        snapshot (:func:`compact_snapshot`); None when the LDOS covers the whole grid."""
+        data = self._h5.get("ldos_points")
+        return None if data is None else data[()]
+
+    def require_full_grid(self, what: str) -> None:
+        """SnapshotError naming the file when a compact snapshot cannot do ``what``."""
+        points = self.ldos_points
+        if points is not None:
+            raise SnapshotError(
+                f"{self.path}: a compact snapshot (the LDOS at {len(points)} of "
+                f"{int(np.prod(self.grid_shape))} grid points): {what} needs the full grid; "
+                f"use the full snapshot it was made from ({self._h5.attrs['compact_source']})"
+            )
+
+    def dos(self) -> np.ndarray:
+        """The DFT DOS of the cell, states/eV [nE] (float64): the LDOS summed over the
+        grid times the voxel volume, or the stored one of a compact snapshot."""
+        if "dos" in self._h5:
+            return self._h5["dos"][()]
+        ldos, nx = self.ldos, self.grid_shape[0]
+        total = sum(
+            ldos[ix].astype(np.float64).reshape(-1, ldos.shape[3]).sum(0) for ix in range(nx)
+        )
+        return total * self.atoms.get_volume() / int(np.prod(self.grid_shape))
+
+    @property
     def density(self) -> h5py.Dataset | None:
         return self._h5.get("density")
 
@@ -301,13 +350,20 @@ class Snapshot:
     def read_points(self, name: str, flat_indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows of a grid dataset at flat grid indices (C order over [ix, iy, iz]).
 
-        Reads only the x-planes (chunks) the points lie in.
+        Reads only the x-planes (chunks) the points lie in; of a compact snapshot's LDOS,
+        only its stored points can be read.
         """
         data = self._h5[name]
         flat = np.asarray(flat_indices, dtype=np.int64)
         nx, ny, nz = self.grid_shape
         if flat.size and (flat.min() < 0 or flat.max() >= nx * ny * nz):
             raise IndexError(f"{self.path}: grid index out of range 0..{nx * ny * nz - 1}")
+        stored = self.ldos_points if name == "ldos" else None
+        if stored is not None:
+            rows = np.searchsorted(stored, flat)
+            if flat.size and (rows.max() >= len(stored) or np.any(stored[rows] != flat)):
+                raise IndexError(f"{self.path}: a compact snapshot's LDOS lacks some points")
+            return data[()][rows]
         out = np.empty((flat.size, *data.shape[3:]), dtype=data.dtype)
         planes = flat // (ny * nz)
         for ix in np.unique(planes):
@@ -339,6 +395,46 @@ def add_descriptors(
     descriptors = compute_grid_descriptors(atoms, grid, params, threads=threads, progress=progress)
     with _hdf5_output(target, Path(source).read_bytes()) as h5:
         _write_descriptors(h5, descriptors, params)
+    return target
+
+
+def compact_snapshot(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    points: int,
+    seed: int = 0,
+) -> Path:
+    """A copy of a snapshot with the LDOS at ``points`` random grid points only (drawn
+    without replacement with ``seed``), its DOS, and every attribute and QE reference of
+    the original; no descriptors (recomputed from the atoms when training) and no density.
+
+    Training needs no more: the LDOS term samples points anyway, the density weights and
+    the Fermi level come from the DOS, and the energy, force and stress terms use the
+    atoms and QE's values. A 32-atom snapshot on its 45^3 grid keeps 2 % of its size
+    with 2000 points. What needs the full LDOS (``evaluate``, ``qe compare``) refuses it."""
+    target = check_output_path(output)
+    with Snapshot(path) as snap:
+        snap.require_full_grid("compacting")
+        total = int(np.prod(snap.grid_shape))
+        if not 1 <= points <= total:
+            raise ValueError(f"{path}: {points} points asked, the grid has {total}")
+        flat = np.sort(np.random.default_rng(seed).choice(total, size=points, replace=False))
+        ldos = snap.read_points("ldos", flat)
+        dos = snap.dos()
+        source = snap._h5
+        with _hdf5_output(target) as h5:
+            for key, value in source.attrs.items():
+                h5.attrs[key] = value
+            for name in source:
+                if name not in GRID_DATASETS:
+                    source.copy(source[name], h5, name)
+            h5.create_dataset(
+                "ldos", data=ldos, compression="gzip", compression_opts=6, shuffle=True
+            )
+            h5.create_dataset("ldos_points", data=flat.astype(np.int64))
+            h5.create_dataset("dos", data=dos)
+            h5.attrs["compact_source"] = str(Path(path).resolve())
+            h5.attrs["compact_seed"] = int(seed)
     return target
 
 
@@ -393,6 +489,12 @@ def summary(path: str | os.PathLike[str]) -> str:
             lines.append(f"    {term:<13} {value:18.8f} {1000 * value / natoms:16.3f}")
         lines.append(f"  forces        max |F| = {np.linalg.norm(forces, axis=1).max():.6f} eV/A")
         lines.append("  datasets")
+        points = snap.ldos_points
+        if points is not None:
+            lines.append(
+                f"  compact       the LDOS at {len(points)} of {int(np.prod(snap.grid_shape))} "
+                f"grid points (seed {a['compact_seed']}) and the DOS; from {a['compact_source']}"
+            )
         for name in ("ldos", "descriptors", "density"):
             data = snap._h5.get(name)
             if data is None:

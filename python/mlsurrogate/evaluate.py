@@ -81,6 +81,7 @@ def evaluate_dft(path: str | os.PathLike[str]) -> tuple[list[TermComparison], in
     """Every energy term from the snapshot's DFT LDOS (and from QE's density where that
     is the fairer test), next to QE's values. Returns the rows and the atom count."""
     with Snapshot(path) as snap:
+        snap.require_full_grid("the energy terms of the DFT LDOS")
         attrs = snap.attrs
         functional = functional_for(snap)
         cell = torch.as_tensor(np.asarray(snap.atoms.cell), dtype=torch.float64)
@@ -198,6 +199,7 @@ def evaluate_model(
     dos_curves: dict[str, np.ndarray] = {}
     for path in snapshots:
         with Snapshot(path) as snap:
+            snap.require_full_grid("the LDOS and density errors of a model")
             if not np.allclose(snap.energies, model.energies):
                 raise ValueError(f"{path}: its energy grid differs from the model's")
             if core_density_of(snap) is not None:

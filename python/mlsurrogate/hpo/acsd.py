@@ -63,10 +63,12 @@ def sample_points(
     sampled = []
     for path in snapshots:
         with Snapshot(path) as snap:
-            total = int(np.prod(snap.grid_shape))
+            stored = snap.ldos_points  # a compact snapshot: its points only
+            total = int(np.prod(snap.grid_shape)) if stored is None else len(stored)
             if points > total:
-                raise ValueError(f"{path}: {points} points asked, the grid has {total}")
+                raise ValueError(f"{path}: {points} points asked, the LDOS has {total}")
             flat = np.sort(rng.choice(total, size=points, replace=False))
+            flat = flat if stored is None else stored[flat]
             sampled.append(SampledPoints(path, flat, snap.read_points("ldos", flat)))
     return sampled
 

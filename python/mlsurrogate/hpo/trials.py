@@ -178,13 +178,11 @@ def naswot_batch(config: TrainingConfig, size: int, seed: int = 0) -> np.ndarray
     rows = []
     for source, count in zip(sources, counts):
         if count:
-            total = int(np.prod(source.grid_shape))
-            flat = np.sort(rng.choice(total, size=min(int(count), total), replace=False))
-            nx, ny, nz = source.grid_shape
-            planes = flat // (ny * nz)
-            for ix in np.unique(planes):
-                descriptors, _ = source.plane(int(ix))
-                rows.append(descriptors[flat[planes == ix] % (ny * nz)])
+            descriptors, _ = source.all_points()
+            picked = rng.choice(
+                len(descriptors), size=min(int(count), len(descriptors)), replace=False
+            )
+            rows.append(descriptors[np.sort(picked)])
     return np.concatenate(rows)
 
 

@@ -1,10 +1,10 @@
-"""Training data: snapshot sources read plane by plane, their consistency, shuffled
+"""Training data: snapshot sources read chunk by chunk, their consistency, shuffled
 mini-batches and the scalers fitted on them.
 
 Mini-batches are grid points drawn across all training snapshots: every epoch visits the
-x-planes of all snapshots (the HDF5 chunks) in a random order, a buffer of planes at a
-time, and shuffles the points inside each buffer; only the buffer is in memory. The order
-depends only on (seed, epoch).
+chunks of all snapshots (x-planes, the HDF5 chunks; a compact snapshot's stored points)
+in a random order, a buffer of chunks at a time, and shuffles the points inside each
+buffer; only the buffer is in memory. The order depends only on (seed, epoch).
 """
 
 from __future__ import annotations
@@ -31,31 +31,58 @@ CONSISTENT_ATTRIBUTES = (
 
 
 class SnapshotSource:
-    """Lazy per-plane access to a snapshot's descriptors (``snapshot_descriptors``) and
-    LDOS; a plane holding NaN or inf is an error naming the file and dataset."""
+    """Lazy access, chunk by chunk, to a snapshot's descriptors (``snapshot_descriptors``)
+    and LDOS: a chunk is an x-plane of a full snapshot (its HDF5 chunk), or all stored
+    points of a compact one (``compact_snapshot``: descriptors computed at those points
+    on opening). A chunk holding NaN or inf is an error naming the file and dataset."""
 
     def __init__(self, path: str, params: BispectrumParams) -> None:
         self.path = path
+        self.params = params
         self.snapshot = Snapshot(path)
-        self.descriptors = snapshot_descriptors(self.snapshot, params)
         self.grid_shape = self.snapshot.grid_shape
+        self.points = self.snapshot.ldos_points
+        if self.points is None:
+            self.descriptors = snapshot_descriptors(self.snapshot, params)
+            self.num_chunks = self.grid_shape[0]
+            self.num_points = int(np.prod(self.grid_shape))
+        else:
+            grid = np.asarray(snapshot_descriptors(self.snapshot, params))
+            self.descriptors = grid.reshape(-1, grid.shape[-1])[self.points]
+            self.num_chunks = 1
+            self.num_points = len(self.points)
 
-    def plane(self, ix: int) -> tuple[np.ndarray, np.ndarray]:
-        """(descriptors, LDOS) of x-plane ix, flattened to [ny * nz, ...], float32."""
-        ny, nz = self.grid_shape[1:]
-        descriptors = np.asarray(self.descriptors[ix], dtype=np.float32).reshape(ny * nz, -1)
-        ldos = np.asarray(self.snapshot.ldos[ix], dtype=np.float32).reshape(ny * nz, -1)
+    def chunk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(descriptors, LDOS) of chunk ``index``, [points, ...], float32."""
+        if self.points is None:
+            ny, nz = self.grid_shape[1:]
+            descriptors = np.asarray(self.descriptors[index], dtype=np.float32).reshape(ny * nz, -1)
+            ldos = np.asarray(self.snapshot.ldos[index], dtype=np.float32).reshape(ny * nz, -1)
+            where = f"x-plane {index}"
+        else:
+            descriptors = np.asarray(self.descriptors, dtype=np.float32)
+            ldos = np.asarray(self.snapshot.ldos[()], dtype=np.float32)
+            where = "stored points"
         for name, values in (("descriptors", descriptors), ("ldos", ldos)):
             if not np.isfinite(values).all():
                 raise ValueError(
-                    f"{self.path}: dataset {name} holds NaN or inf values (x-plane {ix}); "
+                    f"{self.path}: dataset {name} holds NaN or inf values ({where}); "
                     "ingest the QE run again or leave this snapshot out"
                 )
         return descriptors, ldos
 
     def all_points(self) -> tuple[np.ndarray, np.ndarray]:
-        planes = [self.plane(ix) for ix in range(self.grid_shape[0])]
-        return np.concatenate([p[0] for p in planes]), np.concatenate([p[1] for p in planes])
+        """(descriptors, LDOS) of every point with an LDOS."""
+        chunks = [self.chunk(i) for i in range(self.num_chunks)]
+        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+    def grid_descriptors(self) -> np.ndarray:
+        """Descriptors of every grid point [P, K] (float32, C order over [ix, iy, iz]):
+        what a prediction of the whole LDOS needs, of a compact snapshot too."""
+        if self.points is None:
+            return self.all_points()[0]
+        grid = np.asarray(snapshot_descriptors(self.snapshot, self.params), dtype=np.float32)
+        return grid.reshape(-1, grid.shape[-1])
 
 
 def snapshot_elements(snapshot: Snapshot) -> tuple[str, ...]:
@@ -98,13 +125,13 @@ def batches(
     sources: Sequence[SnapshotSource], batch_size: int, buffer_planes: int, seed: int, epoch: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Shuffled mini-batches (descriptors, LDOS, source index) of grid points over all
-    sources; order from (seed, epoch)."""
+    sources, ``buffer_planes`` chunks in memory at a time; order from (seed, epoch)."""
     rng = np.random.default_rng([seed, epoch])
-    chunks = [(s, ix) for s, source in enumerate(sources) for ix in range(source.grid_shape[0])]
+    chunks = [(s, i) for s, source in enumerate(sources) for i in range(source.num_chunks)]
     order = rng.permutation(len(chunks))
     for start in range(0, len(order), buffer_planes):
         picked = [chunks[i] for i in order[start : start + buffer_planes]]
-        planes = [sources[s].plane(ix) for s, ix in picked]
+        planes = [sources[s].chunk(i) for s, i in picked]
         x = np.concatenate([p[0] for p in planes])
         y = np.concatenate([p[1] for p in planes])
         owner = np.concatenate([np.full(len(p[0]), s) for (s, _), p in zip(picked, planes)])
@@ -116,26 +143,20 @@ def batches(
 
 def density_weights(source: SnapshotSource, functional: Any) -> np.ndarray:
     """w_j with sum_j w_j d_j(r) = n(r) / (mean density) at the Fermi level of the
-    snapshot's DFT LDOS (its own electron count)."""
+    snapshot's DFT DOS (its own electron count)."""
     snap = source.snapshot
-    volume = snap.atoms.get_volume()
-    points = int(np.prod(source.grid_shape))
-    dos = sum(
-        snap.ldos[ix].astype(np.float64).reshape(-1, len(snap.energies)).sum(0)
-        for ix in range(source.grid_shape[0])
-    )
     electrons = float(snap.attrs["num_valence_electrons"])
-    mu = functional.fermi_level(torch.as_tensor(dos * volume / points), electrons)
+    mu = functional.fermi_level(torch.as_tensor(snap.dos()), electrons)
     # the snapshot's integration rule (exact for -f' of k_B T, Fermi-weighted otherwise)
-    return (functional.occupation_weights(mu) * volume / electrons).numpy()
+    return (functional.occupation_weights(mu) * snap.atoms.get_volume() / electrons).numpy()
 
 
 def fit_scalers(network: LdosNetwork, sources: Sequence[SnapshotSource]) -> None:
     """Feature mean and standard deviation, and the LDOS maximum, over training points."""
     count, total, total_sq, ldos_max = 0, 0.0, 0.0, 0.0
     for source in sources:
-        for ix in range(source.grid_shape[0]):
-            x, y = source.plane(ix)
+        for index in range(source.num_chunks):
+            x, y = source.chunk(index)
             x = x.astype(np.float64)
             count += len(x)
             total = total + x.sum(0)

@@ -239,7 +239,7 @@ def train(
         best_loss, best_state, stale = state["best_loss"], state["best_network"], state["stale"]
         start_epoch = state["epoch"] + 1
 
-    total_points = sum(int(np.prod(s.grid_shape)) for s in train_sources)
+    total_points = sum(s.num_points for s in train_sources)
     for epoch in range(start_epoch, config.max_epochs):
         physics = bool(physics_train) and epoch >= config.physics_start_epoch
         if physics and epoch == config.physics_start_epoch:

@@ -98,7 +98,7 @@ def energy_errors(
 ) -> dict[str, float]:
     """Band energy, total free energy (meV/atom) and Fermi level (meV) errors vs QE;
     NaN while the predicted LDOS is unphysical (e.g. holds fewer than N_val electrons)."""
-    x, _ = source.all_points()
+    x = source.grid_descriptors()
     with torch.no_grad():
         ldos = network(torch.as_tensor(x, device=device)).double().cpu()
     ldos = ldos.reshape(*source.grid_shape, -1)
