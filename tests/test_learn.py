@@ -82,7 +82,8 @@ class Interrupt(Exception):
 
 
 def test_learn_runs_end_to_end_and_resumes_after_an_interruption(tiny_snapshots, tmp_path):
-    config = LearnConfig.from_toml(_write_config(tmp_path, tiny_snapshots))
+    """With compact labelled snapshots (ldos_points): the next iteration trains on them."""
+    config = LearnConfig.from_toml(_write_config(tmp_path, tiny_snapshots, ldos_points=300))
 
     def stop_before_qe(line: str) -> None:
         if "labelling" in line:
@@ -117,7 +118,9 @@ def test_learn_runs_end_to_end_and_resumes_after_an_interruption(tiny_snapshots,
     with Snapshot(config.workdir / "snapshots" / "iteration_00_pick_0.h5") as snap:
         assert np.allclose(snap.atoms.get_scaled_positions() % 1.0,
                            picked.get_scaled_positions() % 1.0, atol=1e-8)  # fmt: skip
-        assert snap.attrs["energy_total_eV"] < 0 and snap.descriptors is not None
+        assert snap.attrs["energy_total_eV"] < 0 and len(snap.ldos_points) == 300
+    with Snapshot(first / "qe_pick_0" / "snapshot.h5") as full:
+        assert full.ldos_points is None and full.descriptors is not None
     out = first / "qe_pick_0" / "out"
     assert not list(out.rglob("*wfc*"))  # wavefunctions removed, the XML kept
     assert list(out.rglob("data-file-schema.xml"))

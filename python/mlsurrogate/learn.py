@@ -52,7 +52,7 @@ from mlsurrogate.training import TrainingConfig
 EXPLORE_METHODS = ("emt", "model", "entropy")
 _LEARN_KEYS = {
     "workdir", "iterations", "picks", "members", "stop_fraction", "trust",
-    "selection_spacing", "threads", "ldos_mantissa_bits", "validation_picks",
+    "selection_spacing", "threads", "ldos_mantissa_bits", "validation_picks", "ldos_points",
 }  # fmt: skip
 _TRAINING_KEYS = {
     "config",
@@ -107,6 +107,7 @@ class LearnConfig:
     scratch_every: int = 0  # every N-th iteration from scratch (independent members); 0: never
     threads: int | None = None
     ldos_mantissa_bits: int = 23  # < 23 rounds the labelled LDOS (smaller files to commit)
+    ldos_points: int = 0  # > 0: labelled snapshots compact, the LDOS at this many points
     explore: ExploreSettings = field(default_factory=ExploreSettings)
     qe: QESettings = field(default_factory=QESettings)
 
@@ -180,6 +181,7 @@ class LearnConfig:
             (len(self.trust) == 2 and 0 <= self.trust[0] < self.trust[1],
              f"[learn] trust must be [low, high] with 0 <= low < high, got {list(self.trust)}"),
             (1 <= self.ldos_mantissa_bits <= 23, "[learn] ldos_mantissa_bits must be in 1..23"),
+            (self.ldos_points >= 0, "[learn] ldos_points must be >= 0 (0: the full grid)"),
             (self.finetune_epochs >= 1, "[training] finetune_epochs must be >= 1"),
             (self.finetune_learning_rate > 0, "[training] finetune_learning_rate must be > 0"),
             (self.scratch_every >= 0, "[training] scratch_every must be >= 0 (0: never)"),
@@ -407,6 +409,7 @@ def _label(
     bands the LDOS window cannot hold (e.g. a compressed cell, whose band bottom lies
     lower) is skipped, with the reason in ``.skipped``: no model on that window can
     learn it."""
+    from mlsurrogate.data import compact_snapshot
     from mlsurrogate.qe import EnergyWindowError, ingest, run_qe
 
     directory = config.workdir / f"iteration_{iteration:02d}"
@@ -431,12 +434,15 @@ def _label(
             log(f"iteration {iteration}: pick {number} skipped: {exc}")
             write_bytes_atomically(skipped, f"{exc}\n".encode())
             continue
+        full = rundir / "snapshot.h5" if config.ldos_points else target
         ingest(
-            rundir, target, descriptor_params=params,
+            rundir, full, descriptor_params=params,
             ldos_mantissa_bits=config.ldos_mantissa_bits, progress=False,
         )  # fmt: skip
-        # the wavefunctions are hundreds of MB and not needed; the XML stays, so that the
-        # run can be ingested again (the cubes and the XML are the whole record)
+        if config.ldos_points:  # the full snapshot stays in the run directory
+            compact_snapshot(full, target, config.ldos_points, seed=1000 * iteration + number)
+        # the wavefunctions are hundreds of MB and not needed; the XML and the LDOS stay,
+        # so that the run can be ingested again
         for wavefunctions in (rundir / "out").rglob("*wfc*"):
             wavefunctions.unlink()
 
