@@ -1,7 +1,7 @@
 """The LDOS of one 32-atom Al snapshot on denser k-grids than its SCF's, and pp.x's time.
 
-    python benchmarks/ldos_kpoints.py [--kpts 4 6 8] [--workdir build/ldos_kpoints]
-                                      [--pp-x] [--mpi-ranks 2] [--plot dos_kpoints.png]
+    python benchmarks/ldos_kpoints.py [--kpts 4 6 8] [--scf-kpts 6] [--pp-x]
+                [--workdir build/ldos_kpoints] [--mpi-ranks 2] [--plot dos_kpoints.png]
 
 One pw.x SCF (the bundled data's settings: 4x4x4 k-points for 32 atoms, Gaussian
 displacements of 933 K), then per k-grid n x n x n a non-self-consistent pw.x run on the
@@ -10,9 +10,12 @@ ingested into a snapshot. Printed per grid: the nscf and LDOS times, the DOS dif
 to the densest grid (relative L1 over the window, and the largest difference in states
 per eV and atom), the Fermi level and free energy from the snapshot's own LDOS against
 QE's SCF values (the SCF's k-grid stays 4x4x4, so these differences are the k-grid's
-effect on what the network would learn). ``--pp-x`` also times pp.x (plot_num = 3) on
-the SCF's k-grid and compares its LDOS with the one-pass LDOS. Finished runs are kept
-and reused (the benchmark resumes after a kill).
+effect on what the network would learn). ``--scf-kpts n`` also runs the SCF itself on
+n^3: how far QE's own energy and forces move from the 4x4x4 SCF's, and how close the
+n^3 LDOS on the 4x4x4 density comes to it (labels must agree: energies and forces from
+one k-grid, the LDOS from another, contradict each other). ``--pp-x`` also times pp.x
+(plot_num = 3) on the SCF's k-grid and compares its LDOS with the one-pass LDOS.
+Finished runs are kept and reused (the benchmark resumes after a kill).
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ def main() -> None:
     parser.add_argument("--pp-x", action="store_true", help="also time pp.x on the SCF grid")
     parser.add_argument("--mpi-ranks", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--plot", help="write the DOS per k-grid to this PNG")
+    parser.add_argument(
+        "--scf-kpts", type=int, nargs="*", default=[], help="also SCFs on these n^3 grids"
+    )
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -135,6 +141,8 @@ def main() -> None:
         )
     assert np.allclose(reference_energies, curves[0][1])
 
+    for n in args.scf_kpts:
+        compare_scf(atoms, settings, workdir, n, scf)
     if args.pp_x:
         compare_pp_x(atoms, settings, scf, workdir, args.mpi_ranks)
     if args.plot:
@@ -153,6 +161,45 @@ def main() -> None:
         figure.tight_layout()
         figure.savefig(args.plot, dpi=120)
         print(f"wrote {args.plot}")
+
+
+def compare_scf(atoms, settings: QESettings, workdir: Path, n: int, scf: Path) -> None:
+    """An SCF on the n^3 grid: QE's free energy and forces against the 4x4x4 SCF's, and
+    against the free energy of its own LDOS and of the n^3 LDOS on the 4x4x4 density."""
+    run = workdir / f"scf{n}"
+    snapshot = workdir / f"scf{n}.h5"
+    if not snapshot.is_file():
+        start = time.perf_counter()
+        run_pw(atoms, replace(settings, kpts=(n, n, n)), run)
+        run_ldos(atoms, replace(settings, kpts=(n, n, n)), run)
+        (run / "timing.txt").write_text(f"{time.perf_counter() - start}\n")
+        ingest(run, snapshot, progress=False)
+        shutil.rmtree(run / "out" / "pwscf.save", ignore_errors=True)
+    dense, coarse = read_pw_xml_of(snapshot), read_pw_xml_of(workdir / "k4.h5")
+    natoms = len(atoms)
+    table, _ = evaluate_dft(snapshot)
+    own = {row.name: row for row in table}["total free energy A"]
+    nscf_path = workdir / f"k{n}.h5"
+    print(
+        f"\nSCF on {n}^3 ({float((run / 'timing.txt').read_text()):.0f} s with its LDOS): QE's "
+        f"free energy {1000 * (dense[0] - coarse[0]) / natoms:+.2f} meV/atom from the "
+        f"4x4x4 SCF's, forces differ by {np.sqrt(np.mean((dense[1] - coarse[1]) ** 2)):.4f} "
+        f"eV/A RMS (max {np.abs(dense[1] - coarse[1]).max():.4f}); A of its own LDOS - QE "
+        f"{1000 * (own.ours - own.qe) / natoms:+.2f} meV/atom"
+    )
+    if nscf_path.is_file():
+        table, _ = evaluate_dft(nscf_path)
+        ours = {row.name: row for row in table}["total free energy A"].ours
+        print(
+            f"A of the {n}^3 LDOS on the 4x4x4 density - QE's {n}^3 SCF: "
+            f"{1000 * (ours - dense[0]) / natoms:+.2f} meV/atom"
+        )
+
+
+def read_pw_xml_of(snapshot: Path) -> tuple[float, np.ndarray]:
+    """QE's total free energy (eV) and forces (eV/A) stored in a snapshot."""
+    with Snapshot(snapshot) as snap:
+        return float(snap.attrs["energy_total_eV"]), snap.reference("forces")
 
 
 def compare_pp_x(atoms, settings: QESettings, scf: Path, workdir: Path, ranks: int) -> None:

@@ -139,10 +139,11 @@ def _qe_run(args: argparse.Namespace) -> int:
 def _qe_ingest(args: argparse.Namespace) -> int:
     import warnings
 
-    from mlsurrogate.qe import ApproximateIntegrationWarning, ingest
+    from mlsurrogate.qe import ApproximateIntegrationWarning, NonSelfConsistentLdosWarning, ingest
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ApproximateIntegrationWarning)
+        warnings.simplefilter("always", NonSelfConsistentLdosWarning)
         path = ingest(
             args.directory,
             args.output,

@@ -10,7 +10,11 @@ raises :class:`QEError` naming the file and the problem.
 
 from mlsurrogate.qe.discover import RunDirectory, RunFiles, find_run_files
 from mlsurrogate.qe.errors import EnergyWindowError, QEError
-from mlsurrogate.qe.ingest import ApproximateIntegrationWarning, ingest
+from mlsurrogate.qe.ingest import (
+    ApproximateIntegrationWarning,
+    NonSelfConsistentLdosWarning,
+    ingest,
+)
 from mlsurrogate.qe.ldos import LdosFile, compute_ldos, read_ldos_file, write_ldos_file
 from mlsurrogate.qe.readers import (
     Cube,
@@ -42,6 +46,7 @@ from mlsurrogate.qe.settings import (
 __all__ = [
     "BROADENING_KERNELS",
     "ApproximateIntegrationWarning",
+    "NonSelfConsistentLdosWarning",
     "RunDirectory",
     "RunFiles",
     "find_run_files",

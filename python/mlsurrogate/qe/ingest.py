@@ -47,6 +47,11 @@ class ApproximateIntegrationWarning(UserWarning):
     """The snapshot's LDOS broadening makes the energy integrals approximate."""
 
 
+class NonSelfConsistentLdosWarning(UserWarning):
+    """The LDOS comes from another k-grid than the SCF's energies: a label at odds with
+    itself (the functional assumes the LDOS's eigenvalues are of its own density)."""
+
+
 def _check_cube_geometry(cube: Cube, path: Path, reference: Cube, reference_path: Path) -> None:
     if cube.data.shape != reference.data.shape:
         raise QEError(
@@ -331,16 +336,27 @@ def ingest(
     )
     from mlsurrogate.physics import exact_energy_integrals
 
-    if not exact_energy_integrals(temperature, kernel, grid.width):
+    def measured() -> str:
         try:
             error = _estimate_integration_error(path)
-            measured = f"differs from QE's total energy by {error:+.2f} meV/atom"
+            return f"differs from QE's total energy by {error:+.2f} meV/atom"
         except ValueError as exc:  # e.g. a window without mu: no free energy to compare
-            measured = f"cannot be compared with QE's total energy ({exc})"
+            return f"cannot be compared with QE's total energy ({exc})"
+
+    if tuple(ldos_kset.kpoint_grid) != tuple(run.kpoint_grid):
+        warnings.warn(
+            f"{path}: the LDOS is of a non-self-consistent run on a {ldos_kset.kpoint_grid} "
+            f"k-grid, the energies and forces of the SCF's {run.kpoint_grid}: the free energy "
+            f"from this LDOS {measured()}; as a training label that contradicts itself: run "
+            "the SCF on the dense grid instead (docs/qe-ingest.md)",
+            NonSelfConsistentLdosWarning,
+            stacklevel=2,
+        )
+    if not exact_energy_integrals(temperature, kernel, grid.width):
         warnings.warn(
             f"{path}: LDOS broadened by {kernel} of width {grid.width} eV, not -f' of width "
             f"k_B T: the energy integrals are approximate; on this run the free energy from "
-            f"its LDOS {measured} (docs/qe-ingest.md)",
+            f"its LDOS {measured()} (docs/qe-ingest.md)",
             ApproximateIntegrationWarning,
             stacklevel=2,
         )

@@ -50,8 +50,10 @@ class QESettings:
     ``ldos_emin_ev + ldos_spacing_ev``, ... up to ``ldos_emax_ev``.
     ``ldos_broadening_ev`` None means the SCF smearing width (k_B T).
     ``ldos_kpts`` / ``ldos_kspacing`` set the k-grid of the LDOS (a non-self-consistent
-    pw.x run on the SCF's density, as MALA's data generation does, so that a small
-    cell's LDOS is converged in k); both None: the SCF's k-grid.
+    pw.x run on the SCF's density); both None: the SCF's k-grid. Not for training labels:
+    the functional then misses QE's energy by the density's first-order change (-17
+    meV/atom for 32-atom Al, 6^3 on a 4^3 density; docs/qe-ingest.md); a denser SCF
+    (``kpts``/``kspacing``) gives a k-converged LDOS that agrees with its energies.
     ``ldos_nscf_threshold_ry`` is that run's eigenvalue threshold (pw.x ``diago_thr_init``);
     pw.x's nscf default, conv_thr / N_el / 10 (1e-13 Ry here), costs 2-3x for no change
     in the LDOS (1e-5 of its largest value at 1e-8, as at 1e-10, on 32-atom Al).
