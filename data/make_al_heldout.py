@@ -15,8 +15,11 @@ Kinds: solid at 300, 600, 933 and 1100 K (a = 4.05 A); 933 K at a = 3.95 and 4.1
 volume of liquid Al at the melting point, 2.375 g/cm^3, is 13.7 % above the solid's),
 melted first at 2500 K. The DFT settings are the bundled data's (``QESettings()``:
 Al.pz-vbc, ecutwfc 20 Ry, Fermi-Dirac smearing at 933 K, 4x4x4 k-points) with QE's
-default band count for a metal. Resumable: each finished structure is kept as NAME.json
-and skipped on a rerun; pw.x runs in ``--workdir``.
+default band count for a metal (``--kspacing 0.13``: 6x6x6). The melt (6 ps of chaotic
+MD) is not bit-reproducible across machines: the liquid of data/al_heldout_933K_k6 is
+another configuration than that of data/al_heldout_933K (positions differ by up to 4 A);
+each JSON stores its structure, which is what evaluations use. Resumable: each finished
+structure is kept as NAME.json and skipped on a rerun; pw.x runs in ``--workdir``.
 """
 
 from __future__ import annotations
