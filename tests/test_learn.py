@@ -233,6 +233,15 @@ def test_members_start_from_scratch_at_iteration_0_and_every_scratch_every(
     assert [from_scratch(i, scratch_every) for i in range(5)] == expected
 
 
+@pytest.mark.parametrize(("bootstrap", "expected"), [(0, "model"), (1, "emt"), (3, "emt")])
+def test_bootstrap_iterations_explore_with_emt_before_the_method(bootstrap, expected):
+    from mlsurrogate.learn import ExploreSettings, explore_method
+
+    settings = ExploreSettings(method="model", bootstrap_iterations=bootstrap)
+    assert explore_method(settings, 0) == expected
+    assert explore_method(settings, bootstrap) == "model"
+
+
 def test_every_learn_key_is_documented():
     from mlsurrogate.learn import SECTION_KEYS
 

@@ -68,9 +68,13 @@ class ExploreSettings:
     """Where candidates come from: EMT Langevin MD (``emt``) or LAMMPS MD with the
     current ensemble stopped by ``fix halt`` (``model``), from each start structure at
     each temperature and lattice scaling; or entropy-maximized positions in each start
-    structure's cell (``entropy``, ``steps`` moves per K)."""
+    structure's cell (``entropy``, ``steps`` moves per K). The first
+    ``bootstrap_iterations`` iterations explore with EMT whatever ``method`` says: a
+    first model trained on small cells is too far off for its own MD to visit what MD
+    with a physical potential visits."""
 
     method: str = "emt"
+    bootstrap_iterations: int = 0
     structures: tuple[str, ...] = ()
     temperatures_K: tuple[float, ...] = (933.0,)
     scales: tuple[float, ...] = (1.0,)
@@ -185,6 +189,8 @@ class LearnConfig:
             (self.finetune_epochs >= 1, "[training] finetune_epochs must be >= 1"),
             (self.finetune_learning_rate > 0, "[training] finetune_learning_rate must be > 0"),
             (self.scratch_every >= 0, "[training] scratch_every must be >= 0 (0: never)"),
+            (self.explore.bootstrap_iterations >= 0,
+             "[explore] bootstrap_iterations must be >= 0 (0: none)"),
             (self.explore.method in EXPLORE_METHODS,
              f"[explore] method must be one of {EXPLORE_METHODS}, got {self.explore.method!r}"),
             (bool(self.explore.structures), "[explore] structures: give at least one file"),
@@ -313,6 +319,11 @@ def _evaluate(config: LearnConfig, iteration: int, model_path: Path) -> list[Ref
     return [ReferenceError.from_json(record) for record in json.loads(path.read_text())]
 
 
+def explore_method(settings: ExploreSettings, iteration: int) -> str:
+    """How ``iteration`` explores: EMT during the bootstrap iterations, then ``method``."""
+    return "emt" if iteration < settings.bootstrap_iterations else settings.method
+
+
 def _explore(
     config: LearnConfig, iteration: int, model_path: Path, log: Callable[[str], None]
 ) -> list[ase.Atoms]:
@@ -325,16 +336,17 @@ def _explore(
     path = config.workdir / f"iteration_{iteration:02d}" / "candidates.extxyz"
     if not path.exists():
         settings = config.explore
+        method = explore_method(settings, iteration)
         frames: list[ase.Atoms] = []
         for index, structure in enumerate(settings.structures):
             start = ase.io.read(structure)
             seed = settings.seed + 1000 * iteration + index  # new frames every iteration
-            if settings.method == "entropy":
+            if method == "entropy":
                 found = entropy_maximized_frames(
                     start, settings.k_values, settings.steps, settings.every, seed=seed
                 )
                 frames.extend(frame for _, frame in found)
-            elif settings.method == "emt":
+            elif method == "emt":
                 found = classical_md_frames(
                     start, settings.temperatures_K, settings.scales, settings.steps,
                     settings.every, settings.timestep_fs, seed=seed,
