@@ -171,6 +171,23 @@ def test_failed_structures_fill_the_batch_only_when_asked_and_least_deviating_fi
     assert pick(scores, 2, fill_with_failed=True) == [1, 0]  # 0.3 first, then the farthest
 
 
+def test_failed_structures_fill_a_batch_with_too_few_candidates_farthest_first():
+    from mlsurrogate.selection import CandidateScore, Dissimilarity
+
+    nothing = Dissimilarity(0.0, 0.0, 1.0)
+    levels = ["failed", "candidate", "failed", "failed"]
+    positions = [0.1, 0.0, 5.0, 0.2]  # s2 lies farthest from the one candidate
+    scores = [
+        CandidateScore(f"s{i}", nothing, np.array([x]), 0.5, 0.0, level)
+        for i, (x, level) in enumerate(zip(positions, levels, strict=True))
+    ]
+    assert pick(scores, 3) == [1]
+    assert pick(scores, 2, fill_with_failed=True) == [1, 2]
+    picked = pick(scores, 3, fill_with_failed=True)
+    assert picked[:2] == [1, 2] and len(set(picked)) == 3
+    assert pick(scores, 1, fill_with_failed=True) == [1]  # enough candidates: no filling
+
+
 def test_a_candidate_with_an_element_the_model_lacks_is_named(smooth_model, tmp_path, capsys):
     from ase.build import bulk
 

@@ -137,16 +137,21 @@ class Dissimilarity:
     reconstruction_error: float  # mean squared PCA residual / the training points'
 
 
-def farthest_point_order(features: np.ndarray, first: int, count: int) -> list[int]:
-    """``count`` row indices: ``first``, then each time the row farthest (Euclidean, in
-    features scaled to unit spread) from all rows picked so far."""
+def farthest_point_order(
+    features: np.ndarray, first: int | Sequence[int], count: int
+) -> list[int]:
+    """``count`` row indices: ``first`` (one row or several already picked), then each
+    time the row farthest (Euclidean, in features scaled to unit spread) from all rows
+    picked so far."""
     features = np.asarray(features, dtype=np.float64)
     count = min(count, len(features))
     spread = features.std(axis=0)
     spread[spread == 0] = 1.0
     scaled = features / spread
-    picked = [first]
-    distance = np.linalg.norm(scaled - scaled[first], axis=1)
+    picked = [first] if isinstance(first, int) else list(first)
+    distance = np.min(
+        [np.linalg.norm(scaled - scaled[row], axis=1) for row in picked], axis=0
+    )
     while len(picked) < count:
         distance[picked] = -np.inf
         nearest = int(np.argmax(distance))
@@ -230,25 +235,25 @@ def pick(scores: Sequence[CandidateScore], k: int, fill_with_failed: bool = Fals
     """Indices of up to ``k`` candidates to label: with trust levels only ``candidate``
     structures (accurate ones teach little, failed ones are too far off, as in dpgen),
     the highest priority first, then farthest-point order for diversity. With
-    ``fill_with_failed``, when there are no ``candidate`` structures the ``failed`` ones
-    are eligible instead, the least deviating first: a first model may fail everywhere,
-    and the nearest edge of its domain is where it learns most."""
+    ``fill_with_failed``, when there are fewer than ``k`` ``candidate`` structures the
+    ``failed`` ones fill the batch in farthest-point order from the picks (from the least
+    deviating failed one if nothing else was picked): a first model may fail almost
+    everywhere, and a batch of one would waste an iteration."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     eligible = [i for i, s in enumerate(scores) if s.level in (None, "candidate")]
-    if not eligible and fill_with_failed:
-        failed = [i for i, s in enumerate(scores) if s.level == "failed"]
-        if failed:
-            nearest = min(failed, key=lambda i: scores[i].priority)
-            features = np.stack([scores[i].features for i in failed])
-            order = farthest_point_order(features, failed.index(nearest), k)
-            return [failed[i] for i in order]
-    if not eligible:
-        return []
-    best = max(eligible, key=lambda i: scores[i].priority)
-    features = np.stack([scores[i].features for i in eligible])
-    order = farthest_point_order(features, eligible.index(best), k)
-    return [eligible[i] for i in order]
+    picks: list[int] = []
+    if eligible:
+        best = max(eligible, key=lambda i: scores[i].priority)
+        features = np.stack([scores[i].features for i in eligible])
+        picks = [eligible[i] for i in farthest_point_order(features, eligible.index(best), k)]
+    failed = [i for i, s in enumerate(scores) if s.level == "failed"]
+    if not fill_with_failed or len(picks) >= k or not failed:
+        return picks
+    pool = picks + failed
+    start = list(range(len(picks))) or [pool.index(min(failed, key=lambda i: scores[i].priority))]
+    features = np.stack([scores[i].features for i in pool])
+    return [pool[i] for i in farthest_point_order(features, start, k)]
 
 
 def format_scores(scores: Sequence[CandidateScore], picks: Sequence[int]) -> str:
