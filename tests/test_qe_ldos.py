@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ase.build import bulk
 from conftest import TINY_SETTINGS, tiny_atoms
 from mlsurrogate.data import Snapshot
 from mlsurrogate.qe import (
+    EnergyWindowError,
     NonSelfConsistentLdosWarning,
     QEError,
     QESettings,
@@ -95,6 +97,31 @@ def test_ldos_of_a_symmetric_cell_comes_from_an_unreduced_nscf_and_equals_pp_x(
     assert np.abs(_ldos(ours) - cubes).max() < CUBE_PRECISION * np.abs(cubes).max()
     with Snapshot(ours) as snap:
         assert list(snap.attrs["ldos_kpoint_grid"]) == [4, 4, 4]
+
+
+def test_window_past_the_scf_bands_gets_an_nscf_with_more_bands(asymmetric_run, tmp_path):
+    """A window end that the SCF's 16 bands do not reach (as for the 32-atom liquid with
+    the default band count): the LDOS comes from a nosym nscf on the same k-grid with
+    more bands, and equals pp.x's cubes where those cover the window."""
+    scf = read_pw_xml(asymmetric_run / "out/pwscf.save/data-file-schema.xml")
+    floor = float(scf.eigenvalues[:, -1].min())
+    spacing = ASYMMETRIC.ldos_spacing_ev
+    emax = ASYMMETRIC.ldos_emin_ev + spacing * np.ceil((floor - ASYMMETRIC.ldos_emin_ev) / spacing)
+    settings = replace(ASYMMETRIC, ldos_program="wavefunctions", ldos_emax_ev=float(emax))
+    with pytest.raises(EnergyWindowError, match="rerun pw.x with more bands"):
+        scf.check_ldos_window(settings.ldos_emin_ev, emax, settings.ldos_broadening)
+    bands = scf.bands_for_window_end(emax, settings.ldos_broadening)
+    assert bands is not None and bands > scf.eigenvalues.shape[1]
+    run = _scf_copy(asymmetric_run, tmp_path / "run")
+    run_ldos(_two_atom_cell(), settings, run, progress=False)
+    assert f"nbnd = {bands}" in (run / "ldos_nscf" / "pw.in").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonSelfConsistentLdosWarning)  # the SCF's own k-grid
+        ours = _ldos(ingest(run, tmp_path / "ours.h5", progress=False))
+    cubes = _ldos(ingest(asymmetric_run, tmp_path / "pp.h5", progress=False))
+    common = cubes.shape[-1]
+    assert ours.shape[-1] > common
+    assert np.abs(ours[..., :common] - cubes).max() < CUBE_PRECISION * np.abs(cubes).max()
 
 
 def test_denser_ldos_kgrid_is_recorded_and_holds_the_electrons(tiny_qe_run, tmp_path):

@@ -139,6 +139,17 @@ class PwResult:
         """EnergyWindowError unless the window [emin, emax] (eV) reaches 12 broadening
         ``width``s below the lowest band and the highest band stays that far above emax
         at every k-point (so that no broadened state is cut off)."""
+        self.check_ldos_window_start(emin, width)
+        if self.bands_for_window_end(emax, width) is not None:
+            raise EnergyWindowError(
+                f"LDOS window ends at {emax:.3f} eV, but the highest computed band "
+                f"({self.eigenvalues.shape[1]}) comes down to "
+                f"{float(self.eigenvalues[:, -1].min()):.3f} eV: states above it are missing "
+                "in the window; rerun pw.x with more bands (nbnd)"
+            )
+
+    def check_ldos_window_start(self, emin: float, width: float) -> None:
+        """The start half of :meth:`check_ldos_window`: no more bands can fix it."""
         margin = WINDOW_MARGIN_WIDTHS * width
         lowest = float(self.eigenvalues.min())
         if emin > lowest - margin:
@@ -146,13 +157,18 @@ class PwResult:
                 f"LDOS window starts at {emin:.3f} eV, but the lowest band is at {lowest:.3f} "
                 f"eV: occupied states are cut off; use emin <= {lowest - margin:.2f} eV"
             )
-        top_band_floor = float(self.eigenvalues[:, -1].min())
-        if top_band_floor < emax + margin:
-            raise EnergyWindowError(
-                f"LDOS window ends at {emax:.3f} eV, but the highest computed band "
-                f"({self.eigenvalues.shape[1]}) comes down to {top_band_floor:.3f} eV: states "
-                "above it are missing in the window; rerun pw.x with more bands (nbnd)"
-            )
+
+    def bands_for_window_end(self, emax: float, width: float) -> int | None:
+        """None if the highest band stays 12 ``width``s above ``emax`` at every k-point;
+        else how many bands would, estimated by free-electron counting from the band
+        bottom (N(E) ~ (E - E_0)^(3/2)) with 10 % to spare."""
+        needed = emax + WINDOW_MARGIN_WIDTHS * width
+        floor = float(self.eigenvalues[:, -1].min())
+        if floor >= needed:
+            return None
+        bottom = float(self.eigenvalues.min())
+        bands = self.eigenvalues.shape[1]
+        return math.ceil(1.1 * bands * ((needed - bottom) / (floor - bottom)) ** 1.5)
 
 
 def _floats(element: ET.Element | None, path: Path, what: str) -> np.ndarray:

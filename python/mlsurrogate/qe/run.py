@@ -195,17 +195,24 @@ def run_ldos(
     """The LDOS of the finished SCF in ``directory`` with ``settings.ldos_program``.
 
     From the wavefunctions (``ldos.h5``): of the SCF itself when its k-grid is the LDOS
-    k-grid and it used no symmetry, else of a non-self-consistent run in ``ldos_nscf/``
-    on the SCF's density (its wavefunctions are removed afterwards). The window is
-    checked against that run's bands before the LDOS is made."""
+    k-grid, it used no symmetry and its bands reach past the window, else of a
+    non-self-consistent run in ``ldos_nscf/`` on the SCF's density (its wavefunctions are
+    removed afterwards), with as many more bands as the window needs (a liquid or an
+    expanded cell has more bands below the window's end than the default count). The
+    window is checked against that run's bands before the LDOS is made."""
     directory = Path(directory)
     scf = read_pw_xml(directory / _XML)
-    scf.check_ldos_window(settings.ldos_emin_ev, settings.ldos_emax_ev, settings.ldos_broadening)
-    if settings.ldos_program == "pp.x":
+    width = settings.ldos_broadening
+    scf.check_ldos_window_start(settings.ldos_emin_ev, width)
+    bands = scf.bands_for_window_end(settings.ldos_emax_ev, width)
+    if settings.ldos_program == "pp.x":  # pp.x reads the SCF's bands: they must suffice
+        scf.check_ldos_window(settings.ldos_emin_ev, settings.ldos_emax_ev, width)
         return run_pp_ldos(settings, directory, progress=progress)
     kernel = BROADENING_KERNELS[settings.smearing.lower()]
-    nscf = ldos_kpoint_grid(atoms, settings) != kpoint_grid(atoms, settings) or (
-        scf.symmetry_count > 1
+    nscf = (
+        bands is not None
+        or ldos_kpoint_grid(atoms, settings) != kpoint_grid(atoms, settings)
+        or scf.symmetry_count > 1
     )
     check_supported(replace(scf, symmetry_count=1) if nscf else scf, kernel, directory / _XML)
     save = directory / OUTDIR / f"{PREFIX}.save"
@@ -215,10 +222,11 @@ def run_ldos(
         nscf_save.mkdir(parents=True)
         for name in ("data-file-schema.xml", "charge-density.dat"):
             shutil.copy2(save / name, nscf_save / name)
-        run_pw(atoms, settings, directory / LDOS_NSCF_DIR, ldos_nscf=True, progress=progress)
+        nscf_settings = settings if bands is None else replace(settings, nbnd=bands)
+        run_pw(atoms, nscf_settings, directory / LDOS_NSCF_DIR, ldos_nscf=True, progress=progress)
         save = nscf_save
     read_pw_xml(save / "data-file-schema.xml").check_ldos_window(
-        settings.ldos_emin_ev, settings.ldos_emax_ev, settings.ldos_broadening
+        settings.ldos_emin_ev, settings.ldos_emax_ev, width
     )
     result = compute_ldos(
         save, settings.ldos_energies, settings.ldos_broadening, kernel, progress=progress
