@@ -148,7 +148,7 @@ def farthest_point_order(
     spread = features.std(axis=0)
     spread[spread == 0] = 1.0
     scaled = features / spread
-    picked = [first] if isinstance(first, int) else list(first)
+    picked = [int(row) for row in np.atleast_1d(first)]
     distance = np.min(
         [np.linalg.norm(scaled - scaled[row], axis=1) for row in picked], axis=0
     )
