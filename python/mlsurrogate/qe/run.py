@@ -203,11 +203,11 @@ def run_ldos(
     directory = Path(directory)
     scf = read_pw_xml(directory / _XML)
     width = settings.ldos_broadening
-    scf.check_ldos_window_start(settings.ldos_emin_ev, width)
-    bands = scf.bands_for_window_end(settings.ldos_emax_ev, width)
     if settings.ldos_program == "pp.x":  # pp.x reads the SCF's bands: they must suffice
         scf.check_ldos_window(settings.ldos_emin_ev, settings.ldos_emax_ev, width)
         return run_pp_ldos(settings, directory, progress=progress)
+    scf.check_ldos_window_start(settings.ldos_emin_ev, width)
+    bands = scf.bands_for_window_end(settings.ldos_emax_ev, width)
     kernel = BROADENING_KERNELS[settings.smearing.lower()]
     nscf = (
         bands is not None
