@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from mlsurrogate.data import (
 from mlsurrogate.descriptors import BispectrumParams, compute_grid_descriptors, num_descriptors
 
 PARAMS = BispectrumParams(twojmax=2)
+DATA = Path(__file__).resolve().parents[1] / "data" / "al_fcc4_933K"
 
 
 def synthetic_snapshot(path, grid=(4, 5, 6), nenergies=7):
@@ -186,3 +189,51 @@ def test_compact_snapshot_keeps_points_dos_and_references_and_refuses_full_grid_
         h5["ldos_points"][0] = h5["ldos_points"][1]
     with pytest.raises(SnapshotError, match="ldos_points must be increasing"):
         Snapshot(out)
+
+
+def test_replicated_snapshot_is_the_supercell_by_the_functional_descriptors_and_points(
+    tmp_path, capsys
+):
+    """A 2x1x1 copy of a real 4-atom snapshot: the functional gives QE's terms per atom
+    as for the cell, its descriptors are those the kernel computes for the supercell,
+    and a compact copy's points hold the full copy's LDOS."""
+    from mlsurrogate.data import compact_snapshot, replicate_snapshot
+    from mlsurrogate.evaluate import evaluate_dft
+
+    source = DATA / "snapshot_00.h5"
+    full = add_descriptors(source, PARAMS, output=tmp_path / "with_descriptors.h5", progress=False)
+    copy = replicate_snapshot(full, tmp_path / "copy.h5", (2, 1, 1))
+    cell_rows, cell_atoms = evaluate_dft(full)
+    copy_rows, copy_atoms = evaluate_dft(copy)
+    assert copy_atoms == 2 * cell_atoms
+    for cell_row, copy_row in zip(cell_rows, copy_rows):
+        per_atom = 1.0 if cell_row.name == "Fermi level" else 2.0
+        assert copy_row.qe == pytest.approx(per_atom * cell_row.qe, rel=1e-12), cell_row.name
+        assert copy_row.ours == pytest.approx(per_atom * cell_row.ours, rel=1e-9), cell_row.name
+    with Snapshot(copy) as snap, Snapshot(full) as cell:
+        assert snap.grid_shape == (48, 24, 24)
+        assert list(snap.attrs["kpoint_grid"]) == [4, 8, 8]
+        kernel = compute_grid_descriptors(snap.atoms, snap.grid_shape, PARAMS, progress=False)
+        np.testing.assert_allclose(snap.descriptors[()], kernel, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(snap.reference("forces")[4:], cell.reference("forces"))
+        np.testing.assert_array_equal(snap.reference("stress"), cell.reference("stress"))
+        np.testing.assert_allclose(snap.dos(), 2 * cell.dos(), rtol=1e-6)
+        whole = snap.ldos[()].reshape(-1, snap.ldos.shape[-1])
+    compact = compact_snapshot(full, tmp_path / "compact.h5", 300, seed=2)
+    compact_copy = replicate_snapshot(compact, tmp_path / "compact_copy.h5", (2, 1, 1), seed=5)
+    with Snapshot(compact) as cell:
+        cell_dos = cell.dos()
+    with Snapshot(compact_copy) as snap:
+        points = snap.ldos_points
+        assert len(points) == 300 and np.all(np.diff(points) > 0)
+        assert np.any(points >= 24**3), "some points lie in the second image"
+        np.testing.assert_array_equal(snap.ldos[()], whole[points])
+        np.testing.assert_allclose(snap.dos(), 2 * cell_dos, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"kpoint_grid 8 8 8 does not divide by the repeat 3 1 1"):
+        replicate_snapshot(full, tmp_path / "bad.h5", (3, 1, 1))
+    assert not (tmp_path / "bad.h5").exists()
+    argv = ["data", "replicate", str(full), "2", "2", "1", "-o", str(tmp_path / "cli.h5")]
+    assert cli.main(argv) == 0
+    assert "16 atoms" in capsys.readouterr().out
+    assert cli.main([*argv[:2], str(full), "3", "1", "1", "-o", str(tmp_path / "x.h5")]) == 2
+    assert "does not divide" in capsys.readouterr().err

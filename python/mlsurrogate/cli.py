@@ -186,6 +186,16 @@ def _data_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_replicate(args: argparse.Namespace) -> int:
+    from mlsurrogate.data import Snapshot, replicate_snapshot
+
+    target = replicate_snapshot(args.snapshot, args.output, tuple(args.repeat), seed=args.seed)
+    with Snapshot(target) as snap:
+        natoms, grid = len(snap.atoms), snap.grid_shape
+    print(f"wrote {target}: {natoms} atoms on a {' x '.join(map(str, grid))} grid")
+    return 0
+
+
 def _data_descriptors(args: argparse.Namespace) -> int:
     from mlsurrogate.data import add_descriptors
     from mlsurrogate.files import check_output_path
@@ -573,6 +583,19 @@ def _build_parser() -> argparse.ArgumentParser:
     dcompact.add_argument("--points", type=int, default=2000, help="grid points kept")
     dcompact.add_argument("--seed", type=int, default=0, help="seed of the first file's draw")
     dcompact.set_defaults(handler=_data_compact)
+    drep = data_sub.add_parser(
+        "replicate",
+        help="the snapshot of a supercell of a snapshot's cell (exact, from the cell's data)",
+        description="Write the snapshot of the N1 x N2 x N3 supercell: grid arrays tiled, atoms "
+        "repeated in ASE's order, QE's energies and electron count scaled, k-grids divided "
+        "(they must divide). A compact snapshot keeps its point count, each point moved to "
+        "an image drawn with --seed (docs/snapshot-format.md).",
+    )
+    drep.add_argument("snapshot", help="snapshot file (.h5)")
+    drep.add_argument("repeat", nargs=3, type=int, metavar="N", help="images along a, b, c")
+    drep.add_argument("-o", "--output", required=True, help="snapshot file to write (.h5)")
+    drep.add_argument("--seed", type=int, default=0, help="seed of a compact file's images")
+    drep.set_defaults(handler=_data_replicate)
     ddesc = data_sub.add_parser(
         "descriptors",
         help="compute descriptors on a snapshot's grid and store them",

@@ -438,6 +438,90 @@ def compact_snapshot(
     return target
 
 
+# QE's printed energies and the electron count scale with the number of cells; the rest
+# (Fermi level, temperatures, cutoffs, per-element data) do not
+EXTENSIVE_ATTRIBUTES = (
+    "num_valence_electrons",
+    "energy_vtxc_eV",
+    *(f"energy_{term}_eV" for term in ENERGY_TERMS),
+)
+
+
+def replicate_snapshot(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    repeat: tuple[int, int, int],
+    seed: int = 0,
+) -> Path:
+    """The snapshot of the supercell ``repeat`` times the cell, exactly: a periodic
+    calculation of a cell on a k-grid equals that of its n1 x n2 x n3 supercell on the
+    k-grid divided by (n1, n2, n3), so every grid array tiles, the atoms repeat (ASE's
+    order: image-major, so forces tile too), QE's energies and the electron count scale
+    with the image count, and stress and Fermi level stay. Each k-point's bands are
+    repeated once per image: the supercell's states unfolded onto the cell's k-points,
+    so every sum over states (band energy, DOS) is the supercell's.
+
+    A compact snapshot keeps its number of points: each stored point goes to one image
+    drawn with ``seed``. Refused when a k-grid does not divide by ``repeat``: no supercell
+    calculation would then equal the copy."""
+    target = check_output_path(output)
+    images = tuple(int(n) for n in repeat)
+    if len(images) != 3 or min(images) < 1:
+        raise ValueError(f"repeat {repeat}: three positive integers expected")
+    count = int(np.prod(images))
+    with Snapshot(path) as snap:
+        source = snap._h5
+        grid = np.array(snap.grid_shape)
+        for key in ("kpoint_grid", "ldos_kpoint_grid"):
+            kgrid = np.asarray(source.attrs.get(key, images), dtype=np.int64)
+            if np.any(kgrid % images):
+                raise ValueError(
+                    f"{path}: its {key} {' '.join(map(str, kgrid))} does not divide by the "
+                    f"repeat {' '.join(map(str, images))}; choose a repeat that divides it"
+                )
+        atoms = snap.atoms.repeat(images)
+        with _hdf5_output(target) as h5:
+            for key, value in source.attrs.items():
+                if key in EXTENSIVE_ATTRIBUTES:
+                    value = value * count
+                elif key in ("kpoint_grid", "ldos_kpoint_grid"):
+                    value = np.asarray(value) // images
+                h5.attrs[key] = value
+            h5.attrs["grid_shape"] = grid * images
+            h5.attrs["replica_source"] = str(Path(path).resolve())
+            h5.attrs["replica_repeat"] = np.array(images, dtype=np.int64)
+            h5.create_dataset("cell", data=np.asarray(atoms.cell, dtype=np.float64))
+            h5.create_dataset("positions", data=atoms.positions.astype(np.float64))
+            h5.create_dataset("species", data=source["species"][()].tolist() * count)
+            h5.create_dataset("forces", data=np.tile(source["forces"][()], (count, 1)))
+            for name in ("eigenvalues", "occupations"):
+                h5.create_dataset(name, data=np.repeat(source[name][()], count, axis=1))
+            if "dos" in source:
+                h5.create_dataset("dos", data=source["dos"][()] * count)
+            points = snap.ldos_points
+            if points is not None:
+                shifts = np.random.default_rng(seed).integers(0, images, size=(len(points), 3))
+                index = np.stack(np.unravel_index(points, tuple(grid)), axis=1) + shifts * grid
+                flat = np.ravel_multi_index(tuple(index.T), tuple(grid * images))
+                order = np.argsort(flat)
+                h5.create_dataset("ldos_points", data=flat[order].astype(np.int64))
+                rows = source["ldos"][()][order]
+                h5.create_dataset(
+                    "ldos", data=rows, compression="gzip", compression_opts=6, shuffle=True
+                )
+            for name in GRID_DATASETS:
+                if name in source and not (name == "ldos" and points is not None):
+                    data = source[name]
+                    _create_grid_dataset(
+                        h5, name, np.tile(data[()], images + (1,) * (data.ndim - 3))
+                    )
+                    h5[name].attrs.update(data.attrs)
+            for name in source:
+                if name not in h5:
+                    source.copy(source[name], h5, name)
+    return target
+
+
 def _integration_rule(attrs: Mapping[str, Any]) -> str:
     """Which energy-integration rule the snapshot's LDOS gets (docs/energy-functional.md)."""
     from mlsurrogate.physics import exact_energy_integrals
