@@ -218,6 +218,25 @@ def test_evaluate_cli_table_and_plots(exported, tmp_path, capsys):
     assert (plots / "dos.png").stat().st_size > 1000
     errors, _ = evaluate_model(exported, [SNAP[8]])
     assert 0 < errors[0].ldos_relative < 1 and np.isfinite(errors[0].total_meV_atom)
+    assert np.isfinite(errors[0].hartree_meV_atom)
+
+
+def test_evaluate_takes_compact_snapshots_over_their_points(exported, tmp_path):
+    """A compact copy with every point gives the full snapshot's errors; one with some
+    points the same energies and forces, and the LDOS error over its points."""
+    from mlsurrogate.data import compact_snapshot
+
+    with Snapshot(SNAP[8]) as snap:
+        total = int(np.prod(snap.grid_shape))
+    every = compact_snapshot(SNAP[8], tmp_path / "every.h5", total, seed=3)
+    some = compact_snapshot(SNAP[8], tmp_path / "some.h5", 500, seed=3)
+    (full, all_points, few), dos = evaluate_model(exported, [SNAP[8], str(every), str(some)])
+    for name in ("ldos_rmse", "density_relative", "band_meV_atom", "total_meV_atom"):
+        assert getattr(all_points, name) == pytest.approx(getattr(full, name), rel=1e-6), name
+    for name in ("band_meV_atom", "hartree_meV_atom", "total_meV_atom", "force_rmse"):
+        assert getattr(few, name) == pytest.approx(getattr(full, name), rel=1e-9), name
+    assert few.ldos_rmse != full.ldos_rmse and 0.5 < few.ldos_rmse / full.ldos_rmse < 2
+    assert dos["dft"].shape == dos["predicted"].shape
 
 
 def test_cli_train_with_toml_and_export(tmp_path, capsys):
@@ -695,13 +714,14 @@ def test_training_config_page_is_current():
 
 
 def test_evaluate_prints_the_errors_computed_independently(smooth_checkpoint, tmp_path, capsys):
-    """mlsurrogate evaluate's energy, Fermi level (sign included) and force errors equal
+    """mlsurrogate evaluate's energy, Hartree, Fermi level (sign included) and force errors equal
     the model's prediction, evaluated here step by step (forces: central differences of
     that energy; SiLU, so without kinks), minus QE's values."""
     exported = export_model(smooth_checkpoint, tmp_path / "silu.pt")
     assert cli.main(["evaluate", str(exported), SNAP[8]]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "snapshot_08" in line)
-    printed = [float(cell) for cell in row.split("|")[5:9]]
+    printed = [float(cell) for cell in row.split("|")[5:10]]
+    printed_hartree = printed.pop(1)
     scripted = torch.jit.load(str(exported))
     with Snapshot(SNAP[8]) as snap:
         atoms, attrs, grid = snap.atoms, snap.attrs, snap.grid_shape
@@ -738,6 +758,8 @@ def test_evaluate_prints_the_errors_computed_independently(smooth_checkpoint, tm
     assert printed[1] == pytest.approx(expected[1], abs=0.006)
     assert printed[2] == pytest.approx(expected[2], abs=0.06)
     assert printed[3] == pytest.approx(expected[3], abs=6e-5)
+    hartree = 1000 * (float(terms["hartree"]) - attrs["energy_hartree_eV"]) / natoms
+    assert printed_hartree == pytest.approx(hartree, abs=0.006)
 
 
 def test_fine_tuning_starts_from_the_initial_checkpoint(smooth_checkpoint, tmp_path):

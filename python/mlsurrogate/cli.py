@@ -662,8 +662,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "evaluate",
         help="errors of a model against QE snapshots, with plots",
-        description="LDOS RMSE, density error, band energy, total free energy and Fermi "
-        "level errors of an exported model against each snapshot's DFT data.",
+        description="LDOS RMSE, density error, band energy, Hartree energy, total free "
+        "energy, Fermi level and force errors of an exported model against each snapshot's "
+        "DFT data; of a compact snapshot the LDOS and density errors over its stored points.",
     )
     ev.add_argument("model", help="exported model (.pt)")
     ev.add_argument("snapshots", nargs="+", help="snapshot files (.h5)")

@@ -150,30 +150,18 @@ def format_comparison(path: str | os.PathLike[str]) -> str:
     return "\n".join(lines)
 
 
-def _density(functional: LdosEnergy, ldos: np.ndarray, cell: torch.Tensor, n_val: float):
-    rows = torch.as_tensor(ldos.reshape(-1, ldos.shape[-1]), dtype=torch.float64)
-    voxel = float(torch.abs(torch.linalg.det(cell))) / rows.shape[0]
-    mu = functional.fermi_level(functional.dos(rows, voxel), n_val)
-    return functional.density(rows, mu).numpy()
+def _density(functional: LdosEnergy, rows: np.ndarray, mu: float) -> np.ndarray:
+    return functional.density(torch.as_tensor(rows, dtype=torch.float64), mu).numpy()
 
 
-def _density_error(
-    functional: LdosEnergy,
-    predicted: np.ndarray,
-    reference: np.ndarray,
-    cell: torch.Tensor,
-    n_val: float,
-) -> float:
-    """RMS error of the density from the predicted LDOS over the mean density from the
-    DFT LDOS (each with its own Fermi level)."""
-    ours = _density(functional, predicted, cell, n_val)
-    theirs = _density(functional, reference, cell, n_val)
-    return float(np.sqrt(np.mean((ours - theirs) ** 2)) / np.mean(theirs))
+def _fermi_level(functional: LdosEnergy, dos: np.ndarray, n_val: float) -> float:
+    return float(functional.fermi_level(torch.as_tensor(dos, dtype=torch.float64), n_val))
 
 
 @dataclass(frozen=True)
 class ModelErrors:
-    """Errors of a model's prediction for one snapshot, against its DFT data."""
+    """Errors of a model's prediction for one snapshot, against its DFT data. Of a
+    compact snapshot the LDOS and density errors are over its stored points."""
 
     path: str
     natoms: int
@@ -181,6 +169,7 @@ class ModelErrors:
     ldos_relative: float  # RMSE / RMS of the DFT LDOS
     density_relative: float  # RMS density error / mean density (both from LDOS)
     band_meV_atom: float
+    hartree_meV_atom: float
     total_meV_atom: float
     fermi_meV: float
     qe_total_per_atom: float  # eV
@@ -191,7 +180,8 @@ class ModelErrors:
 def evaluate_model(
     model_path: str | os.PathLike[str], snapshots: list[str]
 ) -> tuple[list[ModelErrors], dict[str, np.ndarray]]:
-    """Model vs DFT for each snapshot; also the first snapshot's DOS (DFT and predicted)."""
+    """Model vs DFT for each snapshot (full or compact); also the first snapshot's DOS
+    (DFT and predicted)."""
     from mlsurrogate.model import Model
 
     model = Model.load(model_path)
@@ -199,7 +189,6 @@ def evaluate_model(
     dos_curves: dict[str, np.ndarray] = {}
     for path in snapshots:
         with Snapshot(path) as snap:
-            snap.require_full_grid("the LDOS and density errors of a model")
             if not np.allclose(snap.energies, model.energies):
                 raise ValueError(f"{path}: its energy grid differs from the model's")
             if core_density_of(snap) is not None:
@@ -209,23 +198,29 @@ def evaluate_model(
                 )
             atoms, attrs, grid = snap.atoms, snap.attrs, snap.grid_shape
             energies, qe_forces = snap.energies, snap.reference("forces")
-            reference = snap.ldos[()].astype(np.float64)
+            points = snap.ldos_points
+            reference = snap.ldos[()].astype(np.float64).reshape(-1, len(energies))
+            dft_dos = snap.dos()
             functional = functional_for(snap)
         predicted = model.predict(atoms, grid)
         terms = predicted.terms
         natoms = len(atoms)
-        cell = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64)
         n_val = float(attrs["num_valence_electrons"])
         rows = predicted.ldos.reshape(-1, predicted.ldos.shape[-1])
-        error = predicted.ldos - reference
+        compared = rows if points is None else rows[points]
+        error = compared - reference
+        # each density from its own LDOS's Fermi level
+        ours = _density(functional, compared, float(terms["fermi_level"]))
+        theirs = _density(functional, reference, _fermi_level(functional, dft_dos, n_val))
         results.append(
             ModelErrors(
                 path=str(path),
                 natoms=natoms,
                 ldos_rmse=float(np.sqrt(np.mean(error**2))),
                 ldos_relative=float(np.sqrt(np.mean(error**2) / np.mean(reference**2))),
-                density_relative=_density_error(functional, predicted.ldos, reference, cell, n_val),
+                density_relative=float(np.sqrt(np.mean((ours - theirs) ** 2)) / np.mean(theirs)),
                 band_meV_atom=1000 * (terms["band"] - attrs["energy_band_eV"]) / natoms,
+                hartree_meV_atom=1000 * (terms["hartree"] - attrs["energy_hartree_eV"]) / natoms,
                 total_meV_atom=1000 * (terms["free_energy"] - attrs["energy_total_eV"]) / natoms,
                 fermi_meV=1000 * (terms["fermi_level"] - attrs["fermi_energy_eV"]),
                 qe_total_per_atom=attrs["energy_total_eV"] / natoms,
@@ -237,7 +232,7 @@ def evaluate_model(
             voxel = atoms.get_volume() / np.prod(grid)
             dos_curves = {
                 "energies": energies,
-                "dft": reference.reshape(-1, reference.shape[-1]).sum(0) * voxel,
+                "dft": dft_dos,
                 "predicted": rows.sum(0) * voxel,
                 "fermi": np.array(attrs["fermi_energy_eV"]),
             }
@@ -247,15 +242,16 @@ def evaluate_model(
 def format_model_errors(errors: list[ModelErrors]) -> str:
     lines = [
         f"| {'snapshot':<28} | {'LDOS RMSE':>10} | {'LDOS rel':>8} | {'n rel':>7} | "
-        f"{'dE_band':>8} | {'dA':>8} | {'dE_F':>7} | {'F RMSE':>7} |",
+        f"{'dE_band':>8} | {'dE_H':>8} | {'dA':>8} | {'dE_F':>7} | {'F RMSE':>7} |",
         f"| {'':<28} | {'1/(eV A3)':>10} | {'':>8} | {'':>7} | {'meV/at':>8} | "
-        f"{'meV/at':>8} | {'meV':>7} | {'eV/A':>7} |",
+        f"{'meV/at':>8} | {'meV/at':>8} | {'meV':>7} | {'eV/A':>7} |",
     ]
     for e in errors:
         lines.append(
             f"| {Path(e.path).name:<28} | {e.ldos_rmse:10.2e} | {100 * e.ldos_relative:7.2f}% | "
             f"{100 * e.density_relative:6.2f}% | {e.band_meV_atom:+8.2f} | "
-            f"{e.total_meV_atom:+8.2f} | {e.fermi_meV:+7.1f} | {e.force_rmse:7.4f} |"
+            f"{e.hartree_meV_atom:+8.2f} | {e.total_meV_atom:+8.2f} | {e.fermi_meV:+7.1f} | "
+            f"{e.force_rmse:7.4f} |"
         )
     mean = {
         key: float(np.mean([abs(getattr(e, key)) for e in errors]))
