@@ -831,3 +831,33 @@ def test_compact_snapshots_train_like_the_full_ones(checkpoint, tmp_path):
     )  # fmt: skip
     history = train(config, tmp_path / "ck.pt", progress=False, log=lambda line: None)
     assert np.isfinite(history[-1]["force_rmse"]) and np.isfinite(history[-1]["total_meV_atom"])
+
+
+def test_a_physics_cache_shares_the_terms_set_up_without_changing_the_training(
+    checkpoint, tmp_path, monkeypatch
+):
+    """The second training with the same cache makes no coarse-grid target of its own and
+    gives the same history as a training without the cache."""
+    from mlsurrogate.training import loop
+
+    config = replace(
+        CONFIG, max_epochs=2, energy_weight=1.0, force_weight=1e-3, physics_every=1,
+        physics_spacing=0.8, physics_start_epoch=0, initial_checkpoint=str(checkpoint),
+        learning_rate=3e-4, physics_jacobian_gb=1e-4,
+    )  # fmt: skip
+    quiet = {"progress": False, "log": lambda line: None}
+    plain = train(config, tmp_path / "plain.pt", **quiet)
+    cache: dict = {}
+    first = train(config, tmp_path / "first.pt", physics_cache=cache, **quiet)
+    assert len(cache) == len(config.train) + len(config.validation)
+    assert any(t.jacobian is None for t in cache.values()), "the adjoint's targets too"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cache should have held this target")
+
+    monkeypatch.setattr(loop, "coarse_grid_target", refuse)
+    second = train(config, tmp_path / "second.pt", physics_cache=cache, **quiet)
+    for history in (first, second):
+        assert [h["validation_objective"] for h in history] == pytest.approx(
+            [h["validation_objective"] for h in plain], rel=1e-6
+        )

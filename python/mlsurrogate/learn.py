@@ -264,6 +264,7 @@ def _members(
         return model
     directory.mkdir(parents=True, exist_ok=True)
     checkpoints = []
+    shared_targets: dict = {}  # the members' energy/force-term set-up, made once
     for member in range(config.members):
         checkpoint = directory / f"member_{member}.ckpt"
         done = checkpoint.with_suffix(".done")
@@ -292,7 +293,10 @@ def _members(
             )
         start = "from scratch" if from_scratch(iteration, config.scratch_every) else "fine-tuned"
         log(f"iteration {iteration}: training member {member} ({start}) on {len(train)} snapshots")
-        run_training(settings, checkpoint, resume=checkpoint.exists(), progress=False, log=log)
+        run_training(
+            settings, checkpoint, resume=checkpoint.exists(), progress=False, log=log,
+            physics_cache=shared_targets,
+        )  # fmt: skip
         write_bytes_atomically(done, b"")
     export_model(checkpoints, model)
     return model

@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ from mlsurrogate.training.dataset import (
 )
 from mlsurrogate.training.physics_terms import (
     CoarseGridTarget,
+    SnapshotReference,
     coarse_grid_target,
     energy_errors,
     jacobian_bytes,
@@ -134,10 +136,14 @@ def train(
     stop_after_epoch: int | None = None,
     progress: bool = True,
     log: Any = print,
+    physics_cache: dict[tuple, CoarseGridTarget] | None = None,
 ) -> list[dict[str, float]]:
     """Train (or resume) and write ``checkpoint`` after every epoch; return the history.
 
     ``stop_after_epoch`` ends the run after that epoch (to test resuming).
+    ``physics_cache``: a dict that keeps the energy/force terms' coarse-grid targets
+    (descriptors, stored dB/dR) for the next training on the same snapshots, such as the
+    next member of an ensemble; their set-up is most of a short training's time.
     """
     from tqdm import tqdm
 
@@ -185,11 +191,25 @@ def train(
             f"({sum(n for n, keep in zip(sizes, stored) if keep) / 1e9:.2f} GB; "
             f"physics_jacobian_gb = {config.physics_jacobian_gb:g}), the adjoint for the rest"
         )
-        coarse = [
-            coarse_grid_target(
-                source, reference, params, config.physics_spacing, config.device,
-                with_stress=with_stress, store_jacobian=keep,
+        def coarse_target(
+            source: SnapshotSource, reference: SnapshotReference, keep: bool
+        ) -> CoarseGridTarget:
+            key = (
+                str(Path(source.path).resolve()), params, config.physics_spacing,
+                config.device, with_stress, keep,
             )  # fmt: skip
+            found = None if physics_cache is None else physics_cache.get(key)
+            if found is None:
+                found = coarse_grid_target(
+                    source, reference, params, config.physics_spacing, config.device,
+                    with_stress=with_stress, store_jacobian=keep,
+                )  # fmt: skip
+                if physics_cache is not None:
+                    physics_cache[key] = found
+            return found
+
+        coarse = [
+            coarse_target(source, reference, keep)
             for source, reference, keep in zip(
                 tqdm(sources, desc="coarse grids", disable=not progress, leave=False),
                 [*(snapshot_reference(s) for s in train_sources), *targets],
