@@ -75,6 +75,9 @@ class TrainingConfig:
     stress_weight: float = _key(
         "physics", 0.0, "1/eV^2, on the mean over six strains of ((dA/deps - target) / N)^2"
     )
+    hartree_weight: float = _key(
+        "physics", 0.0, "1/eV^2, on ((E_H - E_H,QE) / N)^2 (Hartree energy error per atom)"
+    )
     physics_every: int = _key("physics", 20, "mini-batches between energy/force terms")
     physics_start_epoch: int = _key(
         "physics", 0, "LDOS-only epochs first: the terms need a physical LDOS"
@@ -190,7 +193,10 @@ class TrainingConfig:
             "frozen_layers": 0 <= self.frozen_layers <= len(self.hidden),
             **{
                 key: getattr(self, key) >= 0
-                for key in ("energy_weight", "force_weight", "stress_weight", "density_weight")
+                for key in (
+                    "energy_weight", "force_weight", "stress_weight", "hartree_weight",
+                    "density_weight",
+                )
             },
         }
         for key, ok in ranges.items():
@@ -207,7 +213,8 @@ class TrainingConfig:
 
     @property
     def uses_physics(self) -> bool:
-        return self.energy_weight > 0 or self.force_weight > 0 or self.stress_weight > 0
+        weights = (self.energy_weight, self.force_weight, self.stress_weight, self.hartree_weight)
+        return any(weight > 0 for weight in weights)
 
 
 def _field(name: str) -> Any:

@@ -37,6 +37,7 @@ from mlsurrogate.training.dataset import (
     snapshot_elements,
 )
 from mlsurrogate.training.physics_terms import (
+    ENERGY_ERROR_KEYS,
     CoarseGridTarget,
     SnapshotReference,
     coarse_grid_target,
@@ -319,10 +320,12 @@ def train(
                 energy_mse = float(np.mean([e.energy_sq for e in found]))
                 force_mse = float(np.mean([e.force_mse for e in found]))
                 stress_mse = float(np.mean([e.stress_mse for e in found]))
+                hartree_mse = float(np.mean([e.hartree_sq for e in found]))
                 objective += (
                     config.energy_weight * energy_mse
                     + config.force_weight * force_mse
                     + config.stress_weight * stress_mse
+                    + (config.hartree_weight * hartree_mse if config.hartree_weight else 0.0)
                 )
                 force_rmse = math.sqrt(force_mse)
                 if config.stress_weight > 0:
@@ -336,14 +339,14 @@ def train(
             "stress_rmse_GPa": stress_rmse,
             "learning_rate": optimizer.param_groups[0]["lr"],
             **{
-                key: float(np.mean([abs(e[key]) for e in errors]))
-                for key in ("band_meV_atom", "total_meV_atom", "fermi_meV")
+                key: float(np.mean([abs(e[key]) for e in errors])) for key in ENERGY_ERROR_KEYS
             },
         }
         history.append(record)
         log(
             f"epoch {epoch:4d}  train {record['train_loss']:.3e}  validation "
-            f"{validation_loss:.3e}  |dE_band| {record['band_meV_atom']:.2f}  |dA| "
+            f"{validation_loss:.3e}  |dE_band| {record['band_meV_atom']:.2f}  |dE_H| "
+            f"{record['hartree_meV_atom']:.2f}  |dA| "
             f"{record['total_meV_atom']:.2f} meV/atom  |dE_F| {record['fermi_meV']:.1f} meV  "
             f"lr {record['learning_rate']:.1e}"
             + (f"  F RMSE {force_rmse:.3f} eV/A" if physics else "")

@@ -27,6 +27,13 @@ together) dA/dh = sum_r dA/dB . dB/dh (stored like dB/dR, or from the adjoint pa
 functional's explicit cell dependence (central differences in the cell at fixed LDOS);
 the target is -V sigma_QE + W_ii (QE's sign: sigma = -(1/V) dE/deps; W_ii the E_ii
 virial). Its parameter gradient is first order, as for the forces.
+
+The optional Hartree term (``hartree_weight``) fits the Hartree energy of the predicted
+density on the coarse grid to QE's printed E_H: w_H ((E_H - E_H,QE) / N)^2, by autograd
+through the density at the predicted Fermi level. The free energy subtracts E_H with
+nothing to cancel a long-wavelength density error, which E_H weighs by 1/G^2; in cells
+whose density varies on the scale of the cell (voids, vacancies, liquids) that error is
+most of the free energy's (docs/active-learning.md), and the term targets it alone.
 """
 
 from __future__ import annotations
@@ -47,9 +54,10 @@ from mlsurrogate.descriptors import (
 from mlsurrogate.evaluate import core_density_of
 from mlsurrogate.ion_ion import ion_ion_energy
 from mlsurrogate.model import LdosNetwork
+from mlsurrogate.physics import hartree_energy
 from mlsurrogate.training.config import TrainingConfig
 from mlsurrogate.training.dataset import SnapshotSource
-from mlsurrogate.units import GPA_PER_EV_PER_CUBIC_ANGSTROM
+from mlsurrogate.units import COULOMB_EV_ANGSTROM, GPA_PER_EV_PER_CUBIC_ANGSTROM
 
 
 @dataclass
@@ -66,6 +74,7 @@ class SnapshotReference:
     ii_virial: np.ndarray  # [3, 3] eV, -dE_ii/deps
     qe_stress: np.ndarray  # [3, 3] eV/A^3, QE's sign: -(1/V) dE/deps
     qe_band: float
+    qe_hartree: float
     qe_total: float
     qe_fermi: float
 
@@ -84,9 +93,13 @@ def snapshot_reference(source: SnapshotSource) -> SnapshotReference:
         ii_virial=ion_ion.virial,
         qe_stress=snap.reference("stress"),
         qe_band=attrs["energy_band_eV"],
+        qe_hartree=attrs["energy_hartree_eV"],
         qe_total=attrs["energy_total_eV"],
         qe_fermi=attrs["fermi_energy_eV"],
     )
+
+
+ENERGY_ERROR_KEYS = ("band_meV_atom", "hartree_meV_atom", "total_meV_atom", "fermi_meV")
 
 
 def energy_errors(
@@ -96,8 +109,9 @@ def energy_errors(
     target: SnapshotReference,
     device: str,
 ) -> dict[str, float]:
-    """Band energy, total free energy (meV/atom) and Fermi level (meV) errors vs QE;
-    NaN while the predicted LDOS is unphysical (e.g. holds fewer than N_val electrons)."""
+    """Band energy, Hartree energy, total free energy (meV/atom) and Fermi level (meV)
+    errors vs QE; NaN while the predicted LDOS is unphysical (e.g. holds fewer than N_val
+    electrons)."""
     x = source.grid_descriptors()
     with torch.no_grad():
         ldos = network(torch.as_tensor(x, device=device)).double().cpu()
@@ -105,10 +119,11 @@ def energy_errors(
     try:
         terms, _ = functional.evaluate(ldos, target.cell, target.electrons, False, target.core)
     except (ValueError, RuntimeError):  # TorchScript-style errors surface as RuntimeError
-        return {key: math.nan for key in ("band_meV_atom", "total_meV_atom", "fermi_meV")}
+        return {key: math.nan for key in ENERGY_ERROR_KEYS}
     scale = 1000.0 / target.natoms
     return {
         "band_meV_atom": (float(terms["band"]) - target.qe_band) * scale,
+        "hartree_meV_atom": (float(terms["hartree"]) - target.qe_hartree) * scale,
         "total_meV_atom": (float(terms["electronic"]) + target.e_ii - target.qe_total) * scale,
         "fermi_meV": (float(terms["fermi_level"]) - target.qe_fermi) * 1000.0,
     }
@@ -311,6 +326,7 @@ class CoarsePrediction:
     strain_descriptor_part: torch.Tensor  # sum_r dA/dB . dB/dh [6] (eV), with graph
     linear: torch.Tensor  # sum_r dA/dd(r) . d(r): its parameter gradient is dA/dtheta
     ldos: torch.Tensor  # [P, E], with graph
+    fermi_level: float  # eV
 
 
 def predicted_energy_forces(
@@ -337,8 +353,20 @@ def predicted_energy_forces(
     contracted = contract(beta, target)
     natoms3 = 3 * target.reference.natoms
     return CoarsePrediction(
-        float(terms["electronic"]), contracted[:natoms3], contracted[natoms3:], linear, ldos
-    )
+        float(terms["electronic"]), contracted[:natoms3], contracted[natoms3:], linear, ldos,
+        float(terms["fermi_level"]),
+    )  # fmt: skip
+
+
+def predicted_hartree(
+    prediction: CoarsePrediction, functional: Any, target: CoarseGridTarget
+) -> torch.Tensor:
+    """E_H (eV) of the predicted density on the coarse grid, with graph (at the predicted
+    Fermi level held fixed). E_H is a long-wavelength quantity: QE's density sampled on a
+    0.36 A grid gives QE's E_H to 0.003 meV/atom (32-atom liquid, 48^3 grid)."""
+    mu = torch.tensor(prediction.fermi_level, dtype=torch.float64)
+    density = functional.density(prediction.ldos.double().cpu(), mu).reshape(target.grid)
+    return hartree_energy(density, target.reference.cell, COULOMB_EV_ANGSTROM)
 
 
 def predicted_strain_derivatives(
@@ -382,6 +410,7 @@ class PhysicsErrors:
     energy_sq: float  # ((A - A_QE) / N)^2, (eV/atom)^2
     force_mse: float  # mean |F - F_QE|^2, (eV/A)^2
     stress_mse: float  # mean over the strains of ((dA/dh - target) / N)^2; 0 without
+    hartree_sq: float  # ((E_H - E_H,QE) / N)^2, (eV/atom)^2; NaN without the term
     gpa_per_ev_atom: float  # stress (GPa) of 1 eV/atom of dA/dh in this cell
 
     @property
@@ -406,6 +435,13 @@ def physics_loss(
         config.energy_weight * 2.0 * energy_error * linear / natoms
         + config.force_weight * force_mse
     )
+    hartree_sq = math.nan
+    if config.hartree_weight > 0:
+        hartree_error = (
+            predicted_hartree(predicted, functional, target) - target.reference.qe_hartree
+        ) / natoms
+        loss = loss + config.hartree_weight * (hartree_error**2).to(loss)
+        hartree_sq = float(hartree_error.detach()) ** 2
     stress_mse = 0.0
     if config.stress_weight > 0 and target.with_stress:
         strain = predicted_strain_derivatives(predicted, functional, target)
@@ -421,5 +457,6 @@ def physics_loss(
         energy_sq=energy_error**2,
         force_mse=float(force_mse.detach()),
         stress_mse=stress_mse,
+        hartree_sq=hartree_sq,
         gpa_per_ev_atom=natoms / volume * GPA_PER_EV_PER_CUBIC_ANGSTROM,
     )
