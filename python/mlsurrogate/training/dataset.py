@@ -42,6 +42,7 @@ class SnapshotSource:
         self.snapshot = Snapshot(path)
         self.grid_shape = self.snapshot.grid_shape
         self.points = self.snapshot.ldos_points
+        self._grid_descriptors: np.ndarray | None = None
         if self.points is None:
             self.descriptors = snapshot_descriptors(self.snapshot, params)
             self.num_chunks = self.grid_shape[0]
@@ -81,8 +82,10 @@ class SnapshotSource:
         what a prediction of the whole LDOS needs, of a compact snapshot too."""
         if self.points is None:
             return self.all_points()[0]
-        grid = np.asarray(snapshot_descriptors(self.snapshot, self.params), dtype=np.float32)
-        return grid.reshape(-1, grid.shape[-1])
+        if self._grid_descriptors is None:  # computed once: validation asks every epoch
+            grid = np.asarray(snapshot_descriptors(self.snapshot, self.params), dtype=np.float32)
+            self._grid_descriptors = grid.reshape(-1, grid.shape[-1])
+        return self._grid_descriptors
 
 
 def snapshot_elements(snapshot: Snapshot) -> tuple[str, ...]:
