@@ -33,6 +33,7 @@ from mlsurrogate.ion_ion import ion_ion_energy
 from mlsurrogate.lammps_pair import pair_style_energy_forces
 from mlsurrogate.model import Model, load_metadata, model_error_message, save_model
 from mlsurrogate.training import SnapshotSource, TrainingConfig, load_checkpoint, train
+from mlsurrogate.training.checkpoint import save_checkpoint
 from mlsurrogate.training.config import config_reference
 from mlsurrogate.training.dataset import density_weights
 from mlsurrogate.training.loop import point_loss
@@ -86,6 +87,12 @@ def test_resume_continues_exactly(checkpoint, tmp_path):
     assert json.dumps(resumed) == json.dumps(uninterrupted)
     with pytest.raises(ValueError, match="different config"):
         train(replace(CONFIG, learning_rate=2e-3), path, resume=True, progress=False)
+    # a checkpoint from before a key existed resumes when the key keeps its default
+    state = load_checkpoint(path)
+    del state["config"]["hartree_weight"]
+    save_checkpoint(path, state)
+    again = train(CONFIG, path, resume=True, progress=False, log=lambda line: None)
+    assert json.dumps(again) == json.dumps(uninterrupted)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

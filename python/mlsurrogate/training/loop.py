@@ -161,7 +161,8 @@ def train(
     num_features = num_descriptors(params, len(elements))
     if resume:  # before any long set-up work
         state = load_checkpoint(checkpoint)
-        if state["config"] != asdict(config):
+        # keys added since the checkpoint was written take their defaults
+        if asdict(TrainingConfig(**state["config"])) != asdict(config):
             raise ValueError(f"{checkpoint}: written with a different config; cannot resume")
     functional = functional_for(validation_sources[0].snapshot)
     targets = [snapshot_reference(s) for s in validation_sources]
