@@ -497,6 +497,13 @@ def test_energy_force_terms_train_and_resume_exactly(tmp_path):
     train(config, tmp_path / "b.pt", stop_after_epoch=0, progress=False, log=lambda line: None)
     resumed = train(config, tmp_path / "b.pt", resume=True, progress=False, log=lambda line: None)
     assert json.dumps(resumed) == json.dumps(uninterrupted)
+    # from learning_rate, whatever rate the LDOS phase's plateaus left
+    train(config, tmp_path / "d.pt", stop_after_epoch=0, progress=False, log=lambda line: None)
+    state = load_checkpoint(tmp_path / "d.pt")
+    state["optimizer"]["param_groups"][0]["lr"] = 1e-7
+    save_checkpoint(tmp_path / "d.pt", state)
+    decayed = train(config, tmp_path / "d.pt", resume=True, progress=False, log=lambda line: None)
+    assert decayed[1]["learning_rate"] == 0.5 * CONFIG.learning_rate
     with pytest.raises(
         ValueError, match=r"force_weight = -1.0 \(section \[physics\]\) is out of range"
     ):

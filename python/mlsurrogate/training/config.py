@@ -85,7 +85,7 @@ class TrainingConfig:
     # Adam steps every weight by about the learning rate whatever a term's weight, and
     # weights that only the energy term drives coherently (e.g. output biases) overshoot
     physics_lr_factor: float = _key(
-        "physics", 0.1, "learning rate multiplied by this when the terms start, (0, 1]"
+        "physics", 0.1, "the terms start at learning_rate times this, (0, 1]"
     )
     physics_spacing: float = _key("physics", 0.5, "Angstrom, grid of the energy/force terms")
     physics_jacobian_gb: float = _key(

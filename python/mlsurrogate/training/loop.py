@@ -266,7 +266,9 @@ def train(
         physics = bool(physics_train) and epoch >= config.physics_start_epoch
         if physics and epoch == config.physics_start_epoch:
             for group in optimizer.param_groups:
-                group["lr"] *= config.physics_lr_factor
+                # from the configured rate, not from what plateaus of the LDOS phase left
+                # (which can be ~0 when validation snapshots unlike the training ones stall)
+                group["lr"] = config.learning_rate * config.physics_lr_factor
             # a new objective from here: forget the best value and plateau of the old one
             best_loss, stale = math.inf, 0
             scheduler.best, scheduler.num_bad_epochs = scheduler.mode_worse, 0
