@@ -445,6 +445,8 @@ EXTENSIVE_ATTRIBUTES = (
     "energy_vtxc_eV",
     *(f"energy_{term}_eV" for term in ENERGY_TERMS),
 )
+# k-grids of a cell: the supercell's are these divided by the repeat
+KPOINT_GRID_ATTRIBUTES = ("kpoint_grid", "ldos_kpoint_grid")
 
 
 def replicate_snapshot(
@@ -472,7 +474,7 @@ def replicate_snapshot(
     with Snapshot(path) as snap:
         source = snap._h5
         grid = np.array(snap.grid_shape)
-        for key in ("kpoint_grid", "ldos_kpoint_grid"):
+        for key in KPOINT_GRID_ATTRIBUTES:
             kgrid = np.asarray(source.attrs.get(key, images), dtype=np.int64)
             if np.any(kgrid % images):
                 raise ValueError(
@@ -484,7 +486,7 @@ def replicate_snapshot(
             for key, value in source.attrs.items():
                 if key in EXTENSIVE_ATTRIBUTES:
                     value = value * count
-                elif key in ("kpoint_grid", "ldos_kpoint_grid"):
+                elif key in KPOINT_GRID_ATTRIBUTES:
                     value = np.asarray(value) // images
                 h5.attrs[key] = value
             h5.attrs["grid_shape"] = grid * images

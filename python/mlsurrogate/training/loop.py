@@ -328,7 +328,7 @@ def train(
                     config.energy_weight * energy_mse
                     + config.force_weight * force_mse
                     + config.stress_weight * stress_mse
-                    + (config.hartree_weight * hartree_mse if config.hartree_weight else 0.0)
+                    + config.hartree_weight * hartree_mse
                 )
                 force_rmse = math.sqrt(force_mse)
                 if config.stress_weight > 0:

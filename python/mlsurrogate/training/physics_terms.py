@@ -410,7 +410,7 @@ class PhysicsErrors:
     energy_sq: float  # ((A - A_QE) / N)^2, (eV/atom)^2
     force_mse: float  # mean |F - F_QE|^2, (eV/A)^2
     stress_mse: float  # mean over the strains of ((dA/dh - target) / N)^2; 0 without
-    hartree_sq: float  # ((E_H - E_H,QE) / N)^2, (eV/atom)^2; NaN without the term
+    hartree_sq: float  # ((E_H - E_H,QE) / N)^2, (eV/atom)^2; 0 without the term
     gpa_per_ev_atom: float  # stress (GPa) of 1 eV/atom of dA/dh in this cell
 
     @property
@@ -435,7 +435,7 @@ def physics_loss(
         config.energy_weight * 2.0 * energy_error * linear / natoms
         + config.force_weight * force_mse
     )
-    hartree_sq = math.nan
+    hartree_sq = 0.0
     if config.hartree_weight > 0:
         hartree_error = (
             predicted_hartree(predicted, functional, target) - target.reference.qe_hartree
