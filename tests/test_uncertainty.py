@@ -10,6 +10,7 @@ from ase.build import bulk
 
 from conftest import DATA, smooth_training_config
 from mlsurrogate.calculator import MLSurrogateCalculator
+from mlsurrogate.evaluate import load_references
 from mlsurrogate.export import export_model
 from mlsurrogate.ion_ion import ion_ion_energy
 from mlsurrogate.model import LdosNetwork, Model
@@ -216,7 +217,7 @@ def test_mc_dropout_errors(dropout_model, smooth_model, members):
 
 
 def test_rank_correlations_and_reference_files(tmp_path):
-    from mlsurrogate.evaluate import ReferenceError, load_references, rank_correlations
+    from mlsurrogate.evaluate import ReferenceError, rank_correlations
 
     def result(uncertainty: float, error: float, atoms: list[tuple[float, float]]):
         deviation, force = np.array(atoms).T
@@ -238,3 +239,35 @@ def test_rank_correlations_and_reference_files(tmp_path):
     heldout = load_references([DATA.parent / "al_heldout_933K"])
     assert len(heldout) == 8 and {len(r.atoms) for r in heldout} == {31, 32}
     assert all(r.forces.shape == (len(r.atoms), 3) for r in heldout)
+    assert all(r.stress.shape == (3, 3) for r in heldout)
+
+
+def test_reference_pressure_error_is_the_calculators_against_qe(smooth_model, tmp_path):
+    """The held-out pressure error is P of the model (ASE calculator: P = -tr(sigma)/3 with
+    sigma = (1/V) dA/deps) minus QE's P = tr(sigma_QE)/3 (QE's sign), in GPa; a reference
+    without QE's stress has none, and the table says so."""
+    import json
+
+    from mlsurrogate.evaluate import evaluate_references, format_reference_errors
+    from mlsurrogate.units import GPA_PER_EV_PER_CUBIC_ANGSTROM
+
+    snapshot = load_references([DATA / "snapshot_00.h5"])[0]
+    assert snapshot.stress.shape == (3, 3)
+    model = Model.load(smooth_model)
+    (result,) = evaluate_references(model, [snapshot], spacing=4.05 / 12)
+    atoms = snapshot.atoms.copy()
+    atoms.calc = MLSurrogateCalculator(smooth_model, grid=result.grid)
+    pressure = -np.mean(atoms.get_stress()[:3])
+    qe_pressure = np.trace(snapshot.stress) / 3
+    expected = GPA_PER_EV_PER_CUBIC_ANGSTROM * (pressure - qe_pressure)
+    assert result.pressure_error == pytest.approx(expected, rel=1e-8)
+    assert f"| {expected:+.2f} |" in format_reference_errors([result])
+
+    record = {"name": "no_stress", "symbols": ["Al"] * 4, "cell_A": atoms.cell.tolist(),
+              "positions_A": atoms.positions.tolist(), "qe_free_energy_eV": 0.0,
+              "qe_forces_eV_A": np.zeros((4, 3)).tolist()}  # fmt: skip
+    (tmp_path / "no_stress.json").write_text(json.dumps(record))
+    (bare,) = evaluate_references(model, load_references([tmp_path]), spacing=4.05 / 12)
+    assert bare.pressure_error is None
+    assert "| no_stress | 12x12x12 | " in format_reference_errors([bare])
+    assert format_reference_errors([bare]).splitlines()[-1].endswith("| - |")

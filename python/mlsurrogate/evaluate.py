@@ -17,7 +17,7 @@ import torch
 from mlsurrogate.data import Snapshot
 from mlsurrogate.ion_ion import ion_ion_energy
 from mlsurrogate.physics import LdosEnergy, core_density, core_form_factors, g_vectors
-from mlsurrogate.units import BOHR_ANGSTROM, RYDBERG_EV
+from mlsurrogate.units import BOHR_ANGSTROM, GPA_PER_EV_PER_CUBIC_ANGSTROM, RYDBERG_EV
 
 if TYPE_CHECKING:
     from mlsurrogate.model import Model
@@ -308,18 +308,20 @@ def plot_model_errors(
 
 @dataclass(frozen=True)
 class ReferenceStructure:
-    """A structure with QE's free energy and forces: a held-out check needs no LDOS."""
+    """A structure with QE's free energy, forces and stress: a held-out check needs no
+    LDOS."""
 
     name: str
     atoms: ase.Atoms
     free_energy: float  # eV, QE's "!    total energy" (the free energy A with smearing)
     forces: np.ndarray  # (natoms, 3) eV/A
+    stress: np.ndarray | None = None  # (3, 3) eV/A^3, QE's sign -(1/V) dE/deps; None: not run
 
 
 def load_references(paths: Sequence[str | os.PathLike[str]]) -> list[ReferenceStructure]:
     """References from JSON files (``data/make_al_heldout.py``: name, symbols, cell_A,
-    positions_A, qe_free_energy_eV, qe_forces_eV_A), snapshot files (.h5) or directories
-    of either, sorted by name within a directory."""
+    positions_A, qe_free_energy_eV, qe_forces_eV_A, optional qe_stress_eV_A3), snapshot
+    files (.h5) or directories of either, sorted by name within a directory."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -341,6 +343,7 @@ def load_references(paths: Sequence[str | os.PathLike[str]]) -> list[ReferenceSt
                         snap.atoms,
                         float(snap.attrs["energy_total_eV"]),
                         snap.reference("forces"),
+                        snap.reference("stress"),
                     )
                 )
             continue
@@ -355,6 +358,9 @@ def load_references(paths: Sequence[str | os.PathLike[str]]) -> list[ReferenceSt
                     atoms,
                     float(data["qe_free_energy_eV"]),
                     np.asarray(data["qe_forces_eV_A"], dtype=np.float64).reshape(len(atoms), 3),
+                    None
+                    if data.get("qe_stress_eV_A3") is None
+                    else np.asarray(data["qe_stress_eV_A3"], dtype=np.float64).reshape(3, 3),
                 )
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -377,6 +383,7 @@ class ReferenceError:
     reference_force_rms: float  # RMS of QE's force components, eV/A
     energy_uncertainty: float | None = None  # std over members of A/N, eV/atom
     atom_force_deviation: np.ndarray | None = None  # (natoms,) eV/A, deepmd's definition
+    pressure_error: float | None = None  # P - P_QE, GPa; None: the reference has no stress
 
     @property
     def max_force_deviation(self) -> float | None:
@@ -421,6 +428,13 @@ def evaluate_references(
         prediction = model.predict(atoms, grid, threads=threads, uncertainty=ensemble)
         difference = prediction.forces - reference.forces
         spread = prediction.uncertainty
+        pressure_error = None
+        if reference.stress is not None:
+            # P = tr(sigma) / 3 with QE's sigma = -(1/V) dA/deps (positive when compressed)
+            pressure = -np.trace(prediction.strain_derivative) / (3.0 * atoms.get_volume())
+            pressure_error = GPA_PER_EV_PER_CUBIC_ANGSTROM * (
+                pressure - np.trace(reference.stress) / 3.0
+            )
         results.append(
             ReferenceError(
                 name=reference.name,
@@ -431,6 +445,7 @@ def evaluate_references(
                 reference_force_rms=float(np.sqrt(np.mean(reference.forces**2))),
                 energy_uncertainty=None if spread is None else spread.energy_per_atom,
                 atom_force_deviation=None if spread is None else spread.atom_force_deviation,
+                pressure_error=pressure_error,
             )
         )
     return results
@@ -460,14 +475,15 @@ def format_reference_errors(errors: Sequence[ReferenceError]) -> str:
     ensemble."""
     ensemble = all(e.energy_uncertainty is not None for e in errors)
     lines = [
-        "| structure | grid | A - A_QE (meV/atom) | F RMSE (eV/A) | RMS F_QE (eV/A) |"
-        + (" dE unc. (meV/atom) | max dF (eV/A) |" if ensemble else ""),
-        "|---|---|---:|---:|---:|" + ("---:|---:|" if ensemble else ""),
+        "| structure | grid | A - A_QE (meV/atom) | F RMSE (eV/A) | RMS F_QE (eV/A) "
+        "| P - P_QE (GPa) |" + (" dE unc. (meV/atom) | max dF (eV/A) |" if ensemble else ""),
+        "|---|---|---:|---:|---:|---:|" + ("---:|---:|" if ensemble else ""),
     ]
     for e in errors:
+        pressure = "-" if e.pressure_error is None else f"{e.pressure_error:+.2f}"
         row = (
             f"| {e.name} | {'x'.join(map(str, e.grid))} | {1000 * e.energy_error:+.1f} "
-            f"| {e.force_rmse:.3f} | {e.reference_force_rms:.3f} |"
+            f"| {e.force_rmse:.3f} | {e.reference_force_rms:.3f} | {pressure} |"
         )
         if ensemble:
             row += f" {1000 * e.energy_uncertainty:.1f} | {e.max_force_deviation:.3f} |"
