@@ -247,6 +247,37 @@ def test_evaluate_takes_compact_snapshots_over_their_points(exported, tmp_path):
     assert dos["dft"].shape == dos["predicted"].shape
 
 
+def test_balanced_point_density_draws_each_cell_by_its_volume(tmp_path):
+    """With balance_point_density every epoch takes a full snapshot's points at the
+    density of a compact one (a new random subset each epoch) and all compact points."""
+    from collections import Counter
+
+    from mlsurrogate.data import compact_snapshot
+    from mlsurrogate.training.dataset import balanced_fractions, batches
+
+    compact = str(compact_snapshot(SNAP[8], tmp_path / "compact.h5", 500, seed=3))
+    params = BispectrumParams(twojmax=4)
+    sources = [SnapshotSource(SNAP[0], params), SnapshotSource(compact, params)]
+    full = sources[0].num_points  # the same 4-atom cell volume as the compact one's
+    fractions = balanced_fractions(sources)
+    np.testing.assert_allclose(fractions, [500 / full, 1.0])
+    drawn = []
+    for epoch in (0, 1):
+        owners, rows = Counter(), []
+        for x, _, owner in batches(sources, 256, 8, seed=1, epoch=epoch, fractions=fractions):
+            owners.update(owner.tolist())
+            rows.append(x[owner == 0])
+        assert owners[1] == 500
+        assert abs(owners[0] - 500) < 5 * math.sqrt(500)  # binomial: sd 22
+        drawn.append({row.tobytes() for row in np.concatenate(rows)})
+    assert len(drawn[0] & drawn[1]) < 0.2 * len(drawn[0])  # other points in each epoch
+    everything = Counter(o for _, _, owner in batches(sources, 256, 8, 1, 0) for o in owner)
+    assert everything[0] == full and everything[1] == 500
+    config = replace(CONFIG, train=[SNAP[0], compact], balance_point_density=True, max_epochs=1)
+    history = train(config, tmp_path / "ck.pt", progress=False, log=lambda line: None)
+    assert len(history) == 1 and math.isfinite(history[0]["validation_loss"])
+
+
 def test_cli_train_with_toml_and_export(tmp_path, capsys):
     config = tmp_path / "train.toml"
     config.write_text(

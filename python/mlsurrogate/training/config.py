@@ -60,6 +60,14 @@ class TrainingConfig:
     buffer_planes: int = _key(
         "training", 64, "x-planes of snapshots held in memory and shuffled together"
     )
+    # a compact snapshot keeps ~2 % of its points: unbalanced, its few points weigh its
+    # cell much less than a full snapshot's weigh a small cell (benchmarks/README.md,
+    # "Balanced point density")
+    balance_point_density: bool = _key(
+        "training",
+        False,
+        "each epoch draws from every training snapshot the points per A^3 of the sparsest",
+    )
     seed: int = _key("training", 0, "seed of the initial weights and of the batch order")
     device: str = _key("training", "cpu", "torch device: cpu, cuda or cuda:N")
     threads: int = _key("training", 0, "torch intra-op threads; 0 = torch's default")

@@ -124,11 +124,24 @@ def check_consistent(sources: Sequence[SnapshotSource], params: BispectrumParams
             )
 
 
+def balanced_fractions(sources: Sequence[SnapshotSource]) -> np.ndarray:
+    """Per source, the fraction of its points that gives every source the points per A^3
+    of the sparsest (a compact snapshot's): each cell then weighs by its volume."""
+    density = np.array([s.num_points / s.snapshot.atoms.get_volume() for s in sources])
+    return density.min() / density
+
+
 def batches(
-    sources: Sequence[SnapshotSource], batch_size: int, buffer_planes: int, seed: int, epoch: int
+    sources: Sequence[SnapshotSource],
+    batch_size: int,
+    buffer_planes: int,
+    seed: int,
+    epoch: int,
+    fractions: Sequence[float] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Shuffled mini-batches (descriptors, LDOS, source index) of grid points over all
-    sources, ``buffer_planes`` chunks in memory at a time; order from (seed, epoch)."""
+    sources, ``buffer_planes`` chunks in memory at a time; order from (seed, epoch). With
+    ``fractions``, each epoch keeps that random fraction of each source's points."""
     rng = np.random.default_rng([seed, epoch])
     chunks = [(s, i) for s, source in enumerate(sources) for i in range(source.num_chunks)]
     order = rng.permutation(len(chunks))
@@ -138,6 +151,9 @@ def batches(
         x = np.concatenate([p[0] for p in planes])
         y = np.concatenate([p[1] for p in planes])
         owner = np.concatenate([np.full(len(p[0]), s) for (s, _), p in zip(picked, planes)])
+        if fractions is not None:
+            kept = rng.random(len(x)) < np.asarray(fractions)[owner]
+            x, y, owner = x[kept], y[kept], owner[kept]
         permutation = rng.permutation(len(x))
         for first in range(0, len(x), batch_size):
             index = permutation[first : first + batch_size]

@@ -30,6 +30,7 @@ from mlsurrogate.training.checkpoint import (
 from mlsurrogate.training.config import TrainingConfig
 from mlsurrogate.training.dataset import (
     SnapshotSource,
+    balanced_fractions,
     batches,
     check_consistent,
     density_weights,
@@ -261,7 +262,9 @@ def train(
         best_loss, best_state, stale = state["best_loss"], state["best_network"], state["stale"]
         start_epoch = state["epoch"] + 1
 
-    total_points = sum(s.num_points for s in train_sources)
+    fractions = balanced_fractions(train_sources) if config.balance_point_density else None
+    kept = np.ones(len(train_sources)) if fractions is None else fractions
+    total_points = int(sum(s.num_points * f for s, f in zip(train_sources, kept)))
     for epoch in range(start_epoch, config.max_epochs):
         physics = bool(physics_train) and epoch >= config.physics_start_epoch
         if physics and epoch == config.physics_start_epoch:
@@ -278,7 +281,14 @@ def train(
             total=total_points, desc=f"epoch {epoch}", unit="pt", disable=not progress, leave=False
         ) as bar:
             for step, (x, y, owner) in enumerate(
-                batches(train_sources, config.batch_size, config.buffer_planes, config.seed, epoch)
+                batches(
+                    train_sources,
+                    config.batch_size,
+                    config.buffer_planes,
+                    config.seed,
+                    epoch,
+                    fractions,
+                )
             ):
                 loss = point_loss(
                     network,
