@@ -6,8 +6,9 @@
 The checkpoint's own config (its training and validation snapshots, weights of the loss)
 with the energy, force and stress terms from epoch 0 at ``learning_rate`` 1e-4 (not cut),
 no early stopping, and the ``--set`` overrides (TOML values: ``physics_every=2``,
-``balance_point_density=true``). Prints the epoch log with the seconds since the start;
-the validation errors per epoch are what a recipe may be chosen on.
+``balance_point_density=true``, ``learning_rate=1e-3``). Prints the epoch log with the
+seconds since the start; the validation errors per epoch are what a recipe may be chosen
+on.
 
 The rows of benchmarks/README.md, "Training experiments", from al_melt's iteration 2:
 
@@ -46,17 +47,16 @@ def main() -> None:
     args = parser.parse_args()
 
     base = TrainingConfig(**torch.load(args.checkpoint, weights_only=False)["config"])
-    config = dataclasses.replace(
-        base,
-        initial_checkpoint=args.checkpoint,
-        max_epochs=args.epochs,
-        physics_start_epoch=0,
-        physics_lr_factor=1.0,
-        learning_rate=1e-4,
-        patience=args.epochs + 1,
-        threads=args.threads,
-        **dict(args.changes),
-    )
+    settings = {
+        "initial_checkpoint": args.checkpoint,
+        "max_epochs": args.epochs,
+        "physics_start_epoch": 0,
+        "physics_lr_factor": 1.0,
+        "learning_rate": 1e-4,
+        "patience": args.epochs + 1,
+        "threads": args.threads,
+    }
+    config = dataclasses.replace(base, **(settings | dict(args.changes)))
     start = time.time()
     train(config, args.output, progress=False,
           log=lambda line: print(f"{time.time() - start:7.0f} s  {line}", flush=True))  # fmt: skip
