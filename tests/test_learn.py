@@ -5,6 +5,7 @@ with fix halt."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from ase.build import bulk
 from conftest import TINY_SETTINGS
 from mlsurrogate import cli
 from mlsurrogate.data import Snapshot
-from mlsurrogate.learn import LearnConfig, run_learning
+from mlsurrogate.evaluate import ReferenceError
+from mlsurrogate.learn import LearnConfig, pressure_mae, run_learning
 from mlsurrogate.model import Model
 from mlsurrogate.qe import ingest, run_qe
 
@@ -111,6 +113,15 @@ def test_learn_runs_end_to_end_and_resumes_after_an_interruption(tiny_snapshots,
     for record in records:
         assert np.isfinite([record.heldout_energy_mae, record.heldout_force_rmse]).all()
         assert record.heldout_energy_uncertainty > 0
+    stored = json.loads((first / "heldout.json").read_text())
+    heldout = [ReferenceError.from_json(record) for record in stored]
+    assert all(e.pressure_error is not None for e in heldout)  # snapshots carry QE's stress
+    assert records[0].heldout_pressure_mae == pytest.approx(
+        np.mean([abs(e.pressure_error) for e in heldout]), rel=1e-12
+    )
+    # held-out results of before the pressure column have none: "-" in the report
+    older = [ReferenceError.from_json({**e.to_json(), "pressure_error": None}) for e in heldout]
+    assert math.isnan(pressure_mae(older))
     # the labelled snapshot is the picked frame, with QE's energy and LDOS
     selection = json.loads((first / "selection.json").read_text())
     frames = ase.io.read(first / "candidates.extxyz", index=":")

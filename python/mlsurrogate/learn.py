@@ -232,6 +232,7 @@ class IterationRecord:
     heldout_max_force_deviation: float  # mean over structures, eV/A
     energy_rank_correlation: float  # Spearman rho, energy uncertainty vs |error|
     force_rank_correlation: float  # Spearman rho, per-atom force deviation vs error
+    heldout_pressure_mae: float = math.nan  # GPa, over the references with QE's stress
     frames: int = 0
     accurate: float = math.nan  # fractions of the explored frames
     candidate: float = math.nan
@@ -501,6 +502,7 @@ def run_learning(
             heldout_max_force_deviation=float(np.mean([e.max_force_deviation for e in heldout])),
             energy_rank_correlation=energy_rho,
             force_rank_correlation=force_rho,
+            heldout_pressure_mae=pressure_mae(heldout),
         )
         records.append(record)
         write_bytes_atomically(config.workdir / "model.pt", model_path.read_bytes())
@@ -540,6 +542,13 @@ def run_learning(
     return records
 
 
+def pressure_mae(heldout: Sequence[ReferenceError]) -> float:
+    """Mean |P - P_QE| (GPa) over the references with QE's stress; NaN with none (held-out
+    results evaluated before pressures were)."""
+    errors = [abs(e.pressure_error) for e in heldout if e.pressure_error is not None]
+    return float(np.mean(errors)) if errors else math.nan
+
+
 def format_report(records: Sequence[IterationRecord]) -> str:
     """The report's table, one row per iteration."""
 
@@ -548,16 +557,17 @@ def format_report(records: Sequence[IterationRecord]) -> str:
 
     lines = [
         "| iteration | training / validation snapshots | held-out dA MAE (meV/atom) "
-        "| F RMSE (eV/A) "
+        "| F RMSE (eV/A) | P MAE (GPa) "
         "| mean dE unc. (meV/atom) | mean max dF (eV/A) | rho E | rho F | frames | accurate "
         "| candidate | failed | labelled | skipped | stop |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in records:
+        pressure = "-" if math.isnan(r.heldout_pressure_mae) else f"{r.heldout_pressure_mae:.2f}"
         lines.append(
             f"| {r.iteration} | {r.training_snapshots} / {r.validation_snapshots} "
             f"| {r.heldout_energy_mae:.1f} "
-            f"| {r.heldout_force_rmse:.3f} | {r.heldout_energy_uncertainty:.1f} "
+            f"| {r.heldout_force_rmse:.3f} | {pressure} | {r.heldout_energy_uncertainty:.1f} "
             f"| {r.heldout_max_force_deviation:.3f} | {r.energy_rank_correlation:+.2f} "
             f"| {r.force_rank_correlation:+.2f} | {r.frames or '-'} | {share(r.accurate)} "
             f"| {share(r.candidate)} | {share(r.failed)} "
