@@ -23,30 +23,22 @@ integral, and 864 atoms on the 0.18 A grid would hold 2.4M points x nE LDOS valu
 from __future__ import annotations
 
 import argparse
-import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from ase.build import bulk
 
 from mlsurrogate.data import Snapshot
 from mlsurrogate.descriptors import grid_for_spacing
 from mlsurrogate.model import Model
 from mlsurrogate.qe.ldos import kernel_values
 
-B_295K = 0.80  # A^2, Al's Debye-Waller factor (as data/make_al_dataset.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+from make_al_dataset import displaced_cell  # noqa: E402  (the data's displacements, one copy)
+
 WINDOW_EV = (-8.0, 2.0)  # about E_F: the occupied band and the LDOS window above it
 SMOOTHING_EV = 0.5
-
-
-def large_cell(cells: int, temperature: float, seed: int = 864):
-    atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat(cells)
-    sigma = math.sqrt(B_295K / (8 * math.pi**2) * temperature / 295.0)
-    shift = np.random.default_rng(seed).normal(0.0, sigma, atoms.positions.shape)
-    atoms.positions += shift - shift.mean(axis=0)
-    atoms.wrap()
-    return atoms
 
 
 def reference_dos(path: str, energies: np.ndarray) -> tuple[np.ndarray, float, int]:
@@ -86,7 +78,7 @@ def main() -> None:
     parser.add_argument("--plot", default="dos_large_cell.png")
     args = parser.parse_args()
 
-    atoms = large_cell(args.cells, args.temperature)
+    atoms = displaced_cell(args.cells, args.temperature, np.random.default_rng(864))
     grid = grid_for_spacing(atoms.cell, args.spacing)
     curves = []
     for path in args.models:

@@ -24,12 +24,12 @@ import argparse
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from ase.build import bulk
 
 from mlsurrogate.data import Snapshot
 from mlsurrogate.evaluate import evaluate_dft
@@ -46,16 +46,8 @@ from mlsurrogate.qe.discover import find_run_files
 from mlsurrogate.qe.ingest import _read_ldos_cubes
 from mlsurrogate.qe.readers import read_pw_xml
 
-B_295K = 0.80  # A^2, Al's Debye-Waller factor (as data/make_al_dataset.py)
-
-
-def structure(seed: int, temperature: float = 933.0):
-    atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat(2)
-    sigma = math.sqrt(B_295K / (8 * math.pi**2) * temperature / 295.0)
-    shift = np.random.default_rng(seed).normal(0.0, sigma, atoms.positions.shape)
-    atoms.positions += shift - shift.mean(axis=0)
-    atoms.wrap()
-    return atoms
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+from make_al_dataset import displaced_cell  # noqa: E402  (the data's displacements, one copy)
 
 
 def finished(output: Path) -> bool:
@@ -95,7 +87,7 @@ def main() -> None:
 
     workdir = Path(args.workdir)
     settings = QESettings(**mpi_commands(args.mpi_ranks))
-    atoms = structure(args.seed)
+    atoms = displaced_cell(2, 933.0, np.random.default_rng(args.seed))
     scf = workdir / "scf"
     if not finished(scf / "pw.out"):
         start = time.perf_counter()
