@@ -144,6 +144,22 @@ def test_learn_runs_end_to_end_and_resumes_after_an_interruption(tiny_snapshots,
     # a finished run resumes to the same records without work
     again = run_learning(config, log=lambda line: None)
     assert [r.heldout_energy_mae for r in again] == [r.heldout_energy_mae for r in records]
+    # checkpoints of finished iterations deleted (a committed run kept small): the results
+    # are read from disk and nothing is trained again
+    for removed in [*first.glob("member_*"), first / "model.pt"]:
+        removed.unlink()
+    lines = []
+    pruned = run_learning(config, log=lines.append)
+    assert not any("training member" in line for line in lines)
+    assert not list(first.glob("member_*"))
+    assert [r.heldout_energy_mae for r in pruned] == [r.heldout_energy_mae for r in records]
+    assert [r.picks for r in pruned] == [r.picks for r in records]
+    # a fine-tune that is not finished needs the checkpoint it starts from, and says so
+    last = config.workdir / "iteration_01"
+    for removed in [last / "heldout.json", *last.glob("member_1.*"), last / "model.pt"]:
+        removed.unlink()
+    with pytest.raises(ValueError, match=r"iteration 1 member 1 fine-tunes .*member_1.ckpt"):
+        run_learning(config, log=lambda line: None)
 
 
 def test_learn_cli_and_config_errors(tiny_snapshots, tmp_path, capsys):

@@ -16,7 +16,10 @@ It stops when the share of explored frames that are not
 Everything lives in the work directory, and every file is written whole (temp file,
 then rename), so a file that exists is finished and a killed run resumes where it
 stopped: finished trainings, QE runs and evaluations are kept; a training killed
-mid-way continues from its last epoch; a QE run killed mid-way starts again.
+mid-way continues from its last epoch; a QE run killed mid-way starts again. A finished
+iteration's member checkpoints may be deleted to keep a committed run small: its
+held-out errors and selection are read from disk, and only an unfinished fine-tune of it
+needs them back.
 
     WORKDIR/iteration_NN/member_M.ckpt   training checkpoints (+ .done when finished)
     WORKDIR/iteration_NN/model.pt        the ensemble
@@ -270,7 +273,7 @@ def _members(
         checkpoint = directory / f"member_{member}.ckpt"
         done = checkpoint.with_suffix(".done")
         checkpoints.append(checkpoint)
-        if done.exists():
+        if done.exists() and checkpoint.exists():
             continue
         settings = dataclasses.replace(
             base,
@@ -281,6 +284,12 @@ def _members(
         )
         if not from_scratch(iteration, config.scratch_every):
             previous = config.workdir / f"iteration_{iteration - 1:02d}" / f"member_{member}.ckpt"
+            if not previous.exists():
+                raise ValueError(
+                    f"iteration {iteration} member {member} fine-tunes {previous}, which is "
+                    "gone: restore it (e.g. git checkout) or set [training] scratch_every so "
+                    f"that iteration {iteration} trains from scratch"
+                )
             settings = dataclasses.replace(
                 settings,
                 initial_checkpoint=str(previous),
@@ -303,6 +312,17 @@ def _members(
     return model
 
 
+def checkpoints_removed(config: LearnConfig, iteration: int) -> bool:
+    """Whether ``iteration`` is finished (held-out errors, and its selection unless it is
+    the last) and its member checkpoints were removed to keep a committed run small: its
+    results are read from disk and its members are not trained again."""
+    directory = config.workdir / f"iteration_{iteration:02d}"
+    results = [directory / "heldout.json"]
+    if iteration < config.iterations:
+        results.append(directory / "selection.json")
+    return all(p.exists() for p in results) and not any(directory.glob("member_*.ckpt"))
+
+
 def from_scratch(iteration: int, scratch_every: int) -> bool:
     """Whether the members of ``iteration`` train from scratch (iteration 0, and every
     ``scratch_every``-th) rather than fine-tune the previous iteration's. Fine-tuned
@@ -311,7 +331,11 @@ def from_scratch(iteration: int, scratch_every: int) -> bool:
     return iteration == 0 or (scratch_every > 0 and iteration % scratch_every == 0)
 
 
-def _evaluate(config: LearnConfig, iteration: int, model_path: Path) -> list[ReferenceError]:
+def _evaluate(
+    config: LearnConfig, iteration: int, model_path: Path | None
+) -> list[ReferenceError]:
+    """The held-out errors of ``iteration``, evaluated once (``model_path`` None: they are
+    on disk, see ``checkpoints_removed``)."""
     from mlsurrogate.evaluate import evaluate_references, load_references
     from mlsurrogate.model import Model
 
@@ -379,10 +403,12 @@ def _explore(
 def _select(
     config: LearnConfig,
     iteration: int,
-    model_path: Path,
+    model_path: Path | None,
     train: list[str],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
+    """The selection of ``iteration``, explored and scored once (``model_path`` None: it is
+    on disk)."""
     from mlsurrogate.model import Model
     from mlsurrogate.selection import format_scores, pick, score_candidates
 
@@ -485,7 +511,11 @@ def run_learning(
     for iteration in range(config.iterations + 1):
         train = [*config.train, *labelled_snapshots(config, iteration)]
         validation = [*config.validation, *labelled_snapshots(config, iteration, "validation")]
-        model_path = _members(config, base, iteration, train, validation, log)
+        model_path = (
+            None
+            if checkpoints_removed(config, iteration)
+            else _members(config, base, iteration, train, validation, log)
+        )
         heldout = _evaluate(config, iteration, model_path)
         energy_rho, force_rho = (
             rank_correlations(heldout) if len(heldout) >= 3 else (math.nan, math.nan)
@@ -505,7 +535,8 @@ def run_learning(
             heldout_pressure_mae=pressure_mae(heldout),
         )
         records.append(record)
-        write_bytes_atomically(config.workdir / "model.pt", model_path.read_bytes())
+        if model_path is not None:
+            write_bytes_atomically(config.workdir / "model.pt", model_path.read_bytes())
         if iteration == config.iterations:
             record.stop = "iteration budget spent"
         else:
