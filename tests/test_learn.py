@@ -102,6 +102,7 @@ def test_learn_runs_end_to_end_and_resumes_after_an_interruption(tiny_snapshots,
     lines: list[str] = []
     records = run_learning(config, log=lines.append)
     assert "iteration 1: training member 0 (fine-tuned) on 2 snapshots" in lines
+    assert sum("labelling pick" in line for line in lines) == 2  # only what was not done
     # what was finished before the interruption is kept, not redone
     assert {name: os.stat(first / name).st_mtime_ns for name in finished} == stamps
     assert [r.iteration for r in records] == [0, 1]
@@ -150,7 +151,7 @@ def test_learn_runs_end_to_end_and_resumes_after_an_interruption(tiny_snapshots,
         removed.unlink()
     lines = []
     pruned = run_learning(config, log=lines.append)
-    assert not any("training member" in line for line in lines)
+    assert not any("training member" in line or "labelling" in line for line in lines)
     assert not list(first.glob("member_*"))
     assert [r.heldout_energy_mae for r in pruned] == [r.heldout_energy_mae for r in records]
     assert [r.picks for r in pruned] == [r.picks for r in records]

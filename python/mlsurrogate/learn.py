@@ -471,6 +471,8 @@ def _label(
         rundir = directory / f"qe_pick_{number}"
         if rundir.exists():  # killed mid-run: QE runs do not resume
             shutil.rmtree(rundir)
+        log(f"iteration {iteration}: labelling pick {number} ({selection['picks'][number]}, "
+            f"{role}) with QE")  # fmt: skip
         try:
             run_qe(frames[index], config.qe, rundir, progress=False)
         except EnergyWindowError as exc:
@@ -551,7 +553,6 @@ def run_learning(
             elif not record.picks:
                 record.stop = "nothing left to label"
             else:
-                log(f"iteration {iteration}: labelling {len(record.picks)} structures with QE")
                 # descriptors stored with the training recipe's own keywords, which
                 # training compares against
                 _label(config, iteration, selection, base.params(), log)
