@@ -3,6 +3,7 @@ within one full snapshot.
 
     python benchmarks/ldos_learning_curve.py SNAPSHOT [--points 1600 6400 25600]
         [--test 10000] [--steps 20000] [--config data/al_melt/train.toml] [--threads 1]
+        [--descriptor rcutfac=6.0 ...]
 
 The snapshot's grid points are split at random (seed 0) into --test test points and a
 pool. For each count N, N pool points train a network of the config's architecture on
@@ -10,8 +11,10 @@ the config's descriptors (the LDOS loss only; Adam at the config's learning rate
 batch size) for --steps optimizer steps. A tenth of the N points is held back to choose
 the stopping point (the epoch with the lowest loss on them); the test error is the
 network's at that epoch: the LDOS relative error ||pred - QE|| / ||QE|| over the test
-points. Beside it, two model-free references: the nearest training point in the scaled
-descriptors (what the descriptors tell apart at that N) and the training mean LDOS.
+points. ``--descriptor`` changes the config's descriptor keywords (the descriptors are
+then computed from the atoms). Beside it, two model-free references: the nearest
+training point in the scaled descriptors (what the descriptors tell apart at that N)
+and the training mean LDOS.
 
 If the test error keeps falling with N, a compact label (``ldos_points``) holds too few
 points for that kind of cell; if it stalls, the descriptors are the limit.
@@ -20,15 +23,17 @@ points for that kind of cell; if it stalls, the descriptors are the limit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
+import tomllib
 from pathlib import Path
 
 import torch
 
 from mlsurrogate.data import Snapshot
+from mlsurrogate.descriptors import compute_grid_descriptors, snapshot_descriptors
 from mlsurrogate.training import TrainingConfig
 from mlsurrogate.training.checkpoint import network_for
-from mlsurrogate.training.dataset import SnapshotSource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,6 +74,13 @@ def fit(
     return network
 
 
+def keyword(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    if not key or not value:
+        raise argparse.ArgumentTypeError(f"--descriptor {text!r}: expected key=value")
+    return key, tomllib.loads(f"value = {value}")["value"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("snapshot", help="a full snapshot (the LDOS at every grid point)")
@@ -77,23 +89,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--config", default=str(ROOT / "data" / "al_melt" / "train.toml"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--descriptor", type=keyword, action="append", default=[])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    config = TrainingConfig.from_toml(args.config)
+    params = dataclasses.replace(config.params(), **dict(args.descriptor))
     with Snapshot(args.snapshot) as snapshot:
         if snapshot.ldos_points is not None:
             parser.error(f"{args.snapshot} is compact: the learning curve needs a full one")
-    config = TrainingConfig.from_toml(args.config)
-    source = SnapshotSource(args.snapshot, config.params())
-    descriptors, ldos = source.all_points()
-    x = torch.as_tensor(descriptors, dtype=torch.float64)
-    y = torch.as_tensor(ldos, dtype=torch.float64)
+        descriptors = (
+            compute_grid_descriptors(snapshot.atoms, snapshot.grid_shape, params)
+            if args.descriptor
+            else snapshot_descriptors(snapshot, params)[()]
+        )
+        ldos = snapshot.ldos[()]
+    x = torch.as_tensor(descriptors, dtype=torch.float64).reshape(-1, descriptors.shape[-1])
+    y = torch.as_tensor(ldos, dtype=torch.float64).reshape(-1, ldos.shape[-1])
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     test, pool = order[: args.test], order[args.test :]
     if max(args.points) > len(pool):
         parser.error(f"--points: at most {len(pool)} points are left beside the test set")
-    print(f"{args.snapshot}: {len(x)} grid points, {x.shape[1]} descriptors, {y.shape[1]} "
-          f"energies; test on {len(test)}; {args.steps} steps per network")  # fmt: skip
+    print(f"{args.snapshot}: {len(x)} grid points, {x.shape[1]} descriptors "
+          f"(rcutfac {params.rcutfac}, twojmax {params.twojmax}), {y.shape[1]} energies; "
+          f"test on {len(test)}; {args.steps} steps per network")  # fmt: skip
     print("| training points | test LDOS rel. error | nearest neighbour | mean LDOS | s |")
     print("|---:|---:|---:|---:|---:|")
     for count in args.points:
