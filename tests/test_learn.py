@@ -291,10 +291,12 @@ def test_a_pick_outside_the_ldos_window_is_skipped_with_its_reason(tiny_snapshot
     directory.mkdir(parents=True)
     ase.io.write(directory / "candidates.extxyz", [_cell(4)], format="extxyz")
     lines: list[str] = []
-    learn._label(config, 0, {"pick_indices": [0]}, None, lines.append)
+    selection = {"picks": ["frame_000"], "pick_indices": [0]}
+    learn._label(config, 0, selection, None, lines.append)
     marker = config.workdir / "snapshots" / "iteration_00_pick_0.skipped"
     assert "LDOS window starts at 0.000 eV" in marker.read_text()
-    assert lines and "pick 0 skipped" in lines[0]
+    assert len(lines) == 2 and "labelling pick 0 (frame_000" in lines[0]
+    assert "pick 0 skipped" in lines[1]
     assert not list((config.workdir / "snapshots").glob("*.h5"))
-    learn._label(config, 0, {"pick_indices": [0]}, None, lines.append)  # resumed: not rerun
-    assert len(lines) == 1
+    learn._label(config, 0, selection, None, lines.append)  # resumed: not rerun
+    assert len(lines) == 2
