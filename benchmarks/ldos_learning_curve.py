@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-import tomllib
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from mlsurrogate.data import Snapshot
 from mlsurrogate.descriptors import compute_grid_descriptors, snapshot_descriptors
 from mlsurrogate.training import TrainingConfig
 from mlsurrogate.training.checkpoint import network_for
+from warm_start_recipe import override  # the benchmarks' key=value parser (one copy)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,13 +74,6 @@ def fit(
     return network
 
 
-def keyword(text: str) -> tuple[str, object]:
-    key, _, value = text.partition("=")
-    if not key or not value:
-        raise argparse.ArgumentTypeError(f"--descriptor {text!r}: expected key=value")
-    return key, tomllib.loads(f"value = {value}")["value"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("snapshot", help="a full snapshot (the LDOS at every grid point)")
@@ -89,7 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--config", default=str(ROOT / "data" / "al_melt" / "train.toml"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--descriptor", type=keyword, action="append", default=[])
+    parser.add_argument("--descriptor", type=override, action="append", default=[])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

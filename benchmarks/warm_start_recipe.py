@@ -31,9 +31,10 @@ from mlsurrogate.training import TrainingConfig, train
 
 
 def override(text: str) -> tuple[str, object]:
+    """``key=value`` (a TOML value) from the command line."""
     key, _, value = text.partition("=")
     if not key or not value:
-        raise argparse.ArgumentTypeError(f"--set {text!r}: expected key=value")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected key=value")
     return key, tomllib.loads(f"value = {value}")["value"]
 
 
