@@ -48,6 +48,10 @@ from mlsurrogate.training.physics_terms import (
     snapshot_reference,
 )
 
+# keys that change how fast and in how much memory a run trains, not what it computes:
+# a run may resume with other values (more threads, another dB/dR budget)
+SPEED_AND_MEMORY_KEYS = frozenset({"threads", "physics_jacobian_gb"})
+
 
 def point_loss(
     network: LdosNetwork,
@@ -163,8 +167,17 @@ def train(
     if resume:  # before any long set-up work
         state = load_checkpoint(checkpoint)
         # keys added since the checkpoint was written take their defaults
-        if asdict(TrainingConfig(**state["config"])) != asdict(config):
-            raise ValueError(f"{checkpoint}: written with a different config; cannot resume")
+        written = asdict(TrainingConfig(**state["config"]))
+        changed = sorted(
+            key
+            for key, value in asdict(config).items()
+            if written[key] != value and key not in SPEED_AND_MEMORY_KEYS
+        )
+        if changed:
+            raise ValueError(
+                f"{checkpoint}: written with a different config ({', '.join(changed)}); "
+                "cannot resume: restore those keys or train into a new checkpoint"
+            )
     functional = functional_for(validation_sources[0].snapshot)
     targets = [snapshot_reference(s) for s in validation_sources]
 
