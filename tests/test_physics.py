@@ -180,6 +180,25 @@ def test_torchscript_equals_eager(rule):
     assert torch.allclose(script_gradient, eager_gradient, rtol=1e-12, atol=atol)
 
 
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_fermi_level_is_a_root_of_the_rule(rule):
+    """The bisection's closed-form N(mu) (exact rule) and its weight vectors (Fermi rule)
+    give a mu where the rule's own W(mu) . D is N_val, on a network-like DOS that dips
+    below zero in places."""
+    functional, _, _, _, _ = load(SNAPSHOTS[0])
+    functional = with_rule(functional, rule)
+    energies = functional.energies
+    rng = np.random.default_rng(5)
+    dos = torch.sqrt(torch.clamp(energies - energies[0], min=0.0)) + torch.as_tensor(
+        rng.normal(scale=0.3, size=energies.shape[0])
+    )
+    total = float((functional.occupation_weights(energies[-1]) * dos).sum())
+    for electrons in (0.3 * total, 0.6 * total):
+        mu = functional.fermi_level(dos, electrons)
+        count = float((functional.occupation_weights(mu) * dos).sum())
+        assert count == pytest.approx(electrons, rel=1e-12)
+
+
 def fd_levels_dos(levels, weights, energies, kt):
     """D broadened by -f' of width kT, as pp.x makes it."""
     x = (energies[:, None] - levels[None, :]) / kt
