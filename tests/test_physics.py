@@ -288,10 +288,11 @@ def test_ion_ion_forces_and_virial():
 def test_bad_input_is_a_clear_error():
     functional, ldos, cell, attrs, _ = load(SNAPSHOTS[0])
     energies = functional.energies.numpy()
-    bad = ldos.clone()
-    bad[1, 2, 3, 40] = float("nan")
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        functional.evaluate(bad, cell, 12.0, False)
+    for value in ("nan", "inf", "-inf"):
+        bad = ldos.clone()
+        bad[1, 2, 3, 40] = float(value)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            functional.evaluate(bad, cell, 12.0, False)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         LdosEnergy(energies, 0.0)
     with pytest.raises(ValueError, match="temperature must be > 0"):

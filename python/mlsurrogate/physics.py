@@ -375,9 +375,11 @@ class LdosEnergy(torch.nn.Module):
         """D_j = dV sum_r d_j(r) over the given points (a partial sum on one rank)."""
         if ldos.dim() != 2 or ldos.shape[1] != self.energies.shape[0]:
             raise ValueError("ldos must be [points, energies] on the model's energy grid")
-        if not bool(torch.isfinite(ldos).all()):
+        dos = ldos.sum(0) * voxel_volume
+        # a NaN or inf anywhere in the LDOS reaches its energy's sum: one pass, not two
+        if not bool(torch.isfinite(dos).all()):
             raise ValueError("the LDOS holds NaN or infinite values")
-        return ldos.sum(0) * voxel_volume
+        return dos
 
     # ------------------------------------------------------------------ step 2, global
     def _electron_count(
