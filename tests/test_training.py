@@ -38,6 +38,7 @@ from mlsurrogate.training.config import config_reference
 from mlsurrogate.training.dataset import density_weights
 from mlsurrogate.training.loop import point_loss
 from mlsurrogate.training.physics_terms import (
+    STRAIN_STEP,
     DescriptorAdjoint,
     coarse_grid_target,
     contract,
@@ -46,6 +47,7 @@ from mlsurrogate.training.physics_terms import (
     predicted_energy_forces,
     predicted_strain_derivatives,
     snapshot_reference,
+    strain_matrix,
     strained,
 )
 
@@ -391,6 +393,26 @@ def test_stress_term_strain_derivatives_are_those_of_the_energy(smooth_checkpoin
     # the off-diagonal strains are not trivially zero here (displaced atoms)
     assert abs(float(values[3])) > 1e-2
     assert graphs.shape == (6,) and graphs.requires_grad
+    # the explicit part's parameter gradient is that of sum dA/dd(deformed cell) . d, the
+    # functional's own gradient on each deformed cell, differenced over the strain
+    parameter = next(network.parameters())
+    ldos = predicted.ldos
+    fixed = ldos.detach().reshape(*target.grid, -1)
+    for component in (0, 3):
+        linears = []
+        for sign in (1.0, -1.0):
+            deformation = np.eye(3) + sign * STRAIN_STEP * strain_matrix(component)
+            _, gradient = functional.evaluate(
+                fixed, reference.cell @ torch.as_tensor(deformation.T), reference.electrons, True
+            )
+            linears.append((gradient.reshape(ldos.shape) * ldos).sum())
+        explicit = (linears[0] - linears[1]) / (2 * STRAIN_STEP)
+        expected = torch.autograd.grad(
+            predicted.strain_descriptor_part[component] + explicit, parameter, retain_graph=True
+        )[0]
+        (actual,) = torch.autograd.grad(graphs[component], parameter, retain_graph=True)
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9 * scale)
     volume = atoms.get_volume()
     stress = source.snapshot.reference("stress")
     np.testing.assert_allclose(

@@ -397,7 +397,8 @@ class LdosEnergy(torch.nn.Module):
         position = (mu - e0) / step
         k = min(max(int(math.floor(position)), 0), len(values) - 2)
         t = position - k
-        return cumulative[k] + step * (t * (1.0 - 0.5 * t) * values[k] + 0.5 * t * t * values[k + 1])
+        partial = t * (1.0 - 0.5 * t) * values[k] + 0.5 * t * t * values[k + 1]
+        return cumulative[k] + step * partial
 
     @torch.jit.export
     def fermi_level(self, dos: torch.Tensor, n_electrons: float) -> torch.Tensor:
@@ -620,12 +621,20 @@ class LdosEnergy(torch.nn.Module):
         part, summed over all points); for the exact rule G = W e, N' = D(mu) and
         c = (e D)(mu) + ... (docs/energy-functional.md, section 5). Shape [points, energies].
         """
+        offset, weights, shift = self.gradient_factors(mu, dos, fermi_shift, voxel_volume)
+        return offset.unsqueeze(0) + weights.unsqueeze(0) * (phi.unsqueeze(1) - shift)
+
+    @torch.jit.export
+    def gradient_factors(
+        self, mu: torch.Tensor, dos: torch.Tensor, fermi_shift: torch.Tensor, voxel_volume: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(G dV, W, dV c / N') of ``ldos_gradient`` = G_j dV + W_j (phi(r) - dV c / N'):
+        with them, sum_r,j dA/dd_j(r) x_j(r) takes two passes over x and no [points,
+        energies] gradient (the stress term of training)."""
         weights, slope, band_free, band_slope = self.rule_weights(mu)
         c = (band_slope * dos).sum() + fermi_shift
         shift = voxel_volume * c / (slope * dos).sum()
-        return band_free.unsqueeze(0) * voxel_volume + weights.unsqueeze(0) * (
-            phi.unsqueeze(1) - shift
-        )
+        return band_free * voxel_volume, weights, shift
 
     # ------------------------------------------------------------------ one process
     def forward(
@@ -638,6 +647,24 @@ class LdosEnergy(torch.nn.Module):
         """All terms for an LDOS on a full grid [nx, ny, nz, nE] (no E_ii)."""
         terms, _ = self.evaluate(ldos, cell, n_electrons, False, core)
         return terms
+
+    @torch.jit.export
+    def solve(
+        self,
+        rows: torch.Tensor,
+        shape: tuple[int, int, int],
+        voxel_volume: float,
+        cell: torch.Tensor,
+        n_electrons: float,
+        core: torch.Tensor | None = None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 1-3 on one process for LDOS rows [points, nE] of a grid ``shape``:
+        (terms, phi on the grid, mu, D)."""
+        dos = self.dos(rows, voxel_volume)
+        mu = self.fermi_level(dos, n_electrons)
+        density = self.density(rows, mu).reshape(shape)
+        terms, phi, _ = self.global_terms(dos, density, cell, mu, core)
+        return terms, phi, mu, dos
 
     @torch.jit.export
     def evaluate(
@@ -658,10 +685,7 @@ class LdosEnergy(torch.nn.Module):
         shape = (ldos.shape[0], ldos.shape[1], ldos.shape[2])
         voxel = float(torch.abs(torch.linalg.det(cell))) / float(shape[0] * shape[1] * shape[2])
         rows = ldos.reshape(-1, ldos.shape[3])
-        dos = self.dos(rows, voxel)
-        mu = self.fermi_level(dos, n_electrons)
-        density = self.density(rows, mu).reshape(shape)
-        terms, phi, _ = self.global_terms(dos, density, cell, mu, core)
+        terms, phi, mu, dos = self.solve(rows, shape, voxel, cell, n_electrons, core)
         gradient = torch.zeros(0, dtype=ldos.dtype, device=ldos.device)
         if with_gradient:
             phi_rows = phi.reshape(-1)

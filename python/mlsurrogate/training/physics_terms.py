@@ -380,7 +380,8 @@ def predicted_strain_derivatives(
     explicit cell part (voxel volume, Hartree and gradient terms, mu at fixed N_val) by
     central differences of the functional alone, all in float64."""
     ldos, cell = prediction.ldos, target.reference.cell
-    fixed = ldos.detach().double().cpu().reshape(*target.grid, -1)
+    fixed = ldos.detach().double().cpu()
+    ldos_sum = ldos.sum(0)
     descriptor_part = prediction.strain_descriptor_part
     explicit, explicit_graph = [], []
     for component in range(len(STRAINS)):
@@ -389,14 +390,24 @@ def predicted_strain_derivatives(
             deformation = torch.eye(3, dtype=cell.dtype) + sign * STRAIN_STEP * torch.as_tensor(
                 strain_matrix(component), dtype=cell.dtype
             )
+            deformed = cell @ deformation.T
+            voxel = float(torch.abs(torch.linalg.det(deformed))) / len(fixed)
             try:
-                terms, gradient = functional.evaluate(
-                    fixed, cell @ deformation.T, target.reference.electrons, True
+                terms, phi, mu, dos = functional.solve(
+                    fixed, target.grid, voxel, deformed, target.reference.electrons
                 )
+                phi = phi.reshape(-1)
+                shift_part = functional.fermi_shift_part(fixed, mu, phi)
+                offset, weights, shift = functional.gradient_factors(mu, dos, shift_part, voxel)
             except (ValueError, RuntimeError):  # TorchScript-style errors: RuntimeError
                 return None
             energies.append(float(terms["electronic"]))
-            linears.append((gradient.reshape(ldos.shape).to(ldos) * ldos).sum())
+            # sum_r,j dA/dd_j(r) d_j(r) (dA/dd of the deformed cell, ``ldos_gradient``), in
+            # the factored form: linear in the prediction, so its parameter gradient is A's
+            linears.append(
+                (offset.to(ldos) * ldos_sum).sum()
+                + ((phi - shift).to(ldos) * (ldos @ weights.to(ldos))).sum()
+            )
         explicit.append((energies[0] - energies[1]) / (2.0 * STRAIN_STEP))
         explicit_graph.append((linears[0] - linears[1]) / (2.0 * STRAIN_STEP))
     values = descriptor_part.detach().double().cpu() + torch.tensor(explicit, dtype=torch.float64)
